@@ -1,0 +1,241 @@
+"""Cog predictor for THUDM ChatGLM2-6B-int4 on top of the `glm` engine.
+
+Thin by design: validate inputs, call the engine, stream its text, log.
+All model logic (tokenizer, sampling, stop strings, context limits) lives in glm/.
+
+Inputs mirror the public Replicate model nomagick/chatglm2-6b-int4
+(prompt, max_tokens, temperature, top_p) plus top_k, repetition_penalty,
+stop_sequences and seed.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+from typing import Iterator, List, Optional
+
+import cog
+from cog import BasePredictor, ConcatenateIterator, Input
+
+import glm
+
+DEFAULT_PROMPT = "[Round 1]\n\n问：你好\n\n答："
+DEFAULT_WEIGHTS_DIR = "weights"
+# The model download-weights fetches by default; preferred when weights/ holds several.
+DEFAULT_MODEL_NAME = "chatglm2-6b-int4"
+MAX_SEED = 2**32 - 1
+# Largest context of any supported checkpoint (the -32k variants); the real limit
+# for the loaded checkpoint comes from the engine (model.config.max_context).
+MAX_TOKENS_LIMIT = 32768
+
+
+def log(msg: str) -> None:
+    """One log line; coglet captures stdout into the prediction's / setup's logs."""
+    print(f"[chatglm] {msg}", flush=True)
+
+
+class WeightsError(RuntimeError):
+    """Setup cannot find or load the checkpoint. The message says what to do."""
+
+
+def _has_config(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def find_checkpoint(root: str) -> str:
+    """Locate the checkpoint directory under `root`, deterministically.
+
+    - `root` itself when it holds config.json;
+    - else its one subdirectory holding config.json (as script/download-weights writes
+      weights/<name>/). When several do, the default model's directory wins if present,
+      otherwise the first in sorted name order; the choice is logged.
+    Hidden entries (download-weights' in-progress temp dirs start with '.') are ignored.
+    """
+    if "://" in root:
+        raise WeightsError(
+            f"COG_WEIGHTS={root!r} is a URL; this predictor needs a local checkpoint directory "
+            "(run script/download-weights first)"
+        )
+    if not os.path.isdir(root):
+        raise WeightsError(
+            f"weights directory {root!r} does not exist: run `script/download-weights` "
+            "or set COG_WEIGHTS to a checkpoint directory"
+        )
+    if _has_config(root):
+        return root
+    candidates = sorted(
+        name
+        for name in os.listdir(root)
+        if not name.startswith(".") and _has_config(os.path.join(root, name))
+    )
+    if not candidates:
+        raise WeightsError(
+            f"no checkpoint in {root!r}: expected config.json there or in a subdirectory "
+            "such as weights/chatglm2-6b-int4/ (run `script/download-weights`)"
+        )
+    chosen = DEFAULT_MODEL_NAME if DEFAULT_MODEL_NAME in candidates else candidates[0]
+    if len(candidates) > 1:
+        log(f"several checkpoints in {root}: {', '.join(candidates)}; using {chosen}")
+    return os.path.join(root, chosen)
+
+
+def parse_stop_sequences(text: str) -> List[str]:
+    """Replicate style: comma-separated; surrounding spaces trimmed; empty items dropped."""
+    if not text:
+        return []
+    return [s.strip(" ") for s in text.split(",") if s.strip(" ")]
+
+
+class Predictor(BasePredictor):
+    def setup(self) -> None:
+        import torch
+
+        root = os.environ.get("COG_WEIGHTS") or DEFAULT_WEIGHTS_DIR
+        path = find_checkpoint(root)
+        if torch.cuda.is_available():
+            device, dtype = "cuda", torch.float16
+        else:
+            device, dtype = "cpu", None
+        log(f"loading checkpoint {path} on {device}" + (" (fp16)" if dtype is not None else ""))
+        t0 = time.monotonic()
+        try:
+            self.model = glm.load(path, device=device, dtype=dtype)
+        except glm.CheckpointError as e:
+            # One clear line in the server's setup logs; no engine traceback chain.
+            raise WeightsError(f"cannot load checkpoint {path}: {e}") from None
+        cfg = self.model.config
+        log(
+            f"loaded {cfg.family} checkpoint in {time.monotonic() - t0:.1f}s; "
+            f"max_context={cfg.max_context}"
+        )
+        # One-token warm-up so the first request does not pay for lazy init.
+        t0 = time.monotonic()
+        warm = self.model.generate(
+            DEFAULT_PROMPT, max_new_tokens=1, temperature=0.0, top_p=1.0, top_k=0,
+            repetition_penalty=1.0, seed=0,
+        )
+        for _ in warm:
+            pass
+        log(f"warm-up done in {time.monotonic() - t0:.2f}s")
+
+    @cog.streaming
+    def predict(
+        self,
+        prompt: str = Input(
+            description="Raw ChatGLM prompt, e.g. '[Round 1]\\n\\n问：...\\n\\n答：' "
+            "(earlier rounds go before it as '[Round N]\\n\\n问：...\\n\\n答：...\\n\\n').",
+            default=DEFAULT_PROMPT,
+            min_length=1,
+        ),
+        max_tokens: int = Input(
+            description="Maximum number of new tokens to generate. Clamped to the context "
+            "left after the prompt (8192 tokens in all for chatglm2-6b-int4).",
+            default=2048,
+            ge=1,
+            le=MAX_TOKENS_LIMIT,
+        ),
+        temperature: float = Input(
+            description="Sampling temperature; higher is more random, 0 means greedy decoding.",
+            default=0.75,
+            ge=0.0,
+            le=5.0,
+        ),
+        top_p: float = Input(
+            description="Nucleus sampling: sample from the smallest set of tokens whose "
+            "probabilities add up to top_p.",
+            default=0.8,
+            ge=0.01,
+            le=1.0,
+        ),
+        top_k: int = Input(
+            description="Sample only from the top_k most likely tokens; 0 turns it off.",
+            default=0,
+            ge=0,
+            le=1000,
+        ),
+        repetition_penalty: float = Input(
+            description="Penalty for tokens already in the prompt or output; 1.0 turns it off.",
+            default=1.0,
+            ge=1.0,
+            le=2.0,
+        ),
+        stop_sequences: str = Input(
+            description="Comma-separated strings that end generation when produced "
+            "(not included in the output), e.g. '<end>,问：'. Empty for none.",
+            default="",
+        ),
+        seed: Optional[int] = Input(
+            description="Random seed for reproducible sampling. Leave empty for a random "
+            "seed; the seed used is written to the logs.",
+            default=None,
+            ge=0,
+            le=MAX_SEED,
+        ),
+    ) -> ConcatenateIterator[str]:
+        if not prompt.strip():
+            raise ValueError("prompt is empty: give the text to continue, e.g. " + repr(DEFAULT_PROMPT))
+        model = self.model
+        max_context = model.config.max_context
+        prompt_tokens = len(model.tokenizer.encode(prompt))
+        room = max_context - prompt_tokens
+        if room < 1:
+            raise ValueError(
+                f"prompt is too long: {prompt_tokens} tokens, but the model's context is "
+                f"{max_context} tokens (prompt + new tokens); shorten the prompt"
+            )
+        if max_tokens > room:
+            log(
+                f"max_tokens {max_tokens} clamped to {room}: prompt has {prompt_tokens} tokens "
+                f"of the {max_context}-token context"
+            )
+            max_tokens = room
+        if seed is None:
+            seed = secrets.randbelow(MAX_SEED + 1)
+            log(f"seed {seed} (random; pass seed={seed} to reproduce)")
+        else:
+            log(f"seed {seed}")
+        stops = parse_stop_sequences(stop_sequences)
+        yield from self._stream(
+            model.generate(
+                prompt,
+                max_new_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                repetition_penalty=repetition_penalty,
+                seed=seed,
+                stop=tuple(stops),
+            ),
+            prompt_tokens,
+            seed,
+        )
+
+    def _stream(self, stream, prompt_tokens: int, seed: int) -> Iterator[str]:
+        t0 = time.monotonic()
+        first = None
+        done = False
+        try:
+            for chunk in stream:
+                if first is None:
+                    first = time.monotonic()
+                yield chunk
+            done = True
+        finally:
+            elapsed = time.monotonic() - t0
+            new_tokens = getattr(stream, "new_tokens", None)
+            reason = getattr(stream, "finish_reason", None) if done else "canceled"
+            tps = (new_tokens / elapsed) if (new_tokens and elapsed > 0) else 0.0
+            ttft = f"{first - t0:.3f}s" if first is not None else "n/a"
+            log(
+                f"prompt_tokens={getattr(stream, 'prompt_tokens', prompt_tokens)} "
+                f"new_tokens={new_tokens} time_to_first_token={ttft} "
+                f"tokens_per_s={tps:.2f} seed={seed} finish_reason={reason}"
+            )
+            if not done:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception as e:  # pragma: no cover - best effort
+                        print(f"[chatglm] closing stream failed: {e}", file=sys.stderr, flush=True)
