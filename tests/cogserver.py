@@ -1,0 +1,247 @@
+"""Run the real Cog prediction server (cog/coglet from PyPI) as a subprocess for tests.
+
+Not a conftest: test modules import what they need from here.
+
+- `make_app_dir()` lays out a throwaway project dir (predict.py, a symlink to glm/,
+  .cog/openapi_schema.json written by script/openapi-schema) so tests never touch
+  the work tree.
+- `CogServer` starts `python -m cog.server.http` on a free port in its own process
+  group, with the interpreter's bin dir first on PATH (coglet spawns its worker as a
+  bare `python`), waits with a deadline for a health status, and always kills the
+  whole group on stop. Every wait has a timeout; a failure carries the server log.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Dict, Iterable, List, Optional
+
+import requests
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+HTTP_TIMEOUT = 60  # seconds, any single HTTP call to the server
+
+
+class ServerError(AssertionError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_app_dir(dest: str) -> str:
+    """A copy of the service as `cog build` would lay it out: predict.py, glm/, .cog/."""
+    os.makedirs(dest, exist_ok=True)
+    shutil.copy2(os.path.join(REPO, "predict.py"), os.path.join(dest, "predict.py"))
+    os.symlink(os.path.join(REPO, "glm"), os.path.join(dest, "glm"))
+    proc = subprocess.run(
+        [PYTHON, os.path.join(REPO, "script", "openapi-schema")],
+        cwd=dest, capture_output=True, text=True, timeout=300, env=_env({}),
+    )
+    if proc.returncode != 0:
+        raise ServerError(f"script/openapi-schema failed:\n{proc.stdout}\n{proc.stderr}")
+    return dest
+
+
+def make_tiny_checkpoint(dest: str) -> str:
+    proc = subprocess.run(
+        [PYTHON, "-m", "glm.tiny", dest], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=_env({}),
+    )
+    if proc.returncode != 0:
+        raise ServerError(f"python -m glm.tiny failed:\n{proc.stdout}\n{proc.stderr}")
+    return dest
+
+
+def _env(extra: Dict[str, str]) -> Dict[str, str]:
+    env = dict(os.environ)
+    # coglet starts its worker as a bare `python` found on PATH: put ours first.
+    env["PATH"] = os.path.dirname(PYTHON) + os.pathsep + env.get("PATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.pop("COG_WEIGHTS", None)
+    env.update(extra)
+    return env
+
+
+class CogServer:
+    def __init__(self, app_dir: str, env: Optional[Dict[str, str]] = None, log_path: Optional[str] = None):
+        self.app_dir = app_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path or os.path.join(app_dir, f"server-{self.port}.log")
+        self.extra_env = {
+            "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
+            "PORT": str(self.port),
+            **(env or {}),
+        }
+        self.proc: Optional[subprocess.Popen] = None
+        self._log = None
+
+    # -- lifecycle ---------------------------------------------------------------
+    def start(self) -> "CogServer":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            cwd=self.app_dir, env=_env(self.extra_env), stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        # The worker lives in the same session/group; make sure nothing is left.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "CogServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def logs(self, tail: int = 20000) -> str:
+        try:
+            with open(self.log_path, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            return "<no log>"
+        return data[-tail:].decode("utf-8", "replace")
+
+    def fail(self, msg: str) -> None:
+        raise ServerError(f"{msg}\n--- cog server log ({self.log_path}) ---\n{self.logs()}")
+
+    # -- health ------------------------------------------------------------------
+    def health(self) -> Dict:
+        return requests.get(self.url + "/health-check", timeout=10).json()
+
+    def wait_for(self, statuses: Iterable[str], timeout: float = 300) -> Dict:
+        """Poll /health-check until its status is one of `statuses`; fail with logs otherwise."""
+        want = set(statuses)
+        deadline = time.monotonic() + timeout
+        last: Dict = {}
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                self.fail(f"server exited with code {self.proc.returncode} while waiting for {want}")
+            try:
+                last = self.health()
+                if last.get("status") in want:
+                    return last
+            except (requests.ConnectionError, requests.Timeout, ValueError):
+                pass
+            time.sleep(0.25)
+        self.fail(f"timed out after {timeout}s waiting for health {want}; last={json.dumps(last)[:2000]}")
+        return last  # unreachable
+
+    # -- predictions -------------------------------------------------------------
+    def predict(self, body: Dict, headers: Optional[Dict] = None, timeout: float = HTTP_TIMEOUT):
+        return requests.post(self.url + "/predictions", json=body, headers=headers or {}, timeout=timeout)
+
+    def sse(self, body: Dict, on_event=None, timeout: float = HTTP_TIMEOUT) -> List[Dict]:
+        """POST with Accept: text/event-stream; return parsed events [{'event', 'data'}] in order.
+
+        `on_event(event)` is called as each arrives (e.g. to cancel mid-stream).
+        """
+        events: List[Dict] = []
+        with requests.post(
+            self.url + "/predictions", json=body, headers={"Accept": "text/event-stream"},
+            stream=True, timeout=timeout,
+        ) as r:
+            if r.status_code != 200:
+                self.fail(f"SSE request got HTTP {r.status_code}: {r.text[:2000]}")
+            assert r.headers.get("content-type", "").startswith("text/event-stream"), r.headers
+            name, data = None, []
+            deadline = time.monotonic() + timeout
+            for raw in r.iter_lines(decode_unicode=False):
+                if time.monotonic() > deadline:
+                    self.fail("SSE stream exceeded its deadline")
+                line = raw.decode("utf-8")
+                if line == "":
+                    if name is not None or data:
+                        ev = {"event": name or "message", "data": json.loads("\n".join(data)) if data else None}
+                        events.append(ev)
+                        if on_event is not None:
+                            on_event(ev)
+                        if ev["event"] == "completed":
+                            break
+                    name, data = None, []
+                elif line.startswith("event:"):
+                    name = line[len("event:"):].strip()
+                elif line.startswith("data:"):
+                    data.append(line[len("data:"):].lstrip(" "))
+        return events
+
+    def cancel(self, prediction_id: str):
+        return requests.post(f"{self.url}/predictions/{prediction_id}/cancel", timeout=10)
+
+
+class WebhookReceiver:
+    """A tiny local HTTP server collecting webhook POST bodies, in arrival order."""
+
+    def __init__(self):
+        received = self.received = []
+        cond = self.cond = threading.Condition()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                n = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(n) or b"null")
+                with cond:
+                    received.append(body)
+                    cond.notify_all()
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/webhook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "WebhookReceiver":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def wait_for_status(self, statuses: Iterable[str], timeout: float = HTTP_TIMEOUT) -> List[Dict]:
+        want = set(statuses)
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not any(b and b.get("status") in want for b in self.received):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no webhook with status in {want}; got {self.received!r}")
+                self.cond.wait(left)
+            return list(self.received)
