@@ -19,9 +19,10 @@ from cogserver import REPO, CogServer, WebhookReceiver, make_app_dir, make_tiny_
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-glm = pytest.importorskip("glm")
-if not hasattr(glm, "load"):
-    pytest.skip("glm engine (glm.load) not available in this tree", allow_module_level=True)
+import glm  # noqa: E402
+
+HAVE_ENGINE = hasattr(glm, "load")
+needs_engine = pytest.mark.skipif(not HAVE_ENGINE, reason="glm engine (glm.load) not available in this tree")
 
 
 DEFAULT_PROMPT = "[Round 1]\n\n问：你好\n\n答："
@@ -34,6 +35,8 @@ INPUT_NAMES = [
 # ---------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
+    if not HAVE_ENGINE:
+        pytest.skip("glm engine (glm.load) not available in this tree")
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "chatglm2-6b-int4"))
 
 
@@ -403,3 +406,263 @@ def test_corrupt_weights_setup_failed(tmp_path, app_dir, tiny_ckpt):
     target.write_bytes(data[: len(data) // 3])
     logs = _setup_failure(tmp_path, app_dir, str(bad), ["cannot load checkpoint", str(bad)])
     assert "WeightsError" in logs
+
+
+# ---------------------------------------------------------------------------- weights discovery
+def _predict_module():
+    import importlib
+
+    return importlib.import_module("predict")
+
+
+def _ckpt(path):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        fh.write("{}")
+    return str(path)
+
+
+def test_find_checkpoint_layouts(tmp_path):
+    p = _predict_module()
+    direct = _ckpt(tmp_path / "direct")
+    assert p.find_checkpoint(direct) == direct
+    one = tmp_path / "one"
+    _ckpt(one / "chatglm2-6b")
+    (one / ".tmp-chatglm2-6b-int4-x").mkdir()
+    _ckpt(one / ".tmp-chatglm2-6b-int4-y")  # hidden (in-progress download): never picked
+    assert p.find_checkpoint(str(one)) == str(one / "chatglm2-6b")
+    many = tmp_path / "many"
+    _ckpt(many / "chatglm-6b")
+    _ckpt(many / "chatglm2-6b-int4")
+    _ckpt(many / "aaa")
+    assert p.find_checkpoint(str(many)) == str(many / "chatglm2-6b-int4")
+    nodefault = tmp_path / "nodefault"
+    _ckpt(nodefault / "zeta")
+    _ckpt(nodefault / "alpha")
+    assert p.find_checkpoint(str(nodefault)) == str(nodefault / "alpha")
+    with pytest.raises(p.WeightsError, match="does not exist"):
+        p.find_checkpoint(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(p.WeightsError, match="no checkpoint"):
+        p.find_checkpoint(str(tmp_path / "empty"))
+    with pytest.raises(p.WeightsError, match="URL"):
+        p.find_checkpoint("https://example.invalid/weights.tar")
+
+
+def test_parse_stop_sequences():
+    p = _predict_module()
+    assert p.parse_stop_sequences("") == []
+    assert p.parse_stop_sequences("<end>,问：") == ["<end>", "问："]
+    assert p.parse_stop_sequences(" a , b,,") == ["a", "b"]
+
+
+# ---------------------------------------------------------------------------- script/download-weights
+def _dw():
+    import importlib.machinery
+    import importlib.util
+
+    path = os.path.join(REPO, "script", "download-weights")
+    loader = importlib.machinery.SourceFileLoader("download_weights", path)
+    spec = importlib.util.spec_from_loader("download_weights", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+REV = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _fake_hub(tmp_path, sharded=False):
+    """A local stand-in for a Hub repo, plus a manifest pinning its files."""
+    import hashlib
+    import json
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    blobs = {"config.json": b'{"model_type": "chatglm"}', "tokenizer.model": b"spm" * 100}
+    if sharded:
+        blobs["pytorch_model-00001-of-00002.bin"] = os.urandom(5000)
+        blobs["pytorch_model-00002-of-00002.bin"] = os.urandom(3000)
+        blobs["pytorch_model.bin.index.json"] = json.dumps({"weight_map": {
+            "a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}).encode()
+    else:
+        blobs["pytorch_model.bin"] = os.urandom(8000)
+    for name, data in blobs.items():
+        (hub / name).write_bytes(data)
+    entry = {"repo": "THUDM/fake", "revision": REV,
+             "files": {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in blobs.items()}}
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"default": "fake", "models": {"fake": entry}}))
+    return hub, manifest, entry
+
+
+def _patch_fetch(monkeypatch, dw, hub, fail_after=None, commit=REV):
+    calls = []
+
+    def fake_fetch(repo, revision, filenames, dest):
+        calls.append((repo, revision, list(filenames)))
+        for i, name in enumerate(filenames):
+            if fail_after is not None and i >= fail_after:
+                raise dw.DownloadError("connection reset (simulated)")
+            shutil.copy2(hub / name, os.path.join(dest, name))
+        os.makedirs(os.path.join(dest, ".cache", "huggingface"), exist_ok=True)  # as hf_hub_download does
+        return commit
+
+    monkeypatch.setattr(dw, "fetch_files", fake_fetch)
+    return calls
+
+
+def _leftovers(dest):
+    return [n for n in os.listdir(dest) if n.startswith(".")]
+
+
+def test_download_verifies_and_moves_into_place(tmp_path, monkeypatch):
+    import json
+
+    dw = _dw()
+    hub, manifest, entry = _fake_hub(tmp_path, sharded=True)
+    calls = _patch_fetch(monkeypatch, dw, hub)
+    dest = tmp_path / "weights"
+    final = dw.download("fake", str(manifest), str(dest))
+    assert final == str(dest / "fake")
+    assert calls == [("THUDM/fake", REV, sorted(entry["files"]))]
+    for name in entry["files"]:
+        assert (hub / name).read_bytes() == (dest / "fake" / name).read_bytes()
+    assert not (dest / "fake" / ".cache").exists()
+    prov = json.loads((dest / "fake" / "download.json").read_text())
+    assert prov["verified"] is True and prov["revision"] == REV
+    assert _leftovers(dest) == []
+    # Second run: already complete, nothing fetched.
+    dw.download("fake", str(manifest), str(dest))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_download_rejects_corrupt_file_and_leaves_nothing(tmp_path, monkeypatch, damage):
+    dw = _dw()
+    hub, manifest, _ = _fake_hub(tmp_path)
+    blob = hub / "pytorch_model.bin"
+    data = blob.read_bytes()
+    blob.write_bytes(bytes([data[0] ^ 1]) + data[1:] if damage == "flip" else data[:100])
+    _patch_fetch(monkeypatch, dw, hub)
+    dest = tmp_path / "weights"
+    with pytest.raises(dw.DownloadError, match="pytorch_model.bin: (sha256|size)"):
+        dw.download("fake", str(manifest), str(dest))
+    assert not (dest / "fake").exists()
+    assert _leftovers(dest) == []
+
+
+def test_partial_download_leaves_nothing(tmp_path, monkeypatch):
+    dw = _dw()
+    hub, manifest, _ = _fake_hub(tmp_path)
+    _patch_fetch(monkeypatch, dw, hub, fail_after=1)
+    dest = tmp_path / "weights"
+    with pytest.raises(dw.DownloadError, match="simulated"):
+        dw.download("fake", str(manifest), str(dest))
+    assert os.listdir(dest) == []
+
+
+def test_failed_redownload_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    dw = _dw()
+    hub, manifest, entry = _fake_hub(tmp_path)
+    dest = tmp_path / "weights"
+    good = dest / "fake"
+    good.mkdir(parents=True)
+    (good / "config.json").write_text("old")
+    _patch_fetch(monkeypatch, dw, hub, fail_after=2)
+    with pytest.raises(dw.DownloadError):
+        dw.download("fake", str(manifest), str(dest))
+    assert (good / "config.json").read_text() == "old"
+    assert _leftovers(dest) == []
+    _patch_fetch(monkeypatch, dw, hub)
+    dw.download("fake", str(manifest), str(dest))
+    assert (good / "config.json").read_bytes() == (hub / "config.json").read_bytes()
+    assert _leftovers(dest) == []
+
+
+def test_missing_shard_in_index_is_rejected(tmp_path, monkeypatch):
+    import json
+
+    dw = _dw()
+    hub, manifest, entry = _fake_hub(tmp_path, sharded=True)
+    doc = json.loads(manifest.read_text())
+    del doc["models"]["fake"]["files"]["pytorch_model-00002-of-00002.bin"]
+    manifest.write_text(json.dumps(doc))
+    _patch_fetch(monkeypatch, dw, hub)
+    dest = tmp_path / "weights"
+    with pytest.raises(dw.DownloadError, match="shards not downloaded"):
+        dw.download("fake", str(manifest), str(dest))
+    assert not (dest / "fake").exists() and _leftovers(dest) == []
+
+
+def test_revision_mismatch_is_rejected(tmp_path, monkeypatch):
+    dw = _dw()
+    hub, manifest, _ = _fake_hub(tmp_path)
+    _patch_fetch(monkeypatch, dw, hub, commit="f" * 40)
+    with pytest.raises(dw.DownloadError, match="manifest pins"):
+        dw.download("fake", str(manifest), str(tmp_path / "weights"))
+
+
+def test_unpinned_model_needs_allow_unverified(tmp_path, monkeypatch, capsys):
+    import json
+
+    dw = _dw()
+    hub, manifest, entry = _fake_hub(tmp_path)
+    doc = json.loads(manifest.read_text())
+    doc["models"]["fake"]["revision"] = None
+    doc["models"]["fake"]["files"]["pytorch_model.bin"] = {"sha256": None, "size": None}
+    manifest.write_text(json.dumps(doc))
+    calls = _patch_fetch(monkeypatch, dw, hub, commit=None)
+    dest = tmp_path / "weights"
+    with pytest.raises(dw.DownloadError, match="--allow-unverified"):
+        dw.download("fake", str(manifest), str(dest))
+    assert calls == [] and not dest.exists()
+    dw.download("fake", str(manifest), str(dest), allow_unverified=True, print_manifest=True)
+    assert calls and calls[0][1] == "main"
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["fake"]["files"]["pytorch_model.bin"]["size"] == 8000
+    prov = json.loads((dest / "fake" / "download.json").read_text())
+    assert prov["verified"] is False
+
+
+def test_repo_manifest_covers_supported_models():
+    import json
+
+    with open(os.path.join(REPO, "weights", "manifest.json"), encoding="utf-8") as fh:
+        doc = json.load(fh)
+    assert doc["default"] == "chatglm2-6b-int4"
+    want = {"chatglm2-6b-int4", "chatglm2-6b", "chatglm2-6b-32k", "chatglm2-6b-32k-int4",
+            "chatglm-6b", "chatglm-6b-int8", "chatglm-6b-int4"}
+    assert set(doc["models"]) == want
+    for name, entry in doc["models"].items():
+        assert entry["repo"] == f"THUDM/{name}"
+        files = entry["files"]
+        assert "config.json" in files
+        assert ("tokenizer.model" in files) != ("ice_text.model" in files)
+        assert any(f.startswith("pytorch_model") and f.endswith(".bin") for f in files)
+        shards = [f for f in files if f.startswith("pytorch_model-")]
+        assert bool(shards) == ("pytorch_model.bin.index.json" in files)
+        rev = entry["revision"]
+        assert rev is None or (len(rev) == 40 and all(c in "0123456789abcdef" for c in rev))
+        for meta in files.values():
+            assert set(meta) == {"sha256", "size"}
+        if rev is None or any(m["sha256"] is None for m in files.values()):
+            assert entry.get("note"), f"{name}: unpinned values need a note"
+
+
+def test_download_weights_cli_refuses_unverified(tmp_path):
+    import json
+    import subprocess
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"default": "m", "models": {"m": {
+        "repo": "THUDM/m", "revision": None, "files": {"config.json": {"sha256": None, "size": None}},
+        "note": "unpinned"}}}))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "script", "download-weights"),
+         "--manifest", str(manifest), "--dest", str(tmp_path / "w")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--allow-unverified" in proc.stderr
+    assert not (tmp_path / "w").exists()
