@@ -145,7 +145,7 @@ class Predictor(BasePredictor):
             description="Nucleus sampling: sample from the smallest set of tokens whose "
             "probabilities add up to top_p.",
             default=0.8,
-            ge=0.01,
+            ge=0.0,
             le=1.0,
         ),
         top_k: int = Input(

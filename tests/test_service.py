@@ -305,7 +305,7 @@ def server_logs_for(server, pid):
         ({"max_tokens": 40000}, "max_tokens"),
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": 6}, "temperature"),
-        ({"top_p": 0}, "top_p"),
+        ({"top_p": -0.1}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -1}, "top_k"),
         ({"repetition_penalty": 0.5}, "repetition_penalty"),
