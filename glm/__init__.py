@@ -1,1 +1,14 @@
-"""ChatGLM inference engine."""
+"""glm: a plain-PyTorch inference engine for THUDM's ChatGLM family.
+
+    import glm
+    model = glm.load("weights/chatglm2-6b-int4")
+    for chunk in model.generate("[Round 1]\\n\\n问：你好\\n\\n答：", max_new_tokens=64, temperature=0):
+        print(chunk, end="")
+"""
+from .config import ChatGLMConfig
+from .errors import CheckpointError, GLMError, InputError
+from .generate import SamplingParams
+from .loader import load
+from .pipeline import GLM, Stream
+
+__all__ = ["load", "GLM", "Stream", "ChatGLMConfig", "SamplingParams", "GLMError", "CheckpointError", "InputError"]

@@ -1,0 +1,137 @@
+"""Model configuration, read from a checkpoint's config.json."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+from .errors import CheckpointError
+
+# ChatGLM2 was trained at 8K context; the 32K variant interpolates positions by rope_ratio.
+# THUDM's chat() uses max_length 8192 (2-series) and 32768 (-32k); config.seq_length is only
+# the length of the rotary cache (32768 for every 2-series model), so it is not the context.
+CHATGLM2_TRAINED_CONTEXT = 8192
+
+
+@dataclass(frozen=True)
+class ChatGLMConfig:
+    family: str = "chatglm2"          # "chatglm2" (ChatGLM2/3) or "chatglm" (first generation)
+    num_layers: int = 28
+    hidden_size: int = 4096
+    num_heads: int = 32
+    kv_heads: int = 2                 # multi_query_group_num; v1 has one kv head per query head
+    head_dim: int = 128               # kv_channels
+    ffn_hidden_size: int = 13696
+    vocab_size: int = 65024           # padded_vocab_size: rows of the embedding / output layer
+    seq_length: int = 32768           # rotary cache length (v1: max_sequence_length)
+    max_context: int = 8192           # longest prompt + generation we serve
+    rope_ratio: float = 1.0           # ChatGLM2-32K: positions are divided by this
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    qkv_bias: bool = True
+    quantization_bit: int = 0         # 0 (fp16 checkpoint), 4 or 8
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ChatGLMConfig":
+        if "multi_query_group_num" in d or "padded_vocab_size" in d:
+            return cls._from_chatglm2(d)
+        if "inner_hidden_size" in d or d.get("position_encoding_2d"):
+            return cls._from_chatglm1(d)
+        raise CheckpointError(
+            "config.json: not a ChatGLM config (expected ChatGLM2 keys such as "
+            "'multi_query_group_num'/'padded_vocab_size' or ChatGLM-6B's 'inner_hidden_size')")
+
+    @classmethod
+    def _from_chatglm2(cls, d: dict) -> "ChatGLMConfig":
+        heads = _get(d, "num_attention_heads", int)
+        hidden = _get(d, "hidden_size", int)
+        rope_ratio = float(d.get("rope_ratio", 1.0) or 1.0)
+        seq_length = int(d.get("seq_length", 32768))
+        return cls(
+            family="chatglm2",
+            num_layers=_get(d, "num_layers", int),
+            hidden_size=hidden,
+            num_heads=heads,
+            kv_heads=int(d["multi_query_group_num"]) if d.get("multi_query_attention", True) else heads,
+            head_dim=int(d.get("kv_channels", hidden // heads)),
+            ffn_hidden_size=_get(d, "ffn_hidden_size", int),
+            vocab_size=int(d.get("padded_vocab_size", d.get("vocab_size", 65024))),
+            seq_length=seq_length,
+            max_context=min(seq_length, int(CHATGLM2_TRAINED_CONTEXT * rope_ratio)),
+            rope_ratio=rope_ratio,
+            norm_eps=float(d.get("layernorm_epsilon", 1e-5)),
+            qkv_bias=bool(d.get("add_qkv_bias", True)),
+            quantization_bit=_quant_bits(d),
+            eos_token_id=int(d.get("eos_token_id", 2)),
+            pad_token_id=int(d.get("pad_token_id", 0) or 0),
+        )
+
+    @classmethod
+    def _from_chatglm1(cls, d: dict) -> "ChatGLMConfig":
+        heads = _get(d, "num_attention_heads", int)
+        hidden = _get(d, "hidden_size", int)
+        seq_length = int(d.get("max_sequence_length", 2048))
+        return cls(
+            family="chatglm",
+            num_layers=_get(d, "num_layers", int),
+            hidden_size=hidden,
+            num_heads=heads,
+            kv_heads=heads,
+            head_dim=hidden // heads,
+            ffn_hidden_size=int(d.get("inner_hidden_size", 4 * hidden)),
+            vocab_size=_get(d, "vocab_size", int),
+            seq_length=seq_length,
+            max_context=seq_length,
+            norm_eps=float(d.get("layernorm_epsilon", 1e-5)),
+            qkv_bias=True,
+            quantization_bit=_quant_bits(d),
+            eos_token_id=int(d.get("eos_token_id", 130005)),
+            pad_token_id=int(d.get("pad_token_id", 3) or 3),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ChatGLMConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing (a checkpoint directory needs config.json)") from None
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{path}: expected a JSON object")
+        try:
+            return cls.from_dict(d)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _get(d: dict, key: str, typ):
+    if key not in d:
+        raise CheckpointError(f"config.json: missing key '{key}'")
+    try:
+        return typ(d[key])
+    except (TypeError, ValueError):
+        raise CheckpointError(f"config.json: bad value for '{key}': {d[key]!r}") from None
+
+
+def _quant_bits(d: dict) -> int:
+    bits = d.get("quantization_bit") or 0
+    if bits not in (0, 4, 8):
+        raise CheckpointError(f"config.json: unsupported quantization_bit {bits!r} (supported: 4, 8, or absent)")
+    if d.get("quantization_embeddings"):
+        raise CheckpointError("config.json: quantized embeddings (quantization_embeddings: true) are not supported")
+    return int(bits)

@@ -1,0 +1,13 @@
+"""The two kinds of failure a caller must tell apart."""
+
+
+class GLMError(Exception):
+    """Base class for errors that carry a message meant for the user."""
+
+
+class CheckpointError(GLMError):
+    """The checkpoint directory is missing, incomplete or inconsistent."""
+
+
+class InputError(GLMError, ValueError):
+    """A request cannot be served as given (bad parameter, prompt too long, ...)."""

@@ -1,0 +1,230 @@
+"""Loading THUDM checkpoints as published: config.json, tokenizer, pytorch_model*.bin or *.safetensors.
+
+Pickles are read with weights_only=True (a checkpoint can never run code) and memory-mapped:
+quantized weights, embeddings and (with the CPU kernels) fp16 linears are used in place, so peak
+memory stays at the size of the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import kernels
+from .config import ChatGLMConfig
+from .errors import CheckpointError
+from .quant import HalfLinear, QuantLinear, quantize as quantize_weight
+
+log = logging.getLogger("glm")
+
+PREFIX = "transformer."
+IGNORED = ("rotary_pos_emb.inv_freq", "rotary_emb.inv_freq")  # recomputed buffers
+QUANTIZED_LINEARS = {  # family -> linear layers THUDM quantizes in every block
+    "chatglm2": ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    "chatglm": ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+}
+
+
+class Checkpoint:
+    """Tensors of a checkpoint directory by name, read lazily shard by shard (memory-mapped)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.files = self._weight_files(path)
+        self._index: dict[str, Path] = {}
+        self._cache: dict[Path, dict[str, torch.Tensor]] = {}
+        for f in self.files:
+            for name in self._open(f):
+                self._index[name] = f
+
+    @staticmethod
+    def _weight_files(path: Path) -> list[Path]:
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index = path / index_name
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
+                files = [path / f for f in sorted(set(weight_map.values()))]
+                missing = [f.name for f in files if not f.is_file()]
+                if missing:
+                    raise CheckpointError(f"{index}: shard file(s) missing: {', '.join(missing)}")
+                return files
+        for pattern in ("*.safetensors", "pytorch_model*.bin"):
+            files = sorted(path.glob(pattern))
+            if files:
+                return files
+        raise CheckpointError(f"{path}: no weights found (expected pytorch_model.bin, "
+                              f"pytorch_model-*.bin with pytorch_model.bin.index.json, or *.safetensors)")
+
+    def _open(self, f: Path) -> dict[str, torch.Tensor]:
+        if f not in self._cache:
+            self._cache[f] = _read_weights(f)
+        return self._cache[f]
+
+    def names(self) -> set[str]:
+        return set(self._index)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._index:
+            raise CheckpointError(f"{self.path}: tensor '{name}' is missing from the checkpoint "
+                                  f"({', '.join(f.name for f in self.files)})")
+        return self._open(self._index[name])[name]
+
+    def file_of(self, name: str) -> str:
+        return self._index[name].name
+
+
+def _read_weights(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(f))
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(f, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:  # torch raises many kinds; the file is what matters to the user
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{f}: cannot read weights ({msg})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{f}: not a state dict of tensors")
+    return sd
+
+
+def build_model(cfg: ChatGLMConfig) -> nn.Module:
+    """The family's model on the meta device (no memory), ready for assignment of real tensors."""
+    if cfg.family == "chatglm2":
+        from .model import ChatGLM2 as Model
+    else:
+        from .model_v1 import ChatGLM as Model
+    with torch.device("meta"):
+        return Model(cfg)
+
+
+def swap_linears(model: nn.Module, cfg: ChatGLMConfig, bits: int, half_linears: bool) -> None:
+    """Replace nn.Linear by the module that computes from the stored format (gpt-fast style)."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        quantized = bits and any(name.endswith(s) for s in QUANTIZED_LINEARS[cfg.family])
+        with torch.device("meta"):
+            if quantized:
+                new = QuantLinear(module.in_features, module.out_features, bits, bias=module.bias is not None)
+            elif half_linears:
+                new = HalfLinear(module.in_features, module.out_features, bias=module.bias is not None)
+            else:
+                continue
+        setattr(model.get_submodule(parent_name), attr, new)
+
+
+def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         quantize: int | None = None):
+    """Load a ChatGLM checkpoint directory; returns a glm.GLM ready to generate."""
+    from .pipeline import GLM
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    device = torch.device(device)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    cfg = ChatGLMConfig.from_file(path / "config.json")
+    tokenizer = _load_tokenizer(cfg, path)
+    ckpt = Checkpoint(path)
+    bits = _target_bits(cfg, quantize)
+    # fp16 linears stay fp16 where the CPU kernels can read them; elsewhere they are cast once.
+    half_linears = device.type == "cpu" and kernels.get() is not None and dtype != torch.float16
+    model = build_model(cfg)
+    swap_linears(model, cfg, bits, half_linears)
+    convert = _Converter(ckpt, cfg, bits, device, dtype)
+    state = {name: convert(name, meta) for name, meta in model.state_dict().items()}
+    _check_unexpected(ckpt, model)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.requires_grad_(False).eval()
+    if cfg.quantization_bit == 0 and bits:
+        cfg = _with_bits(cfg, bits)
+    log.info("loaded %s (%s, %s, %s) in %.1fs", path, cfg.family, f"int{bits}" if bits else "fp16",
+             f"{device.type}/{str(dtype).removeprefix('torch.')}", time.perf_counter() - t0)
+    return GLM(cfg, tokenizer, model, device)
+
+
+def _load_tokenizer(cfg: ChatGLMConfig, path: Path):
+    if cfg.family == "chatglm2":
+        from .tokenizer import ChatGLM2Tokenizer
+        return ChatGLM2Tokenizer(path / "tokenizer.model")
+    from .tokenizer_v1 import ChatGLMTokenizer
+    return ChatGLMTokenizer(path / "ice_text.model")
+
+
+def _target_bits(cfg: ChatGLMConfig, quantize: int | None) -> int:
+    if quantize in (None, 0):
+        return cfg.quantization_bit
+    if quantize not in (4, 8):
+        raise CheckpointError(f"quantize must be 4 or 8, got {quantize!r}")
+    if cfg.quantization_bit not in (0, quantize):
+        raise CheckpointError(f"cannot quantize an int{cfg.quantization_bit} checkpoint to int{quantize}")
+    return quantize
+
+
+def _with_bits(cfg: ChatGLMConfig, bits: int) -> ChatGLMConfig:
+    from dataclasses import replace
+    return replace(cfg, quantization_bit=bits)
+
+
+class _Converter:
+    """Checkpoint tensor -> the checked tensor a model buffer/parameter computes with."""
+
+    def __init__(self, ckpt: Checkpoint, cfg: ChatGLMConfig, bits: int, device: torch.device, dtype: torch.dtype):
+        self.ckpt, self.cfg, self.bits, self.device, self.dtype = ckpt, cfg, bits, device, dtype
+        self._scales: dict[str, torch.Tensor] = {}  # from quantize-on-load, until their module asks
+
+    def __call__(self, name: str, meta: torch.Tensor) -> torch.Tensor:
+        key = name if name == "lm_head.weight" else PREFIX + name
+        if meta.dtype == torch.int8 or name.endswith(".weight_scale"):
+            return self._quantized(key, meta)
+        t = self.ckpt.get(key)
+        self._check(key, t, meta.shape, float_dtype=True)
+        # fp16 buffers (embeddings, HalfLinear weights) stay in checkpoint precision
+        return t.to(device=self.device, dtype=torch.float16 if meta.dtype == torch.float16 else self.dtype)
+
+    def _quantized(self, key: str, meta: torch.Tensor) -> torch.Tensor:
+        is_scale = key.endswith(".weight_scale")
+        if self.cfg.quantization_bit:  # stored quantized: check and use as is
+            t = self.ckpt.get(key)
+            self._check(key, t, meta.shape, float_dtype=is_scale)
+            if not is_scale and t.dtype != torch.int8:
+                raise CheckpointError(f"{self.ckpt.file_of(key)}: tensor '{key}' has dtype {t.dtype}, "
+                                      f"expected torch.int8 for an int{self.bits} checkpoint")
+            return t.to(self.device)
+        if is_scale:
+            return self._scales.pop(key).to(self.device)
+        # quantize on load from the fp16 weight, exactly as THUDM's quantize() does
+        w = self.ckpt.get(key)
+        self._check(key, w, (meta.shape[0], meta.shape[1] * 8 // self.bits), float_dtype=True)
+        q, self._scales[key + "_scale"] = quantize_weight(w.to(torch.float16), self.bits)
+        return q.to(self.device)
+
+    def _check(self, key: str, t: torch.Tensor, shape, float_dtype: bool) -> None:
+        where = f"{self.ckpt.file_of(key)}: tensor '{key}'"
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{where} has shape {list(t.shape)}, expected {list(shape)} for this config.json")
+        if float_dtype and not t.is_floating_point():
+            raise CheckpointError(f"{where} has dtype {t.dtype}, expected a float dtype")
+
+
+def _check_unexpected(ckpt: Checkpoint, model: nn.Module) -> None:
+    wanted = {PREFIX + n for n in model.state_dict()} | {"lm_head.weight"}
+    extra = sorted(n for n in ckpt.names() - wanted if not n.endswith(IGNORED))
+    if extra:
+        shown = ", ".join(f"'{n}' ({ckpt.file_of(n)})" for n in extra[:5])
+        raise CheckpointError(f"{ckpt.path}: unexpected tensor(s) not part of this model: {shown}"
+                              + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))

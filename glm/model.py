@@ -1,0 +1,191 @@
+"""ChatGLM2 (and ChatGLM3, same architecture): the transformer and its KV cache.
+
+Module names follow THUDM's checkpoint names without the `transformer.` prefix, so loading is a
+rename-free assignment. Semantics: ../shared/reference/FORMATS.md, section 2.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ChatGLMConfig
+
+
+class KVCache:
+    """One sequence's keys and values for every layer, preallocated for `capacity` tokens.
+
+    Only the kv groups are stored (2 at full size, multi-query attention): [layers, groups, capacity, head_dim].
+    """
+
+    def __init__(self, cfg: ChatGLMConfig, capacity: int, device, dtype: torch.dtype):
+        shape = (cfg.num_layers, cfg.kv_heads, capacity, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.capacity = capacity
+
+    @staticmethod
+    def bytes_per_token(cfg: ChatGLMConfig, dtype: torch.dtype) -> int:
+        return 2 * cfg.num_layers * cfg.kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v ([groups, T, head_dim]) at positions start.. and return all keys/values so far."""
+        end = start + k.shape[1]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: position {end} > capacity {self.capacity}")
+        self.k[layer, :, start:end] = k
+        self.v[layer, :, start:end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf).to(x.dtype)
+
+
+class Embedding(nn.Module):
+    """Word embeddings, kept in the checkpoint's dtype; looked-up rows are cast to the compute dtype."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, dim, dtype=torch.float16)
+
+    def forward(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.word_embeddings(tokens).to(dtype)
+
+
+def rotary_angles(cfg: ChatGLMConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [*positions.shape, rot/2] for the rotated half of each head (fp32).
+
+    rope_ratio (ChatGLM2-32K) interpolates positions; it does not change the base. Computed in fp32
+    for every position (THUDM's HF code rounds positions > 2048 to fp16 under torch_dtype=float16;
+    chatglm.cpp and we do not).
+    """
+    rot = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, rot, 2, device=positions.device, dtype=torch.float32) / rot))
+    angles = (positions.float() / cfg.rope_ratio)[..., None] * inv_freq
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of the first half of the head dim. x: [B, T, heads, hd]."""
+    rot = x.shape[-1] // 2
+    xr = x[..., :rot].float().unflatten(-1, (rot // 2, 2))
+    x0, x1 = xr[..., 0], xr[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    return torch.cat((out.to(x.dtype), x[..., rot:]), dim=-1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal attention of queries at positions start.. over keys 0..start+T-1.
+
+    q: [heads, T, hd]; k, v: [groups, S, hd]; query head h uses group h // (heads / groups).
+    """
+    heads, T, _ = q.shape
+    groups, S, _ = k.shape
+    if q.is_cuda and groups != heads:
+        # Expanded so that SDPA can pick a fused kernel (its GQA mode is math-only on a T4).
+        k = k.repeat_interleave(heads // groups, dim=0)
+        v = v.repeat_interleave(heads // groups, dim=0)
+    gqa = k.shape[0] != heads
+    if T == 1:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if start == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ChatGLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.query_key_value = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
+        self.dense = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, layer: int, starts: list[int], caches: list[KVCache]) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q, k, v = self.query_key_value(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = apply_rotary(q.view(B, T, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rotary(k.view(B, T, cfg.kv_heads, cfg.head_dim), cos, sin)
+        v = v.view(B, T, cfg.kv_heads, cfg.head_dim)
+        # Each sequence attends over its own cache: rows never see each other, and a row's result
+        # does not depend on what else is in the batch.
+        out = []
+        for b in range(B):
+            keys, values = caches[b].update(layer, starts[b], k[b].transpose(0, 1), v[b].transpose(0, 1))
+            out.append(attend(q[b].transpose(0, 1), keys, values, starts[b]))
+        y = torch.stack(out).transpose(1, 2).reshape(B, T, cfg.q_size)
+        return self.dense(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ChatGLMConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=False)
+        self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, cfg: ChatGLMConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attention = SelfAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, starts, caches):
+        h = x + self.self_attention(self.input_layernorm(x), cos, sin, self.layer, starts, caches)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ChatGLMConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(GLMBlock(cfg, i) for i in range(cfg.num_layers))
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+class ChatGLM2(nn.Module):
+    def __init__(self, cfg: ChatGLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.encoder = Encoder(cfg)
+        self.output_layer = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.final_layernorm.weight.dtype
+
+    def hidden_states(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """Final-norm hidden states [B, T, hidden] for tokens [B, T] at positions starts[b]..; fills the caches."""
+        T = tokens.shape[1]
+        positions = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
+        cos, sin = rotary_angles(self.cfg, positions)
+        x = self.embedding(tokens, self.dtype)
+        for block in self.encoder.layers:
+            x = block(x, cos, sin, starts, caches)
+        return self.encoder.final_layernorm(x)
+
+    def forward(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache],
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) in the compute dtype."""
+        x = self.hidden_states(tokens, starts, caches)
+        if last_only:
+            x = x[:, -1:]
+        return self.output_layer(x)

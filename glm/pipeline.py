@@ -1,0 +1,116 @@
+"""GLM: the public object glm.load returns (tokenizer + model + engine)."""
+from __future__ import annotations
+
+import queue
+import threading
+
+import torch
+
+from .engine import _DONE, Engine, Sequence
+from .errors import InputError
+from .generate import SamplingParams
+from .model import KVCache
+
+
+class GLM:
+    def __init__(self, config, tokenizer, model, device: torch.device):
+        self.config, self.tokenizer, self.model, self.device = config, tokenizer, model, device
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def engine(self) -> Engine:
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = Engine(self.model, self.tokenizer, self.config, self.device)
+            return self._engine
+
+    def use_engine(self, **kwargs) -> Engine:
+        """Replace the engine (e.g. a server's batch size and KV budget); returns it."""
+        with self._engine_lock:
+            if self._engine is not None:
+                self._engine.stop()
+            self._engine = Engine(self.model, self.tokenizer, self.config, self.device, **kwargs)
+            return self._engine
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """float32 logits [len(ids), vocab] from one prefill pass."""
+        if not ids:
+            raise InputError("ids must not be empty")
+        if len(ids) > self.config.max_context:
+            raise InputError(f"{len(ids)} tokens exceed the model's context of {self.config.max_context}")
+        cache = KVCache(self.config, len(ids), self.device, self.dtype)
+        tokens = torch.tensor([ids], device=self.device)
+        return self.model(tokens, [0], [cache])[0].float().cpu()
+
+    def generate(self, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.8,
+                 top_p: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0,
+                 seed: int | None = None, stop=()) -> "Stream":
+        """Stream the reply to a raw prompt (in the model's own format) as text chunks."""
+        if not isinstance(prompt, str) or not prompt:
+            raise InputError("prompt must be a non-empty string")
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+                                stop=tuple(stop))
+        ids = self.tokenizer.encode(prompt)
+        return Stream(self.engine, self.engine.submit(ids, params))
+
+
+class Stream:
+    """Iterator of text chunks for one sequence; finish details are set once it is exhausted."""
+
+    def __init__(self, engine: Engine, seq: Sequence):
+        self.engine, self.seq = engine, seq
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        while True:
+            try:
+                item = self.seq.chunks.get_nowait()
+            except queue.Empty:
+                if self.engine.threaded:
+                    item = self.seq.chunks.get()
+                else:
+                    self.engine.step()
+                    continue
+            if item is _DONE:
+                if self.seq.error is not None:
+                    raise self.seq.error
+                raise StopIteration
+            return item
+
+    def cancel(self) -> None:
+        self.engine.cancel(self.seq)
+
+    close = cancel
+
+    def __del__(self):
+        if not self.seq.done:
+            self.engine.cancel(self.seq)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.seq.prompt_ids)
+
+    @property
+    def new_tokens(self) -> int:
+        return self.seq.new_tokens
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.seq.finish_reason
+
+    @property
+    def seed(self) -> int:
+        return self.seq.params.seed
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.seq.t_first is None else self.seq.t_first - self.seq.t_submit

@@ -1,0 +1,125 @@
+"""THUDM's weight-only int4/int8 format, and the Linear modules that compute from it.
+
+Format (FORMATS.md): one scale per output row, symmetric, no zero point.
+  int8: qweight int8 [N, K],   W = qweight * scale[:, None]
+  int4: qweight int8 [N, K/2], byte j of a row holds column 2j in its high nibble and 2j+1 in its
+        low nibble, both signed.
+The checkpoint's tensors are used as they are (memory-mapped, zero copy); the CPU kernels in
+glm/csrc read this layout directly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+
+# Up to this many rows of activations the fused kernels stream the quantized weights once
+# (decode, small batches); past it, dequantizing the layer once and using a dense GEMM wins.
+FUSED_MAX_ROWS = 32
+
+
+def quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """THUDM's quantizer, op for op in the weight's own dtype: (qweight int8, scale)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    scale = weight.abs().max(dim=-1).values / (2 ** (bits - 1) - 1)
+    # THUDM divides by a zero scale for an all-zero row; such a row quantizes to zeros.
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(weight / safe[:, None]).to(torch.int8)
+    return (pack_int4(q) if bits == 4 else q), scale
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] int8 in [-8, 7] -> [N, K/2] int8, column 2j in the high nibble."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even number of columns, got {q.shape[-1]}")
+    hi, lo = q[..., 0::2], q[..., 1::2]
+    return ((hi << 4) | (lo & 0x0F)).to(torch.int8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[N, K/2] int8 -> [N, K] int8 with values in [-8, 7] (arithmetic shifts sign-extend)."""
+    hi = packed >> 4
+    lo = (packed << 4) >> 4
+    return torch.stack((hi, lo), dim=-1).flatten(-2)
+
+
+def dequantize(qweight: torch.Tensor, scale: torch.Tensor, bits: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reference dequantization in `dtype`: W = q * scale per row."""
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T + b with W kept in THUDM's int4/int8 format."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        cols = in_features * bits // 8
+        self.register_buffer("weight", torch.empty(out_features, cols, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float16))
+        self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x.is_cuda:
+            y = F.linear(x2, self._dequantize_cuda(x.dtype), _cast(self.bias, x.dtype))
+        else:
+            y = self._forward_cpu(x2)
+        return y.view(*shape[:-1], self.out_features)
+
+    def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        k = kernels.get()
+        if k is not None and x.dtype in (torch.float32, torch.bfloat16):
+            x = x.contiguous()
+            if x.shape[0] <= FUSED_MAX_ROWS:
+                fused = k.int4_linear if self.bits == 4 else k.int8_linear
+                return fused(x, self.weight, self.weight_scale, _cast(self.bias, x.dtype))
+            w = k.dequantize(self.weight, self.weight_scale, self.bits, x.dtype)
+        else:
+            w = dequantize(self.weight, self.weight_scale, self.bits, x.dtype)
+        return F.linear(x, w, _cast(self.bias, x.dtype))
+
+    def _dequantize_cuda(self, dtype: torch.dtype) -> torch.Tensor:
+        # THUDM's GPU path, with torch ops instead of its embedded cpm_kernels binary: dequantize
+        # to fp16 (each product rounded to half, as its kernel does), then an fp16 GEMM. Runs on
+        # any CUDA GPU, a T4 (sm_75) included; torch's int4 GEMM kernels need sm_80.
+        return dequantize(self.weight, self.weight_scale.half(), self.bits, torch.float16).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, bias={self.bias is not None}"
+
+
+class HalfLinear(nn.Module):
+    """A dense Linear whose weight stays in its checkpoint dtype (fp16) on the CPU.
+
+    The CPU kernels read fp16 weights directly, so the 0.5 GB output layer is used zero-copy from
+    the memory-mapped checkpoint instead of being widened to fp32. Without kernels, or on CUDA,
+    the loader gives a plain nn.Linear in the compute dtype instead.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float16))
+        self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        k = kernels.get()
+        if k is not None and x2.shape[0] <= FUSED_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
+            y = k.half_linear(x2, self.weight, _cast(self.bias, x.dtype))
+        else:
+            y = F.linear(x2, self.weight.to(x.dtype), _cast(self.bias, x.dtype))
+        return y.view(*shape[:-1], self.out_features)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+

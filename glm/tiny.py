@@ -1,0 +1,146 @@
+"""Make a small random-weight ChatGLM2 checkpoint in exactly THUDM's on-disk layout.
+
+    python -m glm.tiny OUTDIR [--bits 4|8|0] [--layers N] [--full-size]
+
+Deterministic (fixed seeds, fixed corpus) and written in seconds: config.json, a SentencePiece
+tokenizer.model trained locally on glm/data/tiny_corpus.txt, and pytorch_model.bin with int8-packed
+`weight` + `weight_scale` for the quantized linears, fp16 for everything else. It is what the
+tests, the demo and CI run on when no real weights are present. `--full-size` writes ChatGLM2-6B's
+shapes with random int4 codes (for benchmarks; speed does not depend on the values) and needs a
+real tokenizer.model via --tokenizer.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import ChatGLMConfig
+from .quant import quantize
+
+CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
+QUANTIZED = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+
+TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, multi_query_group_num=2, kv_channels=16,
+            ffn_hidden_size=160, seq_length=2048)
+FULL = dict(num_layers=28, hidden_size=4096, num_attention_heads=32, multi_query_group_num=2, kv_channels=128,
+            ffn_hidden_size=13696, seq_length=32768, padded_vocab_size=65024)
+
+
+def train_tokenizer(out: Path, vocab_size: int = 1000) -> None:
+    """A byte-fallback BPE SentencePiece model with the real one's normalizer settings."""
+    import sentencepiece as spm
+
+    text = CORPUS.read_text(encoding="utf-8")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.splitlines() * 4), model_writer=buf, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
+        normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    out.write_bytes(buf.getvalue())
+
+
+def config_json(shape: dict, vocab: int, bits: int, rope_ratio: float | None = None) -> dict:
+    cfg = {
+        "architectures": ["ChatGLMModel"], "model_type": "chatglm",
+        "add_bias_linear": False, "add_qkv_bias": True, "apply_query_key_layer_scaling": True,
+        "apply_residual_connection_post_layernorm": False, "attention_dropout": 0.0,
+        "attention_softmax_in_fp32": True, "bias_dropout_fusion": True, "fp32_residual_connection": False,
+        "hidden_dropout": 0.0, "layernorm_epsilon": 1e-05, "multi_query_attention": True,
+        "original_rope": True, "post_layer_norm": True, "rmsnorm": True, "tie_word_embeddings": False,
+        "torch_dtype": "float16", "transformers_version": "4.27.1", "use_cache": True,
+        "eos_token_id": 2, "pad_token_id": 0, "padded_vocab_size": vocab, **shape,
+    }
+    if bits:
+        cfg["quantization_bit"] = bits
+    if rope_ratio:
+        cfg["rope_ratio"] = rope_ratio
+    return cfg
+
+
+def random_state_dict(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_codes: bool = False) -> dict:
+    """THUDM-named tensors. random_codes: draw int4/int8 codes directly (fast at 6B size)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def normal(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g) * std).half()
+
+    h, p = cfg.hidden_size, "transformer.encoder.layers"
+    sd = {"transformer.embedding.word_embeddings.weight": normal(cfg.vocab_size, h, std=1.0)}
+    rot = cfg.head_dim // 2
+    sd["transformer.rotary_pos_emb.inv_freq"] = (1.0 / 10000 ** (torch.arange(0, rot, 2).float() / rot)).half()
+    shapes = {"self_attention.query_key_value": (cfg.q_size + 2 * cfg.kv_size, h),
+              "self_attention.dense": (h, cfg.q_size),
+              "mlp.dense_h_to_4h": (2 * cfg.ffn_hidden_size, h),
+              "mlp.dense_4h_to_h": (h, cfg.ffn_hidden_size)}
+    for i in range(cfg.num_layers):
+        sd[f"{p}.{i}.input_layernorm.weight"] = (1 + normal(h, std=0.1).float()).half()
+        sd[f"{p}.{i}.post_attention_layernorm.weight"] = (1 + normal(h, std=0.1).float()).half()
+        for name, (n, k) in shapes.items():
+            key = f"{p}.{i}.{name}"
+            if bits and random_codes:
+                sd[key + ".weight"] = torch.randint(-128, 128, (n, k * bits // 8), generator=g, dtype=torch.int8)
+                sd[key + ".weight_scale"] = (torch.rand(n, generator=g) * 0.004 + 0.001).half()
+            elif bits:
+                sd[key + ".weight"], sd[key + ".weight_scale"] = quantize(normal(n, k), bits)
+            else:
+                sd[key + ".weight"] = normal(n, k)
+        sd[f"{p}.{i}.self_attention.query_key_value.bias"] = normal(shapes[QUANTIZED[0]][0], std=0.1)
+    sd["transformer.encoder.final_layernorm.weight"] = (1 + normal(h, std=0.1).float()).half()
+    sd["transformer.output_layer.weight"] = normal(cfg.vocab_size, h, std=1.0 / h ** 0.5 * 4)
+    return sd
+
+
+def write_checkpoint(out: str | Path, *, bits: int = 4, full_size: bool = False, layers: int | None = None,
+                     tokenizer: str | Path | None = None, rope_ratio: float | None = None, seed: int = 0) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-"))
+    try:
+        if tokenizer:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        elif full_size:
+            raise SystemExit("--full-size needs --tokenizer PATH (a real ChatGLM2 tokenizer.model)")
+        else:
+            train_tokenizer(tmp / "tokenizer.model")
+        import sentencepiece as spm
+        n_words = spm.SentencePieceProcessor(model_file=str(tmp / "tokenizer.model")).vocab_size()
+        shape = dict(FULL if full_size else TINY)
+        if layers:
+            shape["num_layers"] = layers
+        vocab = shape.pop("padded_vocab_size", None) or -(-(n_words + 9) // 64) * 64  # room for the specials
+        cfg_dict = config_json(shape, vocab, bits, rope_ratio)
+        (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
+        cfg = ChatGLMConfig.from_dict(cfg_dict)
+        torch.save(random_state_dict(cfg, bits, seed, random_codes=full_size), tmp / "pytorch_model.bin")
+        for f in tmp.iterdir():  # all files complete: move into place
+            f.replace(out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m glm.tiny", description=__doc__.split("\n\n")[0])
+    ap.add_argument("outdir")
+    ap.add_argument("--bits", type=int, choices=(0, 4, 8), default=4, help="0 = fp16 checkpoint")
+    ap.add_argument("--layers", type=int, help="number of layers (default 2, or 28 with --full-size)")
+    ap.add_argument("--full-size", action="store_true", help="ChatGLM2-6B shapes with random int codes")
+    ap.add_argument("--tokenizer", help="copy this tokenizer.model instead of training one")
+    ap.add_argument("--rope-ratio", type=float, help="write rope_ratio (as chatglm2-6b-32k does)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    path = write_checkpoint(a.outdir, bits=a.bits, full_size=a.full_size, layers=a.layers,
+                            tokenizer=a.tokenizer, rope_ratio=a.rope_ratio, seed=a.seed)
+    print(f"wrote {path}/ (config.json, tokenizer.model, pytorch_model.bin)")
+
+
+if __name__ == "__main__":
+    main()

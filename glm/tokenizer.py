@@ -1,0 +1,89 @@
+"""ChatGLM2's SentencePiece tokenizer with its special tokens, prompt builder and streaming decoder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import sentencepiece as spm
+
+from .errors import CheckpointError
+
+# THUDM's SPTokenizer numbers its specials right after the SentencePiece vocabulary (64789 at full size).
+CHATGLM2_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
+                     "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")  # the last four: ChatGLM3
+
+
+def load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing tokenizer file")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except Exception as e:  # sentencepiece raises OSError/RuntimeError with a terse text
+        raise CheckpointError(f"{path}: not a SentencePiece model ({e})") from None
+    return sp
+
+
+class ChatGLM2Tokenizer:
+    """encode() gives THUDM's ids including the [gMASK] sop prefix; decode() drops every special."""
+
+    def __init__(self, path: str | Path):
+        self.sp = load_sentencepiece(Path(path))
+        self.n_words = self.sp.vocab_size()
+        self.special_ids = {name: self.n_words + i for i, name in enumerate(CHATGLM2_SPECIALS)}
+        self.gmask_id = self.special_ids["[gMASK]"]
+        self.sop_id = self.special_ids["sop"]
+        self.eos_id = self.sp.eos_id()
+        # THUDM's decode maps pad/unk, bos and eos to "" as well as the specials.
+        self._hidden = {self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()}
+
+    @property
+    def prefix(self) -> list[int]:
+        return [self.gmask_id, self.sop_id]
+
+    def encode(self, text: str) -> list[int]:
+        return self.prefix + self.sp.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode(self.visible(ids))
+
+    def visible(self, ids) -> list[int]:
+        return [i for i in ids if 0 <= i < self.n_words and i not in self._hidden]
+
+    @staticmethod
+    def build_prompt(query: str, history: list[tuple[str, str]] = ()) -> str:
+        """THUDM's ChatGLM2 chat format: rounds numbered from 1."""
+        prompt = "".join(f"[Round {i}]\n\n问：{q}\n\n答：{r}\n\n" for i, (q, r) in enumerate(history, start=1))
+        return prompt + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
+
+
+class StreamDecoder:
+    """Turns generated ids into text chunks whose concatenation is exactly tokenizer.decode(ids).
+
+    Text is released only when it ends in a complete character, so the byte-fallback pieces of one
+    character (emoji, rare CJK) come out together. Each step decodes a short window
+    ids[prefix:] and releases what it adds past ids[prefix:read]: SentencePiece drops the leading
+    space of a window's first piece in both decodes alike, and that piece's text, space included,
+    was released earlier when it was not first in its window.
+    """
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0   # window start
+        self.read = 0     # ids before this are released
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """The rest of the text (a dangling partial character comes out as U+FFFD, as decode gives)."""
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        done = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        if len(text) <= len(done) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(done):]
