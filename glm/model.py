@@ -16,12 +16,19 @@ class KVCache:
     """One sequence's keys and values for every layer, preallocated for `capacity` tokens.
 
     Only the kv groups are stored (2 at full size, multi-query attention): [layers, groups, capacity, head_dim].
+    A P-tuning v2 prefix ([layers, 2 (k, v), groups, prefix_len, head_dim]) occupies the first
+    slots: it is visible to every token and takes no position.
     """
 
-    def __init__(self, cfg: ChatGLMConfig, capacity: int, device, dtype: torch.dtype):
-        shape = (cfg.num_layers, cfg.kv_heads, capacity, cfg.head_dim)
+    def __init__(self, cfg: ChatGLMConfig, capacity: int, device, dtype: torch.dtype,
+                 prefix: torch.Tensor | None = None):
+        self.offset = 0 if prefix is None else prefix.shape[3]
+        shape = (cfg.num_layers, cfg.kv_heads, self.offset + capacity, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        if prefix is not None:
+            self.k[:, :, :self.offset] = prefix[:, 0]
+            self.v[:, :, :self.offset] = prefix[:, 1]
         self.capacity = capacity
 
     @staticmethod
@@ -30,9 +37,10 @@ class KVCache:
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v ([groups, T, head_dim]) at positions start.. and return all keys/values so far."""
+        if start + k.shape[1] > self.capacity:
+            raise RuntimeError(f"KV cache overflow: position {start + k.shape[1]} > capacity {self.capacity}")
+        start += self.offset
         end = start + k.shape[1]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache overflow: position {end} > capacity {self.capacity}")
         self.k[layer, :, start:end] = k
         self.v[layer, :, start:end] = v
         return self.k[layer, :, :end], self.v[layer, :, :end]
@@ -85,23 +93,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-    """Causal attention of queries at positions start.. over keys 0..start+T-1.
+    """Causal attention of queries at cache slots start.. over keys 0..start+T-1.
 
     q: [heads, T, hd]; k, v: [groups, S, hd]; query head h uses group h // (heads / groups).
     """
-    heads, T, _ = q.shape
+    heads, T, hd = q.shape
     groups, S, _ = k.shape
+    if T == 1:
+        # Decode: one grouped matmul per step. (CPU SDPA costs far more than the math here.)
+        qg = q.view(groups, heads // groups, hd)
+        scores = (qg @ k.transpose(1, 2)).float() * hd ** -0.5
+        return (scores.softmax(-1).to(v.dtype) @ v).view(heads, 1, hd)
     if q.is_cuda and groups != heads:
         # Expanded so that SDPA can pick a fused kernel (its GQA mode is math-only on a T4).
         k = k.repeat_interleave(heads // groups, dim=0)
         v = v.repeat_interleave(heads // groups, dim=0)
-    gqa = k.shape[0] != heads
-    if T == 1:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    q, k, v = q[None], k[None], v[None]
+    gqa = k.shape[1] != heads
     if start == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return out[0]
 
 
 class SelfAttention(nn.Module):
@@ -123,7 +137,7 @@ class SelfAttention(nn.Module):
         out = []
         for b in range(B):
             keys, values = caches[b].update(layer, starts[b], k[b].transpose(0, 1), v[b].transpose(0, 1))
-            out.append(attend(q[b].transpose(0, 1), keys, values, starts[b]))
+            out.append(attend(q[b].transpose(0, 1), keys, values, caches[b].offset + starts[b]))
         y = torch.stack(out).transpose(1, 2).reshape(B, T, cfg.q_size)
         return self.dense(y)
 

@@ -56,7 +56,7 @@ class GLM:
             raise InputError("prompt must be a non-empty string")
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-                                stop=tuple(stop))
+                                stop=(stop,) if isinstance(stop, str) else tuple(stop))
         ids = self.tokenizer.encode(prompt)
         return Stream(self.engine, self.engine.submit(ids, params))
 

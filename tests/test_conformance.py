@@ -1,0 +1,130 @@
+"""The engine against hidden states computed by THUDM's own implementation (chatglm.cpp test data).
+
+Weights from each .data file go into glm's own modules under THUDM's parameter names, through the
+same assignment the loader does, and every prefill / KV-cache decode step must match within 5e-4.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glm.config import ChatGLMConfig
+from glm.loader import PREFIX
+from glm.model import ChatGLM2, GLMBlock, KVCache, RMSNorm, rotary_angles
+from reference import DataReader
+
+ATOL = 5e-4
+
+# VECTORS.md 3.4: hidden 32, 8 heads, 2 kv groups, head dim 4, 1 layer, ffn 48, vocab 5, max_length 8
+TINY_REF = dict(num_layers=1, hidden_size=32, num_heads=8, kv_heads=2, head_dim=4, ffn_hidden_size=48,
+                vocab_size=5, seq_length=8, max_context=8)
+
+
+def read_glm2_weights(r: DataReader, cfg: ChatGLMConfig, layer_prefix: str) -> dict[str, torch.Tensor]:
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    qkv = cfg.q_size + 2 * cfg.kv_size
+    shapes = [("input_layernorm.weight", (h,)),
+              ("self_attention.query_key_value.weight", (qkv, h)),
+              ("self_attention.query_key_value.bias", (qkv,)),
+              ("self_attention.dense.weight", (h, cfg.q_size)),
+              ("post_attention_layernorm.weight", (h,)),
+              ("mlp.dense_h_to_4h.weight", (2 * f, h)),
+              ("mlp.dense_4h_to_h.weight", (h, f))]
+    return {layer_prefix + name: torch.from_numpy(r.read(*shape)) for name, shape in shapes}
+
+
+def load_by_checkpoint_names(module: torch.nn.Module, checkpoint: dict[str, torch.Tensor]) -> None:
+    """Assign tensors named as in THUDM's checkpoints (`transformer.` + module name), as the loader does."""
+    state = {name: checkpoint[PREFIX + name] for name in module.state_dict()}
+    module.load_state_dict(state, strict=True)
+
+
+def run_model_file(name: str, prefix_len: int = 0, **overrides) -> list[float]:
+    cfg = ChatGLMConfig(**{**TINY_REF, **overrides})
+    r = DataReader(name)
+    prefix = None
+    if prefix_len:  # past_key_values (2*layers, groups, pre_len, hd) in fp16: k, v per layer
+        pkv = torch.from_numpy(r.read(2 * cfg.num_layers, cfg.kv_heads, prefix_len, cfg.head_dim, dtype=np.float16))
+        prefix = pkv.float().view(cfg.num_layers, 2, cfg.kv_heads, prefix_len, cfg.head_dim)
+    ckpt = {PREFIX + "embedding.word_embeddings.weight": torch.from_numpy(r.read(cfg.vocab_size, cfg.hidden_size))}
+    ckpt |= {PREFIX + k: v for k, v in read_glm2_weights(r, cfg, "encoder.layers.0.").items()}
+    ckpt[PREFIX + "encoder.final_layernorm.weight"] = torch.from_numpy(r.read(cfg.hidden_size))
+    ckpt[PREFIX + "output_layer.weight"] = torch.zeros(cfg.vocab_size, cfg.hidden_size)  # not in the file
+    model = ChatGLM2(cfg)
+    load_by_checkpoint_names(model, ckpt)
+    model.embedding.word_embeddings.float()  # the file's embeddings are fp32
+    cache = KVCache(cfg, 8, "cpu", torch.float32, prefix=prefix)
+    errors = []
+    with torch.inference_mode():
+        for T, start in [(3, 0), (1, 3), (1, 4)]:
+            ids = torch.from_numpy(r.read(T, dtype=np.int32)).long()
+            want = torch.from_numpy(r.read(T, cfg.hidden_size))
+            got = model.hidden_states(ids[None], [start], [cache])[0]
+            errors.append((got - want).abs().max().item())
+    r.assert_consumed()
+    return errors
+
+
+@pytest.mark.parametrize("name", ["glm2_model.data", "glm3_model.data"])
+def test_chatglm2_and_3_model(name):
+    errors = run_model_file(name)
+    assert max(errors) < ATOL, f"{name}: max abs error per step (prefill, decode, decode) = {errors}"
+
+
+def test_chatglm3_ptuning_v2_prefix():
+    errors = run_model_file("glm3_ptuning_v2_model.data", prefix_len=5)
+    assert max(errors) < ATOL, errors
+
+
+def test_glm4_model():
+    # GLM-4's tiny config inherits glm-4-9b-chat's epsilon (VECTORS.md 3.4); same block math.
+    errors = run_model_file("glm4_model.data", norm_eps=1.5625e-07)
+    assert max(errors) < ATOL, errors
+
+
+@pytest.mark.parametrize("name,ffn", [("glm2_block.data", 6), ("glm2_block_pr138_ffn48.data", 48)])
+def test_chatglm2_block(name, ffn):
+    cfg = ChatGLMConfig(**{**TINY_REF, "ffn_hidden_size": ffn})
+    r = DataReader(name)
+    block = GLMBlock(cfg, layer=0)
+    load_by_checkpoint_names(block, {PREFIX + k: v for k, v in read_glm2_weights(r, cfg, "").items()})
+    cache = KVCache(cfg, 8, "cpu", torch.float32)
+    errors = []
+    with torch.inference_mode():
+        for T, start in [(3, 0), (1, 3), (1, 4)]:
+            x = torch.from_numpy(r.read(T, cfg.hidden_size))
+            want = torch.from_numpy(r.read(T, cfg.hidden_size))
+            cos, sin = rotary_angles(cfg, torch.arange(start, start + T)[None])
+            errors.append((block(x[None], cos, sin, [start], [cache])[0] - want).abs().max().item())
+    r.assert_consumed()
+    assert max(errors) < ATOL, f"{name}: {errors}"
+
+
+def test_linear_vectors():
+    r = DataReader("linear.data")
+    w, b = torch.from_numpy(r.read(32, 64)), torch.from_numpy(r.read(32))
+    x, y = torch.from_numpy(r.read(2, 64)), torch.from_numpy(r.read(2, 32))
+    vx, vy = torch.from_numpy(r.read(64)), torch.from_numpy(r.read(32))
+    r.assert_consumed()
+    assert (F.linear(x, w, b) - y).abs().max() < ATOL
+    assert (F.linear(vx, w, b) - vy).abs().max() < ATOL
+
+
+def test_rms_norm_vectors():
+    r = DataReader("rms_norm.data")
+    w, x, y = torch.from_numpy(r.read(64)), torch.from_numpy(r.read(3, 64)), torch.from_numpy(r.read(3, 64))
+    r.assert_consumed()
+    norm = RMSNorm(64, eps=1e-5)
+    norm.load_state_dict({"weight": w})
+    assert (norm(x) - y).abs().max() < ATOL
+
+
+def test_rope_ratio_interpolates_positions_not_base():
+    cfg = ChatGLMConfig(head_dim=128, rope_ratio=16.0)
+    cos, sin = rotary_angles(cfg, torch.tensor([[0, 16, 160, 32000]]))
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 64, 2).float() / 64)
+    want = torch.tensor([0.0, 1.0, 10.0, 2000.0])[:, None] * inv_freq
+    torch.testing.assert_close(cos[0], torch.cos(want))
+    torch.testing.assert_close(sin[0], torch.sin(want))
