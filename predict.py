@@ -143,7 +143,7 @@ class Predictor(BasePredictor):
         ),
         top_p: float = Input(
             description="Nucleus sampling: sample from the smallest set of tokens whose "
-            "probabilities add up to top_p.",
+            "probabilities add up to top_p. 0 keeps only the most likely token (greedy).",
             default=0.8,
             ge=0.0,
             le=1.0,
@@ -195,6 +195,11 @@ class Predictor(BasePredictor):
             log(f"seed {seed} (random; pass seed={seed} to reproduce)")
         else:
             log(f"seed {seed}")
+        if top_p == 0:
+            # Accepted like on the public model, where top_p=0 keeps only the top token; the engine
+            # takes top_p in (0, 1], so say it as what it means: greedy decoding.
+            log("top_p=0: greedy decoding")
+            temperature, top_p = 0.0, 1.0
         stops = parse_stop_sequences(stop_sequences)
         yield from self._stream(
             model.generate(

@@ -75,6 +75,24 @@ def _env(extra: Dict[str, str]) -> Dict[str, str]:
     return env
 
 
+def live_group_members(pgid: int) -> List[int]:
+    """PIDs still running (not zombies) in process group `pgid` (Linux /proc)."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == pgid and state not in ("Z", "X"):
+            alive.append(int(entry))
+    return alive
+
+
 class CogServer:
     def __init__(self, app_dir: str, env: Optional[Dict[str, str]] = None, log_path: Optional[str] = None):
         self.app_dir = app_dir

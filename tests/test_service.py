@@ -157,6 +157,13 @@ def test_greedy_and_default_prompt(server, engine):
     assert "".join(body["output"]) == want
 
 
+def test_top_p_zero_means_greedy(server, engine):
+    r = server.predict({"input": {"max_tokens": 12, "top_p": 0, "seed": 3}}).json()
+    assert r["status"] == "succeeded", r
+    want, _ = reference(engine, max_tokens=12, temperature=0.0, top_p=1.0, seed=3)
+    assert "".join(r["output"]) == want
+
+
 def test_random_seed_is_logged_and_reproducible(server):
     r = server.predict({"input": {"max_tokens": 12, "temperature": 1.0, "top_p": 1.0}})
     body = r.json()
@@ -676,3 +683,34 @@ def test_download_weights_cli_refuses_unverified(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "--allow-unverified" in proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------------------- the harness itself
+def test_hung_server_fails_with_logs_and_is_killed(tmp_path):
+    """A server whose setup never finishes must fail the wait (with its log), not hang the suite."""
+    from cogserver import ServerError, live_group_members
+
+    app = tmp_path / "hung"
+    app.mkdir()
+    (app / "predict.py").write_text(
+        "import time\n"
+        "from cog import BasePredictor, Input\n"
+        "class Predictor(BasePredictor):\n"
+        "    def setup(self):\n"
+        "        print('setup is hanging', flush=True)\n"
+        "        time.sleep(600)\n"
+        "    def predict(self, prompt: str = Input(description='p', default='a')) -> str:\n"
+        "        return prompt\n"
+    )
+    srv = CogServer(str(app))
+    srv.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ServerError) as err:
+            srv.wait_for({"READY"}, timeout=8)
+        assert time.monotonic() - t0 < 30
+        assert "cog server log" in str(err.value) and "setup is hanging" in str(err.value)
+    finally:
+        srv.stop()
+    assert srv.proc.poll() is not None
+    assert live_group_members(srv.proc.pid) == []  # the worker (same process group) is gone too
