@@ -1,11 +1,19 @@
 """ChatGLM-6B (v1): conformance with THUDM's numbers (chatglm.cpp vectors) and the engine around it."""
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
+import glm
 from glm.config import ChatGLMConfig
+from glm.engine import _DONE
 from glm.model import KVCache
 from glm.model_v1 import ChatGLM, GLMBlock, attention_mask, positions_2d, rotary_2d
+from glm.pipeline import GLM
+from glm.quant import QuantLinear, dequantize
+from glm.tiny import write_checkpoint_v1
 
 from reference import DataReader
 
@@ -89,3 +97,167 @@ def test_positions_follow_thudm_layout():
     assert pos.tolist() == [0, 1, 2, 2, 2, 2] and blk.tolist() == [0, 0, 0, 1, 2, 3]
     assert attention_mask(cache, 0, 4).int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
     assert attention_mask(cache, 4, 1) is None
+
+
+# ---- tiny THUDM-layout checkpoints through glm.load ----
+
+# int8 model vs the fp32 model of its dequantized weights, absolute on logits of magnitude <= ~20:
+# the same math, up to the summation order of whichever int8 kernel runs.
+INT8_TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_v1(tmp_path_factory):
+    return write_checkpoint_v1(tmp_path_factory.mktemp("tiny_v1"))
+
+
+@pytest.fixture(scope="module")
+def tiny_v1_fp16(tmp_path_factory):
+    return write_checkpoint_v1(tmp_path_factory.mktemp("tiny_v1_fp16"), bits=0)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_v1):
+    return glm.load(tiny_v1)
+
+
+def _dequantized_fp32(path, cfg) -> ChatGLM:
+    sd = torch.load(path / "pytorch_model.bin", weights_only=True)
+    state = {}
+    for key, t in sd.items():
+        if key == "lm_head.weight" or key.endswith((".weight_scale", "inv_freq")):
+            continue
+        name = key.removeprefix("transformer.")
+        if t.dtype == torch.int8:
+            t = dequantize(t, sd[key + "_scale"], cfg.quantization_bit, torch.float32)
+        state[name] = t.float()
+    with torch.device("meta"):
+        ref = ChatGLM(cfg)
+    ref.load_state_dict(state, assign=True, strict=True)
+    return ref.eval()
+
+
+def test_tiny_v1_checkpoint_is_thudm_layout(tiny_v1, model):
+    cfg_json = json.loads((tiny_v1 / "config.json").read_text())
+    for key in ("inner_hidden_size", "position_encoding_2d", "max_sequence_length", "vocab_size", "bos_token_id",
+                "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id", "quantization_bit"):
+        assert key in cfg_json, key
+    assert cfg_json["quantization_bit"] == 8
+    tok = model.tokenizer
+    assert (cfg_json["bos_token_id"], cfg_json["eos_token_id"], cfg_json["gmask_token_id"], cfg_json["mask_token_id"]) \
+        == (tok.sop_id, tok.eos_id, tok.gmask_id, tok.mask_id)
+    # ice_text.model's layout: <n> at 4, the specials after the learned pieces, bytes last
+    sp = tok.sp
+    assert sp.id_to_piece(4) == "<n>" and sp.id_to_piece(tok.sop_id) == "<sop>"
+    assert [sp.id_to_piece(tok.mask_id + i) for i in range(10)] == [
+        "[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>", "<|tab|>", "<|blank_2|>"]
+    assert sp.id_to_piece(tok.n_words - 1) == "<0xFF>"
+    sd = torch.load(tiny_v1 / "pytorch_model.bin", weights_only=True)
+    assert torch.equal(sd["lm_head.weight"], sd["transformer.word_embeddings.weight"])
+    qkv = sd["transformer.layers.0.attention.query_key_value.weight"]
+    assert qkv.dtype == torch.int8 and "transformer.layers.1.mlp.dense_4h_to_h.bias" in sd
+    assert sum(isinstance(m, QuantLinear) for m in model.model.modules()) == 4 * model.config.num_layers
+    text = "你好,世界\n\tcode  here"
+    assert tok.decode(tok.encode(text)) == "你好，世界\n\tcode  here"
+
+
+def test_tied_head_has_no_second_copy(model):
+    names = [n for n, _ in model.model.named_parameters()] + [n for n, _ in model.model.named_buffers()]
+    assert "word_embeddings.weight" in names and not any(n.startswith("lm_head") for n in names)
+    assert model.model.word_embeddings.weight.dtype == torch.float16
+
+
+def test_int8_logits_match_dequantized_fp32(tiny_v1, model):
+    ref = GLM(model.config, model.tokenizer, _dequantized_fp32(tiny_v1, model.config), torch.device("cpu"))
+    ids = model.tokenizer.encode(model.tokenizer.build_prompt("晚上睡不着应该怎么办", [("你好", "你好,我是 ChatGLM")]))
+    got, want = model.logits(ids), ref.logits(ids)
+    err = (got - want).abs().max().item()
+    print(f"int8 vs dequantized fp32: max abs logit error {err:.2e} (logits up to {want.abs().max():.1f})")
+    assert err < INT8_TOL
+
+
+def test_decode_steps_match_full_prefill(model):
+    """Cached decode (position = mask, block position counting) equals recomputing the whole sequence."""
+    tok, cfg = model.tokenizer, model.config
+    ids = tok.encode("北京是中国的首都")
+    cache = KVCache(cfg, len(ids) + 6, "cpu", model.dtype)
+    with torch.inference_mode():
+        logits = model.model(torch.tensor([ids]), [0], [cache], last_only=True)
+        seq = list(ids)
+        for _ in range(6):
+            seq.append(int(logits[0, -1].argmax()))
+            logits = model.model(torch.tensor([seq[-1:]]), [len(seq) - 1], [cache], last_only=True)
+            full = model.logits(seq)[-1]
+            assert (logits[0, -1] - full).abs().max().item() < 1e-4
+    assert cache.context_length == len(ids) - 1 and cache.mask_position == len(ids) - 2
+
+
+def test_long_prompt_prefills_in_one_pass(model):
+    """A prompt longer than the engine's 256-token chunk: its bidirectional context must be seen whole."""
+    tok = model.tokenizer
+    ids = tok.encode("今天天气很好,我们一起去公园散步吧。" * 30)
+    assert len(ids) > 300
+    stream = model.generate(tok.decode(ids), max_new_tokens=1, temperature=0)
+    list(stream)
+    assert stream.seq.tokens[-1] == int(model.logits(stream.seq.prompt_ids)[-1].argmax())
+
+
+def test_generate_streams_stops_at_eos_and_is_seeded(model):
+    tok, prompt = model.tokenizer, model.tokenizer.build_prompt("你好")
+    assert prompt == "你好" and model.config.eos_token_id == tok.eos_id
+    runs = []
+    for _ in range(2):
+        stream = model.generate(prompt, max_new_tokens=24, temperature=0.9, top_p=0.9, seed=1234)
+        chunks = list(stream)
+        runs.append(chunks)
+        new = stream.seq.tokens[len(stream.seq.prompt_ids):]
+        assert "".join(chunks) == tok.decode(new) and len(new) == 24 and stream.finish_reason == "length"
+        assert len([c for c in chunks if c]) > 1  # streamed, not one block
+    assert runs[0] == runs[1]
+
+    # Make <eop> the argmax from the 4th generated token on: generation must end there, without its text.
+    inner = model.model.forward
+    prompt_len = len(tok.encode(prompt))
+
+    def forward(tokens, starts, caches, last_only=False):
+        logits = inner(tokens, starts, caches, last_only)
+        if starts[0] + tokens.shape[1] >= prompt_len + 3:
+            logits[..., tok.eos_id] = 1e4
+        return logits
+
+    model.model.forward = forward
+    try:
+        stream = model.generate(prompt, max_new_tokens=24, temperature=0.9, seed=7)
+        text = "".join(stream)
+    finally:
+        del model.model.forward
+    assert stream.finish_reason == "eos" and stream.new_tokens == 3
+    assert text == tok.decode(stream.seq.tokens[len(stream.seq.prompt_ids):])
+
+
+def test_batched_decode_equals_solo(model):
+    tok = model.tokenizer
+    prompts = [tok.build_prompt("你好"), tok.build_prompt("晚上睡不着应该怎么办", [("你好", "你好!")])]
+    solo = ["".join(model.generate(p, max_new_tokens=12, temperature=0.7, seed=5)) for p in prompts]
+    engine = model.engine
+    seqs = [engine.submit(tok.encode(p), glm.SamplingParams(max_new_tokens=12, temperature=0.7, seed=5))
+            for p in prompts]
+    while engine.step():
+        pass
+    assert ["".join(_drain(s)) for s in seqs] == solo
+
+
+def _drain(seq):
+    out = []
+    while (item := seq.chunks.get()) is not _DONE:
+        out.append(item)
+    return out
+
+
+def test_fp16_checkpoint_quantized_on_load(tiny_v1_fp16):
+    fp16 = glm.load(tiny_v1_fp16)
+    q4 = glm.load(tiny_v1_fp16, quantize=4)
+    assert q4.config.quantization_bit == 4
+    ids = fp16.tokenizer.encode("你好")
+    a, b = fp16.logits(ids), q4.logits(ids)
+    assert torch.isfinite(b).all() and (a - b).abs().max() < 0.1 * a.abs().max()
