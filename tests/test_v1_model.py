@@ -10,7 +10,7 @@ import glm
 from glm.config import ChatGLMConfig
 from glm.engine import _DONE
 from glm.model import KVCache
-from glm.model_v1 import ChatGLM, GLMBlock, attention_mask, positions_2d, rotary_2d
+from glm.model_v1 import ChatGLM, GLMBlock, TiedHead, attention_mask, positions_2d, rotary_2d
 from glm.pipeline import GLM
 from glm.quant import QuantLinear, dequantize
 from glm.tiny import write_checkpoint_v1
@@ -165,6 +165,14 @@ def test_tied_head_has_no_second_copy(model):
     names = [n for n, _ in model.model.named_parameters()] + [n for n, _ in model.model.named_buffers()]
     assert "word_embeddings.weight" in names and not any(n.startswith("lm_head") for n in names)
     assert model.model.word_embeddings.weight.dtype == torch.float16
+
+
+def test_tied_head_blocks_equal_one_matmul():
+    w = torch.randn(1000, 64).half()
+    x = torch.randn(2, 3, 64)
+    want = x @ w.float().t()
+    for rows in (7, 256, 4096):
+        assert torch.allclose(TiedHead(rows)(x, w), want, atol=1e-5, rtol=0)
 
 
 def test_int8_logits_match_dequantized_fp32(tiny_v1, model):
