@@ -101,9 +101,9 @@ def test_positions_follow_thudm_layout():
 
 # ---- tiny THUDM-layout checkpoints through glm.load ----
 
-# int8 model vs the fp32 model of its dequantized weights, absolute on logits of magnitude <= ~20:
-# the same math, up to the summation order of whichever int8 kernel runs.
-INT8_TOL = 1e-3
+# int8/int4 model vs the fp32 model of its dequantized weights, absolute on logits of magnitude
+# <= ~20: the same math, up to the summation order of whichever quantized kernel runs.
+QUANT_TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -176,12 +176,34 @@ def test_tied_head_blocks_equal_one_matmul():
 
 
 def test_int8_logits_match_dequantized_fp32(tiny_v1, model):
-    ref = GLM(model.config, model.tokenizer, _dequantized_fp32(tiny_v1, model.config), torch.device("cpu"))
+    _check_against_dequantized(tiny_v1, model)
+
+
+def test_int4_logits_match_dequantized_fp32(tmp_path):
+    path = write_checkpoint_v1(tmp_path, bits=4)
+    model = glm.load(path)
+    assert model.config.quantization_bit == 4
+    _check_against_dequantized(path, model)
+
+
+def _check_against_dequantized(path, model):
+    ref = GLM(model.config, model.tokenizer, _dequantized_fp32(path, model.config), torch.device("cpu"))
     ids = model.tokenizer.encode(model.tokenizer.build_prompt("晚上睡不着应该怎么办", [("你好", "你好,我是 ChatGLM")]))
     got, want = model.logits(ids), ref.logits(ids)
     err = (got - want).abs().max().item()
-    print(f"int8 vs dequantized fp32: max abs logit error {err:.2e} (logits up to {want.abs().max():.1f})")
-    assert err < INT8_TOL
+    print(f"int{model.config.quantization_bit} vs dequantized fp32: max abs logit error {err:.2e} "
+          f"(logits up to {want.abs().max():.1f})")
+    assert err < QUANT_TOL
+
+
+def test_tiny_cli_defaults(tmp_path):
+    from glm.tiny import main
+    main(["--family", "chatglm", str(tmp_path / "v1")])
+    main([str(tmp_path / "v2")])
+    assert json.loads((tmp_path / "v1" / "config.json").read_text())["quantization_bit"] == 8
+    assert (tmp_path / "v1" / "ice_text.model").is_file()
+    assert json.loads((tmp_path / "v2" / "config.json").read_text())["quantization_bit"] == 4
+    assert (tmp_path / "v2" / "tokenizer.model").is_file()
 
 
 def test_decode_steps_match_full_prefill(model):
