@@ -227,9 +227,21 @@ def test_long_prompt_prefills_in_one_pass(model):
     tok = model.tokenizer
     ids = tok.encode("今天天气很好,我们一起去公园散步吧。" * 30)
     assert len(ids) > 300
-    stream = model.generate(tok.decode(ids), max_new_tokens=1, temperature=0)
-    list(stream)
-    assert stream.seq.tokens[-1] == int(model.logits(stream.seq.prompt_ids)[-1].argmax())
+    inner, calls = model.model.forward, []
+
+    def forward(tokens, starts, caches, last_only=False):
+        calls.append((starts[0], tokens.shape[1]))
+        return inner(tokens, starts, caches, last_only)
+
+    model.model.forward = forward
+    try:
+        stream = model.generate(tok.decode(ids), max_new_tokens=2, temperature=0)
+        list(stream)
+    finally:
+        del model.model.forward
+    assert stream.seq.prompt_ids == ids
+    assert calls == [(0, len(ids)), (len(ids), 1)]
+    assert stream.seq.tokens[len(ids)] == int(model.logits(ids)[-1].argmax())
 
 
 def test_generate_streams_stops_at_eos_and_is_seeded(model):
