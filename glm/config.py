@@ -101,9 +101,9 @@ class ChatGLMConfig:
             quantization_bit=_quant_bits(d),
             eos_token_id=int(d.get("eos_token_id", 130005)),
             pad_token_id=int(d.get("pad_token_id", 3) or 3),
-            bos_token_id=int(d.get("bos_token_id", 130004)),
-            mask_token_id=int(d.get("mask_token_id", 130000)),
-            gmask_token_id=int(d.get("gmask_token_id", 130001)),
+            bos_token_id=_id(d, "bos_token_id", 130004),
+            mask_token_id=_id(d, "mask_token_id", 130000),
+            gmask_token_id=_id(d, "gmask_token_id", 130001),
         )
 
     @classmethod
@@ -133,6 +133,10 @@ def _get(d: dict, key: str, typ):
         return typ(d[key])
     except (TypeError, ValueError):
         raise CheckpointError(f"config.json: bad value for '{key}': {d[key]!r}") from None
+
+
+def _id(d: dict, key: str, default: int) -> int:
+    return default if d.get(key) is None else _get(d, key, int)
 
 
 def _quant_bits(d: dict) -> int:

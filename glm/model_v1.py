@@ -64,7 +64,8 @@ def rotary_2d(cfg: ChatGLMConfig, pos: torch.Tensor, block: torch.Tensor) -> tup
     """cos, sin [..., head_dim] for q/k laid out as [half rotated by pos | half rotated by block].
 
     Each half is rotated GPT-NeoX style (pairs j, j + quarter). THUDM rounds the inverse frequencies
-    to fp16 (`inv_freq.half()`); the angles themselves are computed in fp32, as chatglm.cpp does.
+    to fp16 (`inv_freq.half()`); the angles are computed in fp32, as THUDM's float (CPU) path and
+    chatglm.cpp do (its fp16 GPU path also rounds the angles to fp16).
     """
     half = cfg.head_dim // 2
     inv_freq = (1.0 / cfg.rope_base ** (torch.arange(0, half, 2, dtype=torch.float32) / half)).half().float()

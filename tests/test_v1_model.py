@@ -10,7 +10,7 @@ import glm
 from glm.config import ChatGLMConfig
 from glm.engine import _DONE
 from glm.model import KVCache
-from glm.model_v1 import ChatGLM, GLMBlock, TiedHead, attention_mask, positions_2d, rotary_2d
+from glm.model_v1 import ChatGLM, GLMBlock, TiedHead, apply_rotary_2d, attention_mask, positions_2d, rotary_2d
 from glm.pipeline import GLM
 from glm.quant import QuantLinear, dequantize
 from glm.tiny import write_checkpoint_v1
@@ -97,6 +97,25 @@ def test_positions_follow_thudm_layout():
     assert pos.tolist() == [0, 1, 2, 2, 2, 2] and blk.tolist() == [0, 0, 0, 1, 2, 3]
     assert attention_mask(cache, 0, 4).int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
     assert attention_mask(cache, 4, 1) is None
+
+
+def test_rotary_2d_full_head_layout():
+    """Head dim 128 (the .data files use 4, where every pairing coincides): dims 0..63 rotate with the
+    position as pairs (j, j+32), dims 64..127 with the block position as pairs (64+j, 96+j), at
+    theta_j = fp16(10000^(-j/32))."""
+    cfg = ChatGLMConfig(family="chatglm", num_layers=1, hidden_size=256, num_heads=2, kv_heads=2, head_dim=128)
+    pos, block = torch.tensor([[1000]]), torch.tensor([[37]])
+    x = torch.randn(1, 1, 1, 128, dtype=torch.float64)
+    cos, sin = rotary_2d(cfg, pos, block)
+    out = apply_rotary_2d(x.float(), cos, sin)[0, 0, 0].double()
+    x = x[0, 0, 0]
+    for j in (0, 5, 31):
+        theta = float(torch.tensor(10000.0 ** (-j / 32)).half())
+        for base, p in ((0, 1000), (64, 37)):
+            a, b = x[base + j], x[base + j + 32]
+            c, s = torch.cos(torch.tensor(theta * p, dtype=torch.float64)), torch.sin(torch.tensor(theta * p, dtype=torch.float64))
+            assert abs(out[base + j] - (a * c - b * s)) < 1e-4
+            assert abs(out[base + j + 32] - (b * c + a * s)) < 1e-4
 
 
 # ---- tiny THUDM-layout checkpoints through glm.load ----
