@@ -54,7 +54,6 @@ def train_tokenizer(out: Path, vocab_size: int = 1000) -> None:
 TINY_V1 = dict(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=256, max_sequence_length=2048)
 FULL_V1 = dict(num_layers=28, hidden_size=4096, num_attention_heads=32, inner_hidden_size=16384,
                max_sequence_length=2048, vocab_size=130528)
-QUANTIZED_V1 = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 
 def train_tokenizer_v1(out: Path, vocab_size: int = 1000) -> None:
@@ -96,7 +95,7 @@ def train_tokenizer_v1(out: Path, vocab_size: int = 1000) -> None:
 
 def config_json_v1(shape: dict, vocab: int, bits: int, specials: dict[str, int]) -> dict:
     """chatglm-6b's config.json keys; the special ids are where the tokenizer has them."""
-    cfg = {
+    return {
         "architectures": ["ChatGLMModel"], "model_type": "chatglm",
         "bos_token_id": specials["<sop>"], "eos_token_id": specials["<eop>"],
         "mask_token_id": specials["[MASK]"], "gmask_token_id": specials["[gMASK]"], "pad_token_id": 3,
@@ -105,7 +104,6 @@ def config_json_v1(shape: dict, vocab: int, bits: int, specials: dict[str, int])
         "torch_dtype": "float16", "transformers_version": "4.27.1", "use_cache": True,
         "vocab_size": vocab, **shape,
     }
-    return cfg
 
 
 def random_state_dict_v1(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_codes: bool = False) -> dict:
