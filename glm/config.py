@@ -32,6 +32,10 @@ class ChatGLMConfig:
     quantization_bit: int = 0         # 0 (fp16 checkpoint), 4 or 8
     eos_token_id: int = 2
     pad_token_id: int = 0
+    # v1 only: the ids that lay out the 2-D positions (<sop> starts generation, [gMASK]/[MASK] mark the blank)
+    bos_token_id: int | None = None
+    mask_token_id: int | None = None
+    gmask_token_id: int | None = None
 
     @property
     def q_size(self) -> int:
@@ -97,6 +101,9 @@ class ChatGLMConfig:
             quantization_bit=_quant_bits(d),
             eos_token_id=int(d.get("eos_token_id", 130005)),
             pad_token_id=int(d.get("pad_token_id", 3) or 3),
+            bos_token_id=_id(d, "bos_token_id", 130004),
+            mask_token_id=_id(d, "mask_token_id", 130000),
+            gmask_token_id=_id(d, "gmask_token_id", 130001),
         )
 
     @classmethod
@@ -126,6 +133,10 @@ def _get(d: dict, key: str, typ):
         return typ(d[key])
     except (TypeError, ValueError):
         raise CheckpointError(f"config.json: bad value for '{key}': {d[key]!r}") from None
+
+
+def _id(d: dict, key: str, default: int) -> int:
+    return default if d.get(key) is None else _get(d, key, int)
 
 
 def _quant_bits(d: dict) -> int:

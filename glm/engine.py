@@ -217,8 +217,10 @@ class Engine:
 
     def _prefill_chunk(self, seqs: list[Sequence]) -> None:
         (seq,) = seqs
-        # Chunk boundaries depend only on the sequence itself, so results do too.
-        end = min(seq.pos + self.prefill_chunk, len(seq.prompt_ids))
+        # Chunk boundaries depend only on the sequence itself, so results do too. ChatGLM-6B's
+        # context attends in both directions, so its prompt can only be prefilled whole.
+        chunk = len(seq.prompt_ids) if getattr(self.model, "prefill_in_one_pass", False) else self.prefill_chunk
+        end = min(seq.pos + chunk, len(seq.prompt_ids))
         tokens = torch.tensor([seq.prompt_ids[seq.pos:end]], device=self.device)
         logits = self.model(tokens, [seq.pos], [seq.cache], last_only=True)
         seq.pos = end

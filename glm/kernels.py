@@ -1,5 +1,129 @@
-"""Compiled CPU kernels (placeholder until the C++ extension lands: always the torch fallback)."""
+"""Lazy build / load of the fused CPU quantized-linear kernels (glm/csrc/qlinear.cpp).
+
+``get()`` returns the compiled extension module, or ``None`` if it cannot be used (no compiler,
+build error, or ``GLM_NO_KERNELS=1``); callers then fall back to pure torch. The build happens once
+per (source, torch version, flags) into ``$GLM_KERNEL_CACHE`` or ``~/.cache/glm/kernels/<hash>``, so
+a fresh clone builds it on first use (about a minute) and later processes just load it.
+
+Extension API (all CPU; x is float32 or bfloat16 [M, K] contiguous; output [M, N] in x's dtype,
+fp32 accumulation):
+  int4_linear(x, qweight int8 [N, K/2], scale [N], bias [N] | None)
+  int8_linear(x, qweight int8 [N, K],   scale [N], bias [N] | None)
+  half_linear(x, weight fp16/bf16 [N, K], bias [N] | None)
+  dequantize(qweight, scale, bits, dtype=torch.float32 | torch.bfloat16) -> [N, K]
+  isa() / max_isa() / set_isa(name)  -- "scalar", "avx2", "avx512", "avx512bf16"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("glm")
+
+NAME = "glm_qlinear"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("qlinear.cpp",)
+# -fopenmp at compile time only: at::parallel_for is inline OpenMP code; the GOMP symbols resolve
+# against the OpenMP runtime torch already loaded (linking a second libgomp is avoided on purpose).
+CFLAGS = ("-O3", "-fopenmp")
+
+_lock = threading.Lock()
+_module = None
+_tried = False
+_error: str | None = None
+
+
+def disabled() -> bool:
+    return os.environ.get("GLM_NO_KERNELS", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def build_dir() -> Path:
+    h = hashlib.sha256()
+    for src in SOURCES:
+        h.update(src.encode())
+        h.update((CSRC / src).read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(" ".join(CFLAGS).encode())
+    base = os.environ.get("GLM_KERNEL_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "glm", "kernels"
+    )
+    return Path(base) / h.hexdigest()[:16]
+
+
+def load(verbose: bool = False):
+    """Build (if needed) and import the extension; raises on failure."""
+    from torch.utils import cpp_extension
+
+    d = build_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=NAME,
+        sources=[str(CSRC / s) for s in SOURCES],
+        extra_cflags=list(CFLAGS),
+        build_directory=str(d),
+        verbose=verbose,
+    )
 
 
 def get():
-    return None
+    """The extension module, or None (fallback to pure torch). Never raises."""
+    global _module, _tried, _error
+    if disabled():
+        return None
+    if _tried:
+        return _module
+    with _lock:
+        if not _tried:
+            try:
+                _module = load()
+            except Exception as e:  # no compiler, build error, ...
+                lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+                _error = f"{type(e).__name__}: {lines[-1] if lines else ''}"[:500]
+                log.warning("glm: fused CPU kernels unavailable, using pure torch fallback (%s)", _error)
+                _module = None
+            _tried = True
+    return _module
+
+
+def error() -> str | None:
+    """Why the last build failed (None if it did not fail or was not tried)."""
+    return _error
+
+
+def available() -> bool:
+    return get() is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Thin wrappers: accept x of shape [..., K], any float dtype handled by the caller's choice of
+# float32 / bfloat16. They assume get() is not None.
+# ---------------------------------------------------------------------------------------------
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def int4_linear(x, qweight, scale, bias=None):
+    y = get().int4_linear(_flat(x), qweight, scale, bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def int8_linear(x, qweight, scale, bias=None):
+    y = get().int8_linear(_flat(x), qweight, scale, bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def half_linear(x, weight, bias=None):
+    y = get().half_linear(_flat(x), weight, bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def dequantize(qweight, scale, bits, dtype=torch.float32):
+    return get().dequantize(qweight, scale, bits, dtype)

@@ -1,6 +1,6 @@
-"""Make a small random-weight ChatGLM2 checkpoint in exactly THUDM's on-disk layout.
+"""Make a small random-weight ChatGLM2 (or ChatGLM-6B) checkpoint in exactly THUDM's on-disk layout.
 
-    python -m glm.tiny OUTDIR [--bits 4|8|0] [--layers N] [--full-size]
+    python -m glm.tiny OUTDIR [--family chatglm2|chatglm] [--bits 4|8|0] [--layers N] [--full-size]
 
 Deterministic (fixed seeds, fixed corpus) and written in seconds: config.json, a SentencePiece
 tokenizer.model trained locally on glm/data/tiny_corpus.txt, and pytorch_model.bin with int8-packed
@@ -8,6 +8,10 @@ tokenizer.model trained locally on glm/data/tiny_corpus.txt, and pytorch_model.b
 tests, the demo and CI run on when no real weights are present. `--full-size` writes ChatGLM2-6B's
 shapes with random int4 codes (for benchmarks; speed does not depend on the values) and needs a
 real tokenizer.model via --tokenizer.
+
+`--family chatglm` writes the first generation instead (int8 by default): a config.json with
+chatglm-6b's keys, an ice_text.model trained the same way with THUDM's special pieces laid out as in
+the real one (see train_tokenizer_v1), and THUDM's v1 tensor names including the tied lm_head.
 """
 from __future__ import annotations
 
@@ -45,6 +49,96 @@ def train_tokenizer(out: Path, vocab_size: int = 1000) -> None:
         allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         hard_vocab_limit=False, num_threads=1, minloglevel=2)
     out.write_bytes(buf.getvalue())
+
+
+TINY_V1 = dict(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=256, max_sequence_length=2048)
+FULL_V1 = dict(num_layers=28, hidden_size=4096, num_attention_heads=32, inner_hidden_size=16384,
+               max_sequence_length=2048, vocab_size=130528)
+
+
+def train_tokenizer_v1(out: Path, vocab_size: int = 1000) -> None:
+    """A unigram SentencePiece model with ice_text.model's settings and piece layout.
+
+    As in the real model: unk/<s>/</s>/<pad> at 0..3, <n> at 4, the learned pieces, then the control
+    specials ([MASK] [gMASK] [sMASK] <unused_0> <sop> <eop> <ENC> <dBLOCK>), <|tab|>, <|blank_2..80|>,
+    and the 256 byte pieces last. Pieces keep their scores, so moving them changes only their ids.
+    """
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from .tokenizer_v1 import BLANKS, NEWLINE, SPECIALS, TAB, encode_whitespace
+
+    lines = [encode_whitespace(line) for line in CORPUS.read_text(encoding="utf-8").splitlines()]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines * 4), model_writer=buf, vocab_size=vocab_size, model_type="unigram",
+        byte_fallback=True, split_digits=True, character_coverage=1.0, normalization_rule_name="nmt_nfkc",
+        add_dummy_prefix=True, remove_extra_whitespaces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        user_defined_symbols=[NEWLINE, TAB, *BLANKS], control_symbols=list(SPECIALS),
+        hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    model = pb.ModelProto()
+    model.ParseFromString(buf.getvalue())
+    pieces = list(model.pieces)
+    by_name = {p.piece: p for p in pieces}
+    tail = [by_name[n] for n in (*SPECIALS, TAB, *BLANKS)]
+    learned = [p for p in pieces[4:] if p.type == pb.ModelProto.SentencePiece.NORMAL]
+    byte_pieces = [p for p in pieces if p.type == pb.ModelProto.SentencePiece.BYTE]
+    order = pieces[:4] + [by_name[NEWLINE]] + learned + tail + byte_pieces
+    assert len(order) == len(pieces)
+    copies = [type(p)() for p in order]
+    for c, p in zip(copies, order):
+        c.CopyFrom(p)
+    del model.pieces[:]
+    model.pieces.extend(copies)
+    out.write_bytes(model.SerializeToString())
+
+
+def config_json_v1(shape: dict, vocab: int, bits: int, specials: dict[str, int]) -> dict:
+    """chatglm-6b's config.json keys; the special ids are where the tokenizer has them."""
+    return {
+        "architectures": ["ChatGLMModel"], "model_type": "chatglm",
+        "bos_token_id": specials["<sop>"], "eos_token_id": specials["<eop>"],
+        "mask_token_id": specials["[MASK]"], "gmask_token_id": specials["[gMASK]"], "pad_token_id": 3,
+        "layernorm_epsilon": 1e-05, "position_encoding_2d": True, "pre_seq_len": None,
+        "prefix_projection": False, "quantization_bit": bits, "quantization_embeddings": False,
+        "torch_dtype": "float16", "transformers_version": "4.27.1", "use_cache": True,
+        "vocab_size": vocab, **shape,
+    }
+
+
+def random_state_dict_v1(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_codes: bool = False) -> dict:
+    """THUDM's v1 tensor names (all four block linears with biases; lm_head a copy of the embeddings)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def normal(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g) * std).half()
+
+    h, p = cfg.hidden_size, "transformer.layers"
+    sd = {"transformer.word_embeddings.weight": normal(cfg.vocab_size, h, std=0.5)}
+    half = cfg.head_dim // 2
+    shapes = {"attention.query_key_value": (3 * cfg.q_size, h), "attention.dense": (h, cfg.q_size),
+              "mlp.dense_h_to_4h": (cfg.ffn_hidden_size, h), "mlp.dense_4h_to_h": (h, cfg.ffn_hidden_size)}
+    for i in range(cfg.num_layers):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            sd[f"{p}.{i}.{norm}.weight"] = (1 + normal(h, std=0.1).float()).half()
+            sd[f"{p}.{i}.{norm}.bias"] = normal(h, std=0.1)
+        sd[f"{p}.{i}.attention.rotary_emb.inv_freq"] = (1.0 / 10000 ** (torch.arange(0, half, 2).float() / half)).half()
+        for name, (n, k) in shapes.items():
+            key = f"{p}.{i}.{name}"
+            if bits and random_codes:
+                sd[key + ".weight"] = torch.randint(-128, 128, (n, k * bits // 8), generator=g, dtype=torch.int8)
+                sd[key + ".weight_scale"] = (torch.rand(n, generator=g) * 0.004 + 0.001).half()
+            elif bits:
+                sd[key + ".weight"], sd[key + ".weight_scale"] = quantize(normal(n, k), bits)
+            else:
+                sd[key + ".weight"] = normal(n, k)
+            sd[key + ".bias"] = normal(n, std=0.1)
+    # Random signs: with the output tied to the embeddings, a near-identity final norm would make
+    # the model repeat its input token (the residual stream is dominated by it).
+    sd["transformer.final_layernorm.weight"] = normal(h, std=1.0)
+    sd["transformer.final_layernorm.bias"] = normal(h, std=0.1)
+    sd["lm_head.weight"] = sd["transformer.word_embeddings.weight"].clone()
+    return sd
 
 
 def config_json(shape: dict, vocab: int, bits: int, rope_ratio: float | None = None) -> dict:
@@ -100,6 +194,7 @@ def random_state_dict(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_codes
 
 def write_checkpoint(out: str | Path, *, bits: int = 4, full_size: bool = False, layers: int | None = None,
                      tokenizer: str | Path | None = None, rope_ratio: float | None = None, seed: int = 0) -> Path:
+    """A ChatGLM2 checkpoint (see write_checkpoint_v1 for the first generation)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-"))
@@ -127,16 +222,59 @@ def write_checkpoint(out: str | Path, *, bits: int = 4, full_size: bool = False,
     return out
 
 
+def write_checkpoint_v1(out: str | Path, *, bits: int = 8, full_size: bool = False, layers: int | None = None,
+                        tokenizer: str | Path | None = None, seed: int = 0) -> Path:
+    """A ChatGLM-6B checkpoint: config.json, ice_text.model, pytorch_model.bin."""
+    from .tokenizer_v1 import ChatGLMTokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-"))
+    try:
+        if tokenizer:
+            shutil.copyfile(tokenizer, tmp / "ice_text.model")
+        elif full_size:
+            raise SystemExit("--full-size needs --tokenizer PATH (a real ChatGLM-6B ice_text.model)")
+        else:
+            train_tokenizer_v1(tmp / "ice_text.model")
+        tok = ChatGLMTokenizer(tmp / "ice_text.model")
+        shape = dict(FULL_V1 if full_size else TINY_V1)
+        if layers:
+            shape["num_layers"] = layers
+        vocab = shape.pop("vocab_size", None) or -(-tok.n_words // 64) * 64
+        specials = {"<sop>": tok.sop_id, "<eop>": tok.eos_id, "[MASK]": tok.mask_id, "[gMASK]": tok.gmask_id}
+        cfg_dict = config_json_v1(shape, vocab, bits, specials)
+        (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
+        cfg = ChatGLMConfig.from_dict(cfg_dict)
+        torch.save(random_state_dict_v1(cfg, bits, seed, random_codes=full_size), tmp / "pytorch_model.bin")
+        for f in tmp.iterdir():  # all files complete: move into place
+            f.replace(out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m glm.tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("outdir")
-    ap.add_argument("--bits", type=int, choices=(0, 4, 8), default=4, help="0 = fp16 checkpoint")
+    ap.add_argument("--family", choices=("chatglm2", "chatglm"), default="chatglm2",
+                    help="chatglm2 (ChatGLM2-6B) or chatglm (the first-generation ChatGLM-6B)")
+    ap.add_argument("--bits", type=int, choices=(0, 4, 8),
+                    help="0 = fp16 checkpoint (default 4 for chatglm2, 8 for chatglm)")
     ap.add_argument("--layers", type=int, help="number of layers (default 2, or 28 with --full-size)")
     ap.add_argument("--full-size", action="store_true", help="ChatGLM2-6B shapes with random int codes")
-    ap.add_argument("--tokenizer", help="copy this tokenizer.model instead of training one")
+    ap.add_argument("--tokenizer", help="copy this tokenizer.model (ice_text.model) instead of training one")
     ap.add_argument("--rope-ratio", type=float, help="write rope_ratio (as chatglm2-6b-32k does)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.family == "chatglm":
+        if a.rope_ratio:
+            ap.error("--rope-ratio is a ChatGLM2 option")
+        path = write_checkpoint_v1(a.outdir, bits=8 if a.bits is None else a.bits, full_size=a.full_size,
+                                   layers=a.layers, tokenizer=a.tokenizer, seed=a.seed)
+        print(f"wrote {path}/ (config.json, ice_text.model, pytorch_model.bin)")
+        return
+    a.bits = 4 if a.bits is None else a.bits
     path = write_checkpoint(a.outdir, bits=a.bits, full_size=a.full_size, layers=a.layers,
                             tokenizer=a.tokenizer, rope_ratio=a.rope_ratio, seed=a.seed)
     print(f"wrote {path}/ (config.json, tokenizer.model, pytorch_model.bin)")

@@ -60,17 +60,24 @@ class StreamDecoder:
     """Turns generated ids into text chunks whose concatenation is exactly tokenizer.decode(ids).
 
     Text is released only when it ends in a complete character, so the byte-fallback pieces of one
-    character (emoji, rare CJK) come out together. Each step decodes a short window
-    ids[prefix:] and releases what it adds past ids[prefix:read]: SentencePiece drops the leading
-    space of a window's first piece in both decodes alike, and that piece's text, space included,
-    was released earlier when it was not first in its window.
+    character (emoji, rare CJK) come out together; a tokenizer whose decoding looks ahead (ChatGLM-6B:
+    a half-width ',' becomes '，' if a CJK character follows) names its still-unstable trailing
+    characters with `unstable_suffix(text)`, and those are held back too.
+
+    Each step decodes a short window ids[prefix:] and releases its characters past `sent`. After a
+    release the window moves up to the ids of the previous release, when the new window's text is
+    the tail of the old one (SentencePiece drops the leading space of a window's first piece; that
+    space was released already) and everything before the new start is released: it then decodes
+    to the same characters whatever follows.
     """
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
+        self.unstable = getattr(tokenizer, "unstable_suffix", None)
         self.ids: list[int] = []
         self.prefix = 0   # window start
-        self.read = 0     # ids before this are released
+        self.read = 0     # len(ids) at the last release: the next window start
+        self.sent = 0     # characters of decode(ids[prefix:]) released
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -81,9 +88,21 @@ class StreamDecoder:
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
-        done = self.tok.decode(self.ids[self.prefix:self.read])
         text = self.tok.decode(self.ids[self.prefix:])
-        if len(text) <= len(done) or (text.endswith("\ufffd") and not final):
+        if text.endswith("\ufffd") and not final:
             return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(done):]
+        end = len(text) if final or self.unstable is None else len(text) - self.unstable(text)
+        if end <= self.sent:
+            return ""
+        out, self.sent = text[self.sent:end], end
+        self._slide(text)
+        return out
+
+    def _slide(self, text: str) -> None:
+        tail = self.tok.decode(self.ids[self.read:])
+        skip = len(text) - len(tail)
+        # An empty tail may be leading spaces that a longer window still drops (ice_text.model drops
+        # them all, not just the first piece's).
+        if tail and skip <= self.sent and text.endswith(tail):
+            self.prefix, self.sent = self.read, self.sent - skip
+        self.read = len(self.ids)

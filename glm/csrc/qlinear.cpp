@@ -1,0 +1,781 @@
+// Fused CPU kernels for THUDM ChatGLM weight-only quantized linear layers.
+//
+// Weight formats (see FORMATS.md sections 2-5), read in place (no repacking):
+//   int8: qweight int8 [N, K], W[i,k] = qweight[i,k] * scale[i]
+//   int4: qweight int8 [N, K/2]; byte b = qweight[i,j]: W[i,2j] = scale[i]*(b >> 4),
+//         W[i,2j+1] = scale[i]*((int8)(b << 4) >> 4)   (both signed nibbles)
+//   half: weight fp16 / bf16 [N, K] (un-quantized output layer)
+// y[m, n] = sum_k x[m,k] * W[n,k] (+ bias[n]), fp32 accumulation, output in x's dtype.
+//
+// Code paths, chosen at run time (one build never executes unsupported instructions):
+//   avx512bf16 : bf16 activations x int4/int8/bf16 weights with VDPBF16PS (weights decoded to
+//                bf16 exactly: small integers), everything else as avx512
+//   avx512     : fp32 FMA; int4 nibbles decoded with a 16-entry VPERMPS table lookup, x
+//                de-interleaved once per call into x_even / x_odd so no shuffles are needed
+//   avx2       : fp32 FMA with AVX2+FMA+F16C
+//   scalar     : portable C++
+// Work is split over output rows with at::parallel_for (torch intra-op pool). Each tile decodes a
+// block of R weight rows once per k-step and FMAs it into the accumulators of MT activation rows.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define GLM_X86 1
+#include <cpuid.h>
+#include <immintrin.h>
+#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#define AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define AVX512BF16_FN \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+#endif
+
+namespace {
+
+enum Fmt { F_INT4 = 0, F_INT8 = 1, F_F16 = 2, F_BF16 = 3 };
+enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512BF16 = 3 };
+const char* kIsaNames[] = {"scalar", "avx2", "avx512", "avx512bf16"};
+
+// ----------------------------------------------------------------------------------------------
+// CPU feature detection
+// ----------------------------------------------------------------------------------------------
+int detect_isa() {
+#ifdef GLM_X86
+  __builtin_cpu_init();
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  bool f16c = false;
+  if (__get_cpuid(1, &a, &b, &c, &d)) f16c = (c >> 29) & 1u;
+  // __builtin_cpu_supports also checks that the OS enabled the AVX / AVX-512 register state.
+  bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+  bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx512 && __builtin_cpu_supports("avx512bf16")) return ISA_AVX512BF16;
+  if (avx512) return ISA_AVX512;
+  if (avx2) return ISA_AVX2;
+#endif
+  return ISA_SCALAR;
+}
+
+const int g_max_isa = detect_isa();
+
+int initial_isa() {
+  int isa = g_max_isa;
+  if (const char* env = std::getenv("GLM_KERNEL_ISA")) {
+    for (int i = 0; i < 4; ++i)
+      if (std::strcmp(env, kIsaNames[i]) == 0) isa = std::min(i, g_max_isa);
+  }
+  return isa;
+}
+
+std::atomic<int> g_isa{initial_isa()};
+
+// ----------------------------------------------------------------------------------------------
+// Shared argument block and output store
+// ----------------------------------------------------------------------------------------------
+struct LinArgs {
+  const uint8_t* w = nullptr;  // weight bytes, row n starts at w + n * w_row_bytes
+  int64_t w_row_bytes = 0;
+  const float* scale = nullptr;  // [N] fp32 or nullptr (half weights)
+  const float* bias = nullptr;   // [N] fp32 or nullptr
+  const float* x0 = nullptr;     // fp32 activations: int4 -> x_even [M, K/2]; else x [M, K]
+  const float* x1 = nullptr;     // int4 -> x_odd [M, K/2]
+  const uint16_t* xb = nullptr;  // bf16 activations [M, K] (dpbf16 path)
+  const float* xf = nullptr;     // natural-order fp32 x [M, K] (scalar path)
+  int64_t ldx = 0;               // row stride (elements) of x0 / x1 / xb
+  int64_t lanes = 0;             // k extent in the x0 layout (K/2 for int4 fp32 paths, else K)
+  int64_t M = 0, N = 0, K = 0;
+  void* y = nullptr;  // [M, N] fp32 or bf16
+  bool y_bf16 = false;
+};
+
+inline void store_out(const LinArgs& a, int64_t m, int64_t n, float acc) {
+  float v = acc;
+  if (a.scale) v *= a.scale[n];
+  if (a.bias) v += a.bias[n];
+  if (a.y_bf16)
+    reinterpret_cast<c10::BFloat16*>(a.y)[m * a.N + n] = c10::BFloat16(v);  // round-nearest-even
+  else
+    reinterpret_cast<float*>(a.y)[m * a.N + n] = v;
+}
+
+using TileFn = void (*)(const LinArgs&, int64_t n0, int64_t m0);
+constexpr int kMaxMT = 8;
+
+struct Plan {
+  int R = 1;   // weight rows per tile
+  int MT = 1;  // activation rows per tile
+  TileFn full[kMaxMT + 1] = {};   // full[mt]: R rows x mt activation rows
+  TileFn single[kMaxMT + 1] = {};  // single[mt]: 1 row (row tail)
+};
+
+template <template <int, int, int, bool> class T, int FMT, int R, bool DUAL, int... Ms>
+void fill_tab(TileFn* tab, std::integer_sequence<int, Ms...>) {
+  ((tab[Ms + 1] = &T<FMT, R, Ms + 1, DUAL>::run), ...);
+}
+
+template <template <int, int, int, bool> class T, int FMT, int R, int MT, bool DUAL>
+Plan make_plan() {
+  Plan p;
+  p.R = R;
+  p.MT = MT;
+  fill_tab<T, FMT, R, DUAL>(p.full, std::make_integer_sequence<int, MT>{});
+  fill_tab<T, FMT, 1, false>(p.single, std::make_integer_sequence<int, kMaxMT>{});
+  return p;
+}
+
+void drive(const LinArgs& a, const Plan& p) {
+  const int64_t R = p.R;
+  const int64_t nblk = (a.N + R - 1) / R;
+  // Enough work per task that small layers are not split into tiny pieces.
+  const int64_t blk_bytes = std::max<int64_t>(1, R * a.w_row_bytes * std::max<int64_t>(1, a.M / 4));
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / blk_bytes);
+  at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * R;
+      const int64_t rows = std::min<int64_t>(R, a.N - n0);
+      for (int64_t m0 = 0; m0 < a.M; m0 += p.MT) {
+        const int mt = (int)std::min<int64_t>(p.MT, a.M - m0);
+        if (rows == R) {
+          p.full[mt](a, n0, m0);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) p.single[mt](a, n0 + r, m0);
+        }
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
+// Scalar path (portable). Decodes one weight row into fp32 once, then dots it with every x row.
+// ----------------------------------------------------------------------------------------------
+inline void decode_row_scalar(int fmt, const uint8_t* row, int64_t K, float* out) {
+  switch (fmt) {
+    case F_INT4:
+      for (int64_t j = 0; j < K / 2; ++j) {
+        const int8_t b = static_cast<int8_t>(row[j]);
+        out[2 * j] = static_cast<float>(b >> 4);
+        out[2 * j + 1] = static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(b << 4)) >> 4);
+      }
+      break;
+    case F_INT8:
+      for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(static_cast<int8_t>(row[k]));
+      break;
+    case F_F16: {
+      const c10::Half* h = reinterpret_cast<const c10::Half*>(row);
+      for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(h[k]);
+      break;
+    }
+    default: {
+      const c10::BFloat16* h = reinterpret_cast<const c10::BFloat16*>(row);
+      for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(h[k]);
+      break;
+    }
+  }
+}
+
+void linear_scalar(int fmt, const LinArgs& a) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, a.w_row_bytes));
+  at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) {
+    std::vector<float> wrow(static_cast<size_t>(a.K));
+    for (int64_t n = n0; n < n1; ++n) {
+      decode_row_scalar(fmt, a.w + n * a.w_row_bytes, a.K, wrow.data());
+      for (int64_t m = 0; m < a.M; ++m) {
+        const float* x = a.xf + m * a.K;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t k = 0;
+        for (; k + 8 <= a.K; k += 8)
+          for (int u = 0; u < 8; ++u) acc[u] += wrow[k + u] * x[k + u];
+        for (; k < a.K; ++k) acc[0] += wrow[k] * x[k];
+        float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        store_out(a, m, n, s);
+      }
+    }
+  });
+}
+
+#ifdef GLM_X86
+// ----------------------------------------------------------------------------------------------
+// AVX2 + FMA + F16C path (fp32 FMA, 8 lanes). k tail handled in scalar code.
+// ----------------------------------------------------------------------------------------------
+template <int FMT>
+AVX2_FN inline void dec256(const uint8_t* row, int64_t l, __m256* w) {
+  if constexpr (FMT == F_INT4) {
+    const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + l)));
+    w[0] = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 4));
+    w[1] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28));
+  } else if constexpr (FMT == F_INT8) {
+    w[0] = _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + l))));
+  } else if constexpr (FMT == F_F16) {
+    w[0] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * l)));
+  } else {
+    w[0] = _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * l))), 16));
+  }
+}
+
+inline void dec_lane_scalar(int fmt, const uint8_t* row, int64_t l, float* w) {
+  if (fmt == F_INT4) {
+    const int8_t b = static_cast<int8_t>(row[l]);
+    w[0] = static_cast<float>(b >> 4);
+    w[1] = static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(b << 4)) >> 4);
+  } else if (fmt == F_INT8) {
+    w[0] = static_cast<float>(static_cast<int8_t>(row[l]));
+  } else if (fmt == F_F16) {
+    w[0] = static_cast<float>(reinterpret_cast<const c10::Half*>(row)[l]);
+  } else {
+    w[0] = static_cast<float>(reinterpret_cast<const c10::BFloat16*>(row)[l]);
+  }
+}
+
+AVX2_FN inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int FMT, int R, int MT, bool DUAL>
+struct Tile256 {
+  AVX2_FN __attribute__((noinline)) static void run(const LinArgs& a, int64_t n0, int64_t m0) {
+    constexpr int NV = FMT == F_INT4 ? 2 : 1;
+    __m256 acc[R][MT];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
+    const uint8_t* wr[R];
+    for (int r = 0; r < R; ++r) wr[r] = a.w + (n0 + r) * a.w_row_bytes;
+    const float* xs[2] = {a.x0 + m0 * a.ldx, (NV == 2 ? a.x1 : a.x0) + m0 * a.ldx};
+    const int64_t L = a.lanes;
+    int64_t l = 0;
+    for (; l + 8 <= L; l += 8) {
+      __m256 w[R][NV];
+      for (int r = 0; r < R; ++r) dec256<FMT>(wr[r], l, w[r]);
+      for (int m = 0; m < MT; ++m)
+        for (int v = 0; v < NV; ++v) {
+          const __m256 xv = _mm256_loadu_ps(xs[v] + m * a.ldx + l);
+          for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(w[r][v], xv, acc[r][m]);
+        }
+    }
+    float tail[R][MT];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) tail[r][m] = 0.f;
+    for (; l < L; ++l) {
+      for (int r = 0; r < R; ++r) {
+        float w[2];
+        dec_lane_scalar(FMT, wr[r], l, w);
+        for (int m = 0; m < MT; ++m)
+          for (int v = 0; v < NV; ++v) tail[r][m] += w[v] * xs[v][m * a.ldx + l];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) store_out(a, m0 + m, n0 + r, hsum256(acc[r][m]) + tail[r][m]);
+  }
+};
+
+// ----------------------------------------------------------------------------------------------
+// AVX-512 fp32 path (16 lanes). int4: nibble -> float via VPERMPS on a 16-entry table.
+// ----------------------------------------------------------------------------------------------
+template <int FMT, bool TAIL>
+AVX512_FN inline void dec512(const uint8_t* row, int64_t l, __mmask16 mk, __m512* w) {
+  if constexpr (FMT == F_INT4) {
+    const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+    const __m128i b = TAIL ? _mm_maskz_loadu_epi8(mk, row + l)
+                           : _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + l));
+    const __m512i v = _mm512_cvtepu8_epi32(b);
+    w[0] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);  // high nibble -> even column
+    w[1] = _mm512_permutexvar_ps(v, lut);                        // low nibble  -> odd column
+  } else if constexpr (FMT == F_INT8) {
+    const __m128i b = TAIL ? _mm_maskz_loadu_epi8(mk, row + l)
+                           : _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + l));
+    w[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  } else if constexpr (FMT == F_F16) {
+    const __m256i h = TAIL ? _mm256_maskz_loadu_epi16(mk, row + 2 * l)
+                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * l));
+    w[0] = _mm512_cvtph_ps(h);
+  } else {
+    const __m256i h = TAIL ? _mm256_maskz_loadu_epi16(mk, row + 2 * l)
+                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * l));
+    w[0] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <int FMT, int R, int MT, bool DUAL>
+struct Tile512 {
+  AVX512_FN __attribute__((noinline)) static void run(const LinArgs& a, int64_t n0, int64_t m0) {
+    constexpr int NV = FMT == F_INT4 ? 2 : 1;
+    constexpr int NA = DUAL ? NV : 1;  // separate accumulators per weight vector (shorter chains)
+    __m512 acc[NA][R][MT];
+    for (int s = 0; s < NA; ++s)
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MT; ++m) acc[s][r][m] = _mm512_setzero_ps();
+    const uint8_t* wr[R];
+    for (int r = 0; r < R; ++r) wr[r] = a.w + (n0 + r) * a.w_row_bytes;
+    const float* xs[2] = {a.x0 + m0 * a.ldx, (NV == 2 ? a.x1 : a.x0) + m0 * a.ldx};
+    const int64_t L = a.lanes;
+    const int64_t ldx = a.ldx;
+    int64_t l = 0;
+    for (; l + 16 <= L; l += 16) {
+      __m512 w[R][NV];
+      for (int r = 0; r < R; ++r) dec512<FMT, false>(wr[r], l, 0xFFFF, w[r]);
+      for (int m = 0; m < MT; ++m)
+        for (int v = 0; v < NV; ++v) {
+          const __m512 xv = _mm512_loadu_ps(xs[v] + m * ldx + l);
+          for (int r = 0; r < R; ++r)
+            acc[DUAL ? v : 0][r][m] = _mm512_fmadd_ps(w[r][v], xv, acc[DUAL ? v : 0][r][m]);
+        }
+    }
+    if (l < L) {
+      const __mmask16 mk = static_cast<__mmask16>((1u << (L - l)) - 1u);
+      __m512 w[R][NV];
+      for (int r = 0; r < R; ++r) dec512<FMT, true>(wr[r], l, mk, w[r]);
+      for (int m = 0; m < MT; ++m)
+        for (int v = 0; v < NV; ++v) {
+          const __m512 xv = _mm512_maskz_loadu_ps(mk, xs[v] + m * ldx + l);
+          for (int r = 0; r < R; ++r)
+            acc[DUAL ? v : 0][r][m] = _mm512_fmadd_ps(w[r][v], xv, acc[DUAL ? v : 0][r][m]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) {
+        __m512 s = acc[0][r][m];
+        if constexpr (NA == 2) s = _mm512_add_ps(s, acc[NA - 1][r][m]);
+        store_out(a, m0 + m, n0 + r, _mm512_reduce_add_ps(s));
+      }
+  }
+};
+
+// ----------------------------------------------------------------------------------------------
+// AVX-512 BF16 path: bf16 activations, VDPBF16PS on (w[2i], w[2i+1]) x (x[2i], x[2i+1]) pairs.
+// Each k-step covers 32 consecutive k. Weights are decoded to bf16 exactly (integers |q| <= 128).
+// ----------------------------------------------------------------------------------------------
+alignas(64) const uint16_t kNibbleBf16[32] = {
+    // bf16 bit patterns of the signed nibble values 0..7, -8..-1, twice (VPERMW uses 5 index bits)
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80};
+
+template <int FMT, bool TAIL>
+AVX512BF16_FN inline __m512i decbf(const uint8_t* row, int64_t e, int64_t rem, __m512i lut) {
+  if constexpr (FMT == F_INT4) {
+    const __mmask16 mk = TAIL ? static_cast<__mmask16>((1u << (rem / 2)) - 1u) : 0xFFFF;
+    const __m128i b = TAIL ? _mm_maskz_loadu_epi8(mk, row + e / 2)
+                           : _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + e / 2));
+    const __m512i v = _mm512_cvtepu8_epi32(b);
+    // dword j: low word index = high nibble (column 2j), high word index = byte (low 5 bits;
+    // table repeats so only the low nibble matters) -> column 2j+1.
+    const __m512i idx = _mm512_or_si512(_mm512_srli_epi32(v, 4), _mm512_slli_epi32(v, 16));
+    return _mm512_permutexvar_epi16(idx, lut);
+  } else if constexpr (FMT == F_INT8) {
+    const __mmask32 mk = TAIL ? static_cast<__mmask32>((1ull << rem) - 1ull) : 0xFFFFFFFFu;
+    const __m256i b = TAIL ? _mm256_maskz_loadu_epi8(mk, row + e)
+                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + e));
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  } else {  // bf16 weights
+    const __mmask32 mk = TAIL ? static_cast<__mmask32>((1ull << rem) - 1ull) : 0xFFFFFFFFu;
+    return TAIL ? _mm512_maskz_loadu_epi16(mk, row + 2 * e)
+                : _mm512_loadu_si512(reinterpret_cast<const void*>(row + 2 * e));
+  }
+}
+
+template <int FMT, int R, int MT>
+AVX512BF16_FN inline void stepbf(const uint8_t* const* wr, const uint16_t* xb, int64_t ldx, int64_t e,
+                                 __m512i lut, __m512 (&acc)[R][MT]) {
+  __m512i w[R];
+  for (int r = 0; r < R; ++r) w[r] = decbf<FMT, false>(wr[r], e, 0, lut);
+  for (int m = 0; m < MT; ++m) {
+    const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(xb + m * ldx + e));
+    for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)w[r], (__m512bh)xv);
+  }
+}
+
+template <int FMT, int R, int MT, bool DUAL>
+struct TileBf16 {
+  AVX512BF16_FN __attribute__((noinline)) static void run(const LinArgs& a, int64_t n0, int64_t m0) {
+    __m512 acc[R][MT], acc2[R][MT];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m] = acc2[r][m] = _mm512_setzero_ps();
+    const __m512i lut = _mm512_load_si512(reinterpret_cast<const void*>(kNibbleBf16));
+    const uint8_t* wr[R];
+    for (int r = 0; r < R; ++r) wr[r] = a.w + (n0 + r) * a.w_row_bytes;
+    const uint16_t* xb = a.xb + m0 * a.ldx;
+    const int64_t ldx = a.ldx;
+    const int64_t K = a.K;
+    int64_t e = 0;
+    if constexpr (DUAL) {  // two accumulator sets: halves the dependency chain length
+      for (; e + 64 <= K; e += 64) {
+        stepbf<FMT, R, MT>(wr, xb, ldx, e, lut, acc);
+        stepbf<FMT, R, MT>(wr, xb, ldx, e + 32, lut, acc2);
+      }
+    }
+    for (; e + 32 <= K; e += 32) stepbf<FMT, R, MT>(wr, xb, ldx, e, lut, acc);
+    if (e < K) {
+      const int64_t rem = K - e;
+      const __mmask32 mk = static_cast<__mmask32>((1ull << rem) - 1ull);
+      __m512i w[R];
+      for (int r = 0; r < R; ++r) w[r] = decbf<FMT, true>(wr[r], e, rem, lut);
+      for (int m = 0; m < MT; ++m) {
+        const __m512i xv = _mm512_maskz_loadu_epi16(mk, xb + m * ldx + e);
+        for (int r = 0; r < R; ++r)
+          acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)w[r], (__m512bh)xv);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) {
+        __m512 t = acc[r][m];
+        if constexpr (DUAL) t = _mm512_add_ps(t, acc2[r][m]);
+        store_out(a, m0 + m, n0 + r, _mm512_reduce_add_ps(t));
+      }
+  }
+};
+
+// ----------------------------------------------------------------------------------------------
+// Dequantize (AVX-512): rows [n0, n1) of int4/int8 -> fp32 or bf16 (round-nearest-even)
+// ----------------------------------------------------------------------------------------------
+AVX512_FN inline void store16_512(void* out, int64_t idx, __m512 f, bool bf16, __mmask16 mk, bool tail) {
+  if (!bf16) {
+    float* o = reinterpret_cast<float*>(out) + idx;
+    if (tail) _mm512_mask_storeu_ps(o, mk, f);
+    else _mm512_storeu_ps(o, f);
+  } else {
+    __m512i b = _mm512_castps_si512(f);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+    const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
+    uint16_t* o = reinterpret_cast<uint16_t*>(out) + idx;
+    if (tail) _mm256_mask_storeu_epi16(o, mk, h);
+    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), h);
+  }
+}
+
+AVX512_FN __attribute__((noinline)) void dequant_rows_512(int bits, const uint8_t* q, int64_t row_bytes,
+                                                          const float* scale, int64_t K, void* out,
+                                                          bool bf16, int64_t n0, int64_t n1) {
+  const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+  const __m512i shifts = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = q + n * row_bytes;
+    const __m512 s = _mm512_set1_ps(scale[n]);
+    const int64_t base = n * K;
+    if (bits == 4) {
+      const int64_t Kb = K / 2;
+      for (int64_t j = 0; j < Kb; j += 8) {
+        const bool tail = j + 8 > Kb;
+        const int64_t nb = tail ? Kb - j : 8;
+        const __m128i b = tail ? _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << nb) - 1u), row + j)
+                               : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j));
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));  // b0 b0 b1 b1 ...
+        const __m512 f = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srlv_epi32(v, shifts), lut), s);
+        store16_512(out, base + 2 * j, f, bf16, static_cast<__mmask16>((1u << (2 * nb)) - 1u), tail);
+      }
+    } else {
+      for (int64_t k = 0; k < K; k += 16) {
+        const bool tail = k + 16 > K;
+        const int64_t nb = tail ? K - k : 16;
+        const __mmask16 mk = static_cast<__mmask16>((1u << nb) - 1u);
+        const __m128i b = tail ? _mm_maskz_loadu_epi8(mk, row + k)
+                               : _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
+        const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), s);
+        store16_512(out, base + k, f, bf16, mk, tail);
+      }
+    }
+  }
+}
+#endif  // GLM_X86
+
+void dequant_rows_scalar(int bits, const uint8_t* q, int64_t row_bytes, const float* scale, int64_t K,
+                         void* out, bool bf16, int64_t n0, int64_t n1) {
+  std::vector<float> tmp(static_cast<size_t>(K));
+  for (int64_t n = n0; n < n1; ++n) {
+    decode_row_scalar(bits == 4 ? F_INT4 : F_INT8, q + n * row_bytes, K, tmp.data());
+    const float s = scale[n];
+    if (bf16) {
+      c10::BFloat16* o = reinterpret_cast<c10::BFloat16*>(out) + n * K;
+      for (int64_t k = 0; k < K; ++k) o[k] = c10::BFloat16(tmp[k] * s);
+    } else {
+      float* o = reinterpret_cast<float*>(out) + n * K;
+      for (int64_t k = 0; k < K; ++k) o[k] = tmp[k] * s;
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Plans per (isa, format, M)
+// ----------------------------------------------------------------------------------------------
+#ifdef GLM_X86
+template <template <int, int, int, bool> class T, int FMT>
+struct PlanSet {
+  Plan m1, m2, m4, m8;
+  PlanSet()
+      : m1(make_plan<T, FMT, 4, 1, true>()),
+        m2(make_plan<T, FMT, 4, 2, true>()),
+        m4(make_plan<T, FMT, 4, 4, false>()),
+        m8(make_plan<T, FMT, 2, 8, false>()) {}
+  const Plan& pick(int64_t M) const {
+    if (M <= 1) return m1;
+    if (M == 2) return m2;
+    if (M <= 4) return m4;
+    return m8;
+  }
+};
+
+template <template <int, int, int, bool> class T>
+struct PlanTable {
+  PlanSet<T, F_INT4> i4;
+  PlanSet<T, F_INT8> i8;
+  PlanSet<T, F_F16> f16;
+  PlanSet<T, F_BF16> bf16;
+  const Plan& pick(int fmt, int64_t M) const {
+    switch (fmt) {
+      case F_INT4: return i4.pick(M);
+      case F_INT8: return i8.pick(M);
+      case F_F16: return f16.pick(M);
+      default: return bf16.pick(M);
+    }
+  }
+};
+
+// AVX2 has 16 vector registers: smaller tiles.
+template <template <int, int, int, bool> class T, int FMT>
+struct PlanSet256 {
+  Plan m1, m4;
+  PlanSet256() : m1(make_plan<T, FMT, 2, 1, false>()), m4(make_plan<T, FMT, 2, 4, false>()) {}
+  const Plan& pick(int64_t M) const { return M <= 1 ? m1 : m4; }
+};
+
+struct PlanTable256 {
+  PlanSet256<Tile256, F_INT4> i4;
+  PlanSet256<Tile256, F_INT8> i8;
+  PlanSet256<Tile256, F_F16> f16;
+  PlanSet256<Tile256, F_BF16> bf16;
+  const Plan& pick(int fmt, int64_t M) const {
+    switch (fmt) {
+      case F_INT4: return i4.pick(M);
+      case F_INT8: return i8.pick(M);
+      case F_F16: return f16.pick(M);
+      default: return bf16.pick(M);
+    }
+  }
+};
+
+const PlanTable<Tile512>& plans512() {
+  static const PlanTable<Tile512> t;
+  return t;
+}
+const PlanTable<TileBf16>& plansbf16() {
+  static const PlanTable<TileBf16> t;  // the F16 entry is never used (fp16 weights take fp32 path)
+  return t;
+}
+const PlanTable256& plans256() {
+  static const PlanTable256 t;
+  return t;
+}
+#endif
+
+// ----------------------------------------------------------------------------------------------
+// Tensor-level entry points
+// ----------------------------------------------------------------------------------------------
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "glm_qlinear: x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "glm_qlinear: x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "glm_qlinear: x must be 2-D [M, K], got shape ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), "glm_qlinear: x must be contiguous");
+}
+
+const float* prep_vec(const c10::optional<at::Tensor>& t, int64_t N, const char* what,
+                      at::Tensor& holder) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->device().is_cpu(), "glm_qlinear: ", what, " must be a CPU tensor");
+  TORCH_CHECK(is_float_dtype(t->scalar_type()), "glm_qlinear: ", what,
+              " must be float16/bfloat16/float32, got ", t->scalar_type());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == N, "glm_qlinear: ", what, " must have shape [", N,
+              "], got ", t->sizes());
+  holder = t->to(at::kFloat).contiguous();
+  return holder.data_ptr<float>();
+}
+
+at::Tensor linear_impl(int fmt, const at::Tensor& x, const at::Tensor& w,
+                       const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias) {
+  check_x(x);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(w.device().is_cpu(), "glm_qlinear: weight must be a CPU tensor");
+  TORCH_CHECK(w.dim() == 2, "glm_qlinear: weight must be 2-D, got shape ", w.sizes());
+  TORCH_CHECK(w.is_contiguous(), "glm_qlinear: weight must be contiguous (row-major [N, K'])");
+  const int64_t N = w.size(0);
+  int64_t row_bytes = 0;
+  if (fmt == F_INT4 || fmt == F_INT8) {
+    TORCH_CHECK(w.scalar_type() == at::kChar, "glm_qlinear: qweight must be int8, got ", w.scalar_type());
+    const int64_t expect = fmt == F_INT4 ? K / 2 : K;
+    TORCH_CHECK(fmt != F_INT4 || K % 2 == 0, "glm_qlinear: int4 needs an even K, got K=", K);
+    TORCH_CHECK(w.size(1) == expect, "glm_qlinear: ", fmt == F_INT4 ? "int4" : "int8",
+                " qweight must be [N, ", expect, "] for x with K=", K, ", got ", w.sizes());
+    row_bytes = expect;
+    TORCH_CHECK(scale.has_value() && scale->defined(), "glm_qlinear: scale is required");
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16,
+                "glm_qlinear: half_linear weight must be float16 or bfloat16, got ", w.scalar_type());
+    TORCH_CHECK(w.size(1) == K, "glm_qlinear: weight must be [N, ", K, "], got ", w.sizes());
+    row_bytes = 2 * K;
+    fmt = w.scalar_type() == at::kHalf ? F_F16 : F_BF16;
+  }
+  at::Tensor scale_f, bias_f;
+  LinArgs a;
+  a.scale = prep_vec(scale, N, "scale", scale_f);
+  a.bias = prep_vec(bias, N, "bias", bias_f);
+  a.w = reinterpret_cast<const uint8_t*>(w.data_ptr());
+  a.w_row_bytes = row_bytes;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  at::Tensor y = at::empty({M, N}, x.options());
+  a.y = y.data_ptr();
+  a.y_bf16 = x.scalar_type() == at::kBFloat16;
+  if (M == 0 || N == 0) return y;
+
+  const int isa = g_isa.load(std::memory_order_relaxed);
+  const bool xbf = x.scalar_type() == at::kBFloat16;
+  at::Tensor xf, xeo;
+#ifdef GLM_X86
+  if (isa >= ISA_AVX512BF16 && xbf && fmt != F_F16) {
+    a.xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    a.ldx = K;
+    a.lanes = K;
+    drive(a, plansbf16().pick(fmt, M));
+    return y;
+  }
+#endif
+  xf = xbf ? x.to(at::kFloat) : x;
+  a.xf = xf.data_ptr<float>();
+  if (isa == ISA_SCALAR) {
+    linear_scalar(fmt, a);
+    return y;
+  }
+#ifdef GLM_X86
+  if (fmt == F_INT4) {
+    // de-interleave once per call: x_even = x[:, 0::2], x_odd = x[:, 1::2]
+    const int64_t Kh = K / 2;
+    xeo = at::empty({2, M, Kh}, xf.options());
+    float* xe = xeo.data_ptr<float>();
+    float* xo = xe + M * Kh;
+    const float* src = a.xf;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < Kh; ++j) {
+        xe[m * Kh + j] = src[m * K + 2 * j];
+        xo[m * Kh + j] = src[m * K + 2 * j + 1];
+      }
+    a.x0 = xe;
+    a.x1 = xo;
+    a.ldx = Kh;
+    a.lanes = Kh;
+  } else {
+    a.x0 = a.xf;
+    a.ldx = K;
+    a.lanes = K;
+  }
+  if (isa >= ISA_AVX512)
+    drive(a, plans512().pick(fmt, M));
+  else
+    drive(a, plans256().pick(fmt, M));
+#endif
+  return y;
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& bias) {
+  return linear_impl(F_INT4, x, qweight, scale, bias);
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& bias) {
+  return linear_impl(F_INT8, x, qweight, scale, bias);
+}
+
+at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  return linear_impl(F_F16, x, weight, c10::nullopt, bias);
+}
+
+at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scale, int64_t bits,
+                      c10::optional<at::ScalarType> dtype) {
+  TORCH_CHECK(bits == 4 || bits == 8, "glm_qlinear: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(qweight.device().is_cpu(), "glm_qlinear: qweight must be a CPU tensor");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar, "glm_qlinear: qweight must be int8, got ",
+              qweight.scalar_type());
+  TORCH_CHECK(qweight.dim() == 2, "glm_qlinear: qweight must be 2-D, got shape ", qweight.sizes());
+  TORCH_CHECK(qweight.is_contiguous(), "glm_qlinear: qweight must be contiguous");
+  const at::ScalarType dt = dtype.value_or(at::kFloat);
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16,
+              "glm_qlinear: dequantize dtype must be float32 or bfloat16, got ", dt);
+  const int64_t N = qweight.size(0);
+  const int64_t row_bytes = qweight.size(1);
+  const int64_t K = bits == 4 ? 2 * row_bytes : row_bytes;
+  at::Tensor scale_f;
+  const float* s = prep_vec(scale, N, "scale", scale_f);
+  at::Tensor out = at::empty({N, K}, qweight.options().dtype(dt));
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
+  void* o = out.data_ptr();
+  const bool bf16 = dt == at::kBFloat16;
+  const int isa = g_isa.load(std::memory_order_relaxed);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, K));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+#ifdef GLM_X86
+    if (isa >= ISA_AVX512) {
+      dequant_rows_512((int)bits, q, row_bytes, s, K, o, bf16, n0, n1);
+      return;
+    }
+#endif
+    dequant_rows_scalar((int)bits, q, row_bytes, s, K, o, bf16, n0, n1);
+  });
+  return out;
+}
+
+std::string get_isa() { return kIsaNames[g_isa.load()]; }
+std::string max_isa() { return kIsaNames[g_max_isa]; }
+
+void set_isa(const std::string& name) {
+  for (int i = 0; i < 4; ++i) {
+    if (name == kIsaNames[i]) {
+      TORCH_CHECK(i <= g_max_isa, "glm_qlinear: ISA '", name, "' is not supported by this CPU (max '",
+                  kIsaNames[g_max_isa], "')");
+      g_isa.store(i);
+      return;
+    }
+  }
+  TORCH_CHECK(false, "glm_qlinear: unknown ISA '", name, "' (scalar, avx2, avx512, avx512bf16)");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused CPU kernels for THUDM ChatGLM int4/int8 weight-only quantized linear layers";
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("int4_linear", &int4_linear, "y = x @ dequant(qweight int4 [N,K/2], scale [N]).T + bias",
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("bias") = py::none(), nogil);
+  m.def("int8_linear", &int8_linear, "y = x @ dequant(qweight int8 [N,K], scale [N]).T + bias",
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("bias") = py::none(), nogil);
+  m.def("half_linear", &half_linear, "y = x @ weight(fp16/bf16 [N,K]).T + bias", py::arg("x"),
+        py::arg("weight"), py::arg("bias") = py::none(), nogil);
+  m.def("dequantize", &dequantize, "dequantize int4/int8 THUDM weights to [N, K] float32/bfloat16",
+        py::arg("qweight"), py::arg("scale"), py::arg("bits"), py::arg("dtype") = py::none(), nogil);
+  m.def("isa", &get_isa, "ISA path currently used");
+  m.def("max_isa", &max_isa, "best ISA path supported by this CPU");
+  m.def("set_isa", &set_isa, "force an ISA path (scalar, avx2, avx512, avx512bf16) for testing",
+        py::arg("name"));
+}

@@ -1,0 +1,218 @@
+"""ChatGLM-6B (first generation): the transformer with 2-D positions and its tied output layer.
+
+Module names follow THUDM's checkpoint names without the `transformer.` prefix. Semantics:
+../shared/reference/FORMATS.md section 2 (v1) and chatglm_cpp/VECTORS.md 3.2.
+
+A prompt is `text [gMASK] <sop>`: the tokens before <sop> (the context) attend to each other in both
+directions, <sop> and everything generated after it attend causally. Each token has two positions:
+its index in the context (generated tokens all stay at the [gMASK] index) and its index within the
+generated block (0 in the context, 1 for <sop>, 2, 3, ...).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .config import ChatGLMConfig
+from .model import KVCache
+from .quant import FUSED_MAX_ROWS
+
+# THUDM's ChatGLMModel builds GLMBlock without passing num_layers, whose default is 28: the residual
+# scale is sqrt(2 * 28) whatever the depth of the model.
+ALPHA = math.sqrt(2 * 28)
+
+# Rows of the tied output layer widened at a time when no fp16 kernel is available: one reused
+# buffer of this many rows instead of a compute-dtype copy of the whole matrix.
+HEAD_BLOCK_ROWS = 4096
+
+
+def record_layout(cfg: ChatGLMConfig, cache: KVCache, prompt: list[int]) -> None:
+    """Remember where the context ends and where the mask is, from the prompt (prefill at start 0).
+
+    As THUDM: context length = index of the first <sop>, mask position = index of [gMASK], else of
+    [MASK]. Without <sop> the whole prompt is context (generation would begin right after it); without
+    a mask token the last context token stands in for it (where [gMASK] is in a well-formed prompt).
+    """
+    ctx = prompt.index(cfg.bos_token_id) if cfg.bos_token_id in prompt else len(prompt)
+    mask = next((prompt.index(m) for m in (cfg.gmask_token_id, cfg.mask_token_id) if m in prompt), max(ctx - 1, 0))
+    cache.context_length, cache.mask_position = ctx, mask
+
+
+def positions_2d(cache: KVCache, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position, block position) of the tokens at indices start..start+length-1."""
+    idx = torch.arange(start, start + length)
+    ctx = cache.context_length
+    generated = idx >= ctx
+    pos = torch.where(generated, torch.full_like(idx, cache.mask_position), idx)
+    block = torch.where(generated, idx - ctx + 1, torch.zeros_like(idx))
+    return pos, block
+
+
+def attention_mask(cache: KVCache, start: int, length: int) -> torch.Tensor | None:
+    """[length, start+length] bool, True = may attend: every context key, plus causal. None if all True."""
+    rows = torch.arange(start, start + length)[:, None]
+    cols = torch.arange(start + length)[None, :]
+    mask = (cols < cache.context_length) | (cols <= rows)
+    return None if bool(mask.all()) else mask
+
+
+def rotary_2d(cfg: ChatGLMConfig, pos: torch.Tensor, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [..., head_dim] for q/k laid out as [half rotated by pos | half rotated by block].
+
+    Each half is rotated GPT-NeoX style (pairs j, j + quarter). THUDM rounds the inverse frequencies
+    to fp16 (`inv_freq.half()`); the angles are computed in fp32, as THUDM's float (CPU) path and
+    chatglm.cpp do (its fp16 GPU path also rounds the angles to fp16).
+    """
+    half = cfg.head_dim // 2
+    inv_freq = (1.0 / cfg.rope_base ** (torch.arange(0, half, 2, dtype=torch.float32) / half)).half().float()
+    angles = [p.float()[..., None] * inv_freq for p in (pos, block)]
+    angles = torch.cat([torch.cat((a, a), dim=-1) for a in angles], dim=-1)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, hd]; cos, sin [B, T, hd]."""
+    q = x.shape[-1] // 4
+    xf = x.float()
+    # rotate_half within each half: (a, b) -> (-b, a) for quarters (0, 1) and (2, 3)
+    x0, x1, x2, x3 = xf.split(q, dim=-1)
+    rotated = torch.cat((-x1, x0, -x3, x2), dim=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """Normalizes in fp32 whatever the compute dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ChatGLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.q_size)
+        self.dense = nn.Linear(cfg.q_size, cfg.hidden_size)
+
+    def forward(self, x, cos, sin, masks, layer: int, starts: list[int], caches: list[KVCache]) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        # Interleaved per head: each head's block of the output is [q | k | v].
+        q, k, v = self.query_key_value(x).view(B, T, cfg.num_heads, 3 * cfg.head_dim).chunk(3, dim=-1)
+        q, k = apply_rotary_2d(q, cos, sin), apply_rotary_2d(k, cos, sin)
+        out = []
+        for b in range(B):
+            keys, values = caches[b].update(layer, starts[b], k[b].transpose(0, 1), v[b].transpose(0, 1))
+            out.append(F.scaled_dot_product_attention(q[b].transpose(0, 1), keys, values, attn_mask=masks[b]))
+        y = torch.stack(out).transpose(1, 2).reshape(B, T, cfg.q_size)
+        return self.dense(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ChatGLMConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size)
+        self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, cfg: ChatGLMConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.attention = SelfAttention(cfg)
+        self.post_attention_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, masks, starts, caches):
+        # The residual stream is the normalized input scaled by ALPHA, not the raw input.
+        x = self.input_layernorm(x)
+        h = x * ALPHA + self.attention(x, cos, sin, masks, self.layer, starts, caches)
+        h = self.post_attention_layernorm(h)
+        return h * ALPHA + self.mlp(h)
+
+
+class TiedHead(nn.Module):
+    """The output layer, computed from the word embeddings (THUDM ties lm_head to them).
+
+    It owns no weight: the checkpoint's `lm_head.weight` (a copy of the embeddings) is never read,
+    so the 1 GB matrix exists once, in the checkpoint's fp16.
+    """
+
+    def __init__(self, block_rows: int = HEAD_BLOCK_ROWS):
+        super().__init__()
+        self.block_rows = block_rows
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if weight.dtype == x.dtype:
+            return F.linear(x, weight)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        k = kernels.get()
+        if k is not None and x2.device.type == "cpu" and x2.shape[0] <= FUSED_MAX_ROWS \
+                and weight.dtype == torch.float16 and x.dtype in (torch.float32, torch.bfloat16):
+            y = k.half_linear(x2, weight, None)
+        else:
+            y = x2.new_empty(x2.shape[0], weight.shape[0])
+            buf = x2.new_empty(min(self.block_rows, weight.shape[0]), weight.shape[1])
+            for s in range(0, weight.shape[0], self.block_rows):
+                w = buf[:min(self.block_rows, weight.shape[0] - s)]
+                w.copy_(weight[s:s + w.shape[0]])
+                y[:, s:s + w.shape[0]] = x2 @ w.t()
+        return y.view(*shape[:-1], weight.shape[0])
+
+
+class ChatGLM(nn.Module):
+    # The bidirectional context needs the whole prompt in one forward pass (the engine reads this).
+    prefill_in_one_pass = True
+
+    def __init__(self, cfg: ChatGLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=torch.float16)
+        self.layers = nn.ModuleList(GLMBlock(cfg, i) for i in range(cfg.num_layers))
+        self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.lm_head = TiedHead()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.final_layernorm.weight.dtype
+
+    def hidden_states(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """Final-norm hidden states [B, T, hidden] for tokens [B, T] at indices starts[b]..; fills the caches.
+
+        A row starting at 0 is a prompt: it records the sequence's context length and mask position.
+        """
+        B, T = tokens.shape
+        pos, block, masks = [], [], []
+        for b in range(B):
+            if starts[b] == 0:
+                record_layout(self.cfg, caches[b], tokens[b].tolist())
+            p, k = positions_2d(caches[b], starts[b], T)
+            pos.append(p)
+            block.append(k)
+            m = attention_mask(caches[b], starts[b], T)
+            masks.append(None if m is None else m.to(tokens.device))
+        cos, sin = rotary_2d(self.cfg, torch.stack(pos), torch.stack(block))
+        cos, sin = cos.to(tokens.device), sin.to(tokens.device)
+        x = self.word_embeddings(tokens).to(self.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, masks, starts, caches)
+        return self.final_layernorm(x)
+
+    def forward(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache],
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) in the compute dtype."""
+        x = self.hidden_states(tokens, starts, caches)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x, self.word_embeddings.weight)
