@@ -55,9 +55,9 @@ def make_app_dir(dest: str) -> str:
     return dest
 
 
-def make_tiny_checkpoint(dest: str) -> str:
+def make_tiny_checkpoint(dest: str, *args: str) -> str:
     proc = subprocess.run(
-        [PYTHON, "-m", "glm.tiny", dest], cwd=REPO, capture_output=True, text=True, timeout=300,
+        [PYTHON, "-m", "glm.tiny", dest, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
         env=_env({}),
     )
     if proc.returncode != 0:

@@ -386,6 +386,22 @@ def test_at_capacity_is_409(server, long_seed):
     assert_ready(server)
 
 
+def test_first_generation_chatglm_checkpoint(tmp_path, app_dir):
+    """ChatGLM-6B (v1, ice_text.model) through the same service, via COG_WEIGHTS."""
+    ckpt = make_tiny_checkpoint(str(tmp_path / "chatglm-6b-int8"), "--family", "chatglm")
+    model = glm.load(ckpt, device="cpu")
+    assert model.config.family == "chatglm"
+    inp = {"prompt": "[Round 0]\n问：你好\n答：", "max_tokens": 16, "temperature": 0.8, "seed": 21}
+    with CogServer(app_dir, env={"COG_WEIGHTS": ckpt}, log_path=str(tmp_path / "server.log")) as srv:
+        srv.wait_for({"READY"}, timeout=300)
+        body = srv.predict({"input": inp}).json()
+        assert body["status"] == "succeeded", body
+        want, _ = reference(model, prompt=inp["prompt"], max_tokens=16, temperature=0.8, seed=21)
+        assert "".join(body["output"]) == want
+        clamp = srv.predict({"input": {"max_tokens": 32768, "seed": 1, "temperature": 0}}).json()
+        assert f"of the {model.config.max_context}-token context" in clamp["logs"], clamp["logs"]
+
+
 # ---------------------------------------------------------------------------- setup failures
 def _setup_failure(tmp_path, app_dir, weights, expect):
     srv = CogServer(app_dir, env={"COG_WEIGHTS": weights}, log_path=str(tmp_path / "server.log"))
