@@ -110,6 +110,19 @@ inline void store_out(const LinArgs& a, int64_t m, int64_t n, float acc) {
 }
 
 using TileFn = void (*)(const LinArgs&, int64_t n0, int64_t m0);
+
+// Software prefetch of the NEXT tile's weight rows while this tile streams its own: the tile
+// consumes R * row_bytes contiguous bytes, but as R short interleaved streams that the hardware
+// prefetcher keeps losing at tile boundaries. Prefetching the next tile linearly (the same number
+// of bytes per k-step as consumed) keeps the DRAM pipe full. Prefetches never fault.
+template <int BYTES>
+inline void prefetch_span(const uint8_t* p) {
+#ifdef GLM_X86
+  for (int o = 0; o < BYTES; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T0);
+#else
+  (void)p;
+#endif
+}
 constexpr int kMaxMT = 8;
 
 struct Plan {
@@ -257,8 +270,11 @@ struct Tile256 {
     for (int r = 0; r < R; ++r) wr[r] = a.w + (n0 + r) * a.w_row_bytes;
     const float* xs[2] = {a.x0 + m0 * a.ldx, (NV == 2 ? a.x1 : a.x0) + m0 * a.ldx};
     const int64_t L = a.lanes;
+    constexpr int BPL = (FMT == F_F16 || FMT == F_BF16) ? 2 : 1;  // weight bytes per lane
+    const uint8_t* pf = m0 == 0 ? a.w + (n0 + R) * a.w_row_bytes : nullptr;
     int64_t l = 0;
     for (; l + 8 <= L; l += 8) {
+      if (pf) prefetch_span<R * 8 * BPL>(pf + R * BPL * l);
       __m256 w[R][NV];
       for (int r = 0; r < R; ++r) dec256<FMT>(wr[r], l, w[r]);
       for (int m = 0; m < MT; ++m)
@@ -324,8 +340,11 @@ struct Tile512 {
     const float* xs[2] = {a.x0 + m0 * a.ldx, (NV == 2 ? a.x1 : a.x0) + m0 * a.ldx};
     const int64_t L = a.lanes;
     const int64_t ldx = a.ldx;
+    constexpr int BPL = (FMT == F_F16 || FMT == F_BF16) ? 2 : 1;  // weight bytes per lane
+    const uint8_t* pf = m0 == 0 ? a.w + (n0 + R) * a.w_row_bytes : nullptr;
     int64_t l = 0;
     for (; l + 16 <= L; l += 16) {
+      if (pf) prefetch_span<R * 16 * BPL>(pf + R * BPL * l);
       __m512 w[R][NV];
       for (int r = 0; r < R; ++r) dec512<FMT, false>(wr[r], l, 0xFFFF, w[r]);
       for (int m = 0; m < MT; ++m)
@@ -393,7 +412,10 @@ AVX512BF16_FN inline __m512i decbf(const uint8_t* row, int64_t e, int64_t rem, _
 
 template <int FMT, int R, int MT>
 AVX512BF16_FN inline void stepbf(const uint8_t* const* wr, const uint16_t* xb, int64_t ldx, int64_t e,
-                                 __m512i lut, __m512 (&acc)[R][MT]) {
+                                 __m512i lut, const uint8_t* pf, __m512 (&acc)[R][MT]) {
+  // weight bytes per 32 k-values: int4 16, int8 32, bf16 64
+  constexpr int BSTEP = FMT == F_INT4 ? 16 : (FMT == F_INT8 ? 32 : 64);
+  if (pf) prefetch_span<R * BSTEP>(pf + R * (e * BSTEP / 32));
   __m512i w[R];
   for (int r = 0; r < R; ++r) w[r] = decbf<FMT, false>(wr[r], e, 0, lut);
   for (int m = 0; m < MT; ++m) {
@@ -414,14 +436,15 @@ struct TileBf16 {
     const uint16_t* xb = a.xb + m0 * a.ldx;
     const int64_t ldx = a.ldx;
     const int64_t K = a.K;
+    const uint8_t* pf = m0 == 0 ? a.w + (n0 + R) * a.w_row_bytes : nullptr;
     int64_t e = 0;
     if constexpr (DUAL) {  // two accumulator sets: halves the dependency chain length
       for (; e + 64 <= K; e += 64) {
-        stepbf<FMT, R, MT>(wr, xb, ldx, e, lut, acc);
-        stepbf<FMT, R, MT>(wr, xb, ldx, e + 32, lut, acc2);
+        stepbf<FMT, R, MT>(wr, xb, ldx, e, lut, pf, acc);
+        stepbf<FMT, R, MT>(wr, xb, ldx, e + 32, lut, pf, acc2);
       }
     }
-    for (; e + 32 <= K; e += 32) stepbf<FMT, R, MT>(wr, xb, ldx, e, lut, acc);
+    for (; e + 32 <= K; e += 32) stepbf<FMT, R, MT>(wr, xb, ldx, e, lut, pf, acc);
     if (e < K) {
       const int64_t rem = K - e;
       const __mmask32 mk = static_cast<__mmask32>((1ull << rem) - 1ull);
@@ -516,28 +539,32 @@ void dequant_rows_scalar(int bits, const uint8_t* q, int64_t row_bytes, const fl
 // Plans per (isa, format, M)
 // ----------------------------------------------------------------------------------------------
 #ifdef GLM_X86
-template <template <int, int, int, bool> class T, int FMT>
+// Tile shapes per M (measured on Zen 4, see bench/kernels.py). For M > 4 the activation block no
+// longer fits L1, so more weight rows per tile share each x load: fp32 x uses 4 rows x 4 tokens
+// (16 fp32 accumulators), bf16 x uses 3 rows x 8 tokens (24 accumulators, 1 register per decoded
+// row).
+template <template <int, int, int, bool> class T, int FMT, int RB, int MB>
 struct PlanSet {
-  Plan m1, m2, m4, m8;
+  Plan m1, m2, m4, mb;
   PlanSet()
       : m1(make_plan<T, FMT, 4, 1, true>()),
         m2(make_plan<T, FMT, 4, 2, true>()),
         m4(make_plan<T, FMT, 4, 4, false>()),
-        m8(make_plan<T, FMT, 2, 8, false>()) {}
+        mb(make_plan<T, FMT, RB, MB, false>()) {}
   const Plan& pick(int64_t M) const {
     if (M <= 1) return m1;
     if (M == 2) return m2;
     if (M <= 4) return m4;
-    return m8;
+    return mb;
   }
 };
 
-template <template <int, int, int, bool> class T>
+template <template <int, int, int, bool> class T, int RB, int MB>
 struct PlanTable {
-  PlanSet<T, F_INT4> i4;
-  PlanSet<T, F_INT8> i8;
-  PlanSet<T, F_F16> f16;
-  PlanSet<T, F_BF16> bf16;
+  PlanSet<T, F_INT4, RB, MB> i4;
+  PlanSet<T, F_INT8, RB, MB> i8;
+  PlanSet<T, F_F16, RB, MB> f16;
+  PlanSet<T, F_BF16, RB, MB> bf16;
   const Plan& pick(int fmt, int64_t M) const {
     switch (fmt) {
       case F_INT4: return i4.pick(M);
@@ -571,12 +598,12 @@ struct PlanTable256 {
   }
 };
 
-const PlanTable<Tile512>& plans512() {
-  static const PlanTable<Tile512> t;
+const PlanTable<Tile512, 4, 4>& plans512() {
+  static const PlanTable<Tile512, 4, 4> t;
   return t;
 }
-const PlanTable<TileBf16>& plansbf16() {
-  static const PlanTable<TileBf16> t;  // the F16 entry is never used (fp16 weights take fp32 path)
+const PlanTable<TileBf16, 3, 8>& plansbf16() {
+  static const PlanTable<TileBf16, 3, 8> t;  // the F16 entry is never used (fp16 weights take fp32 path)
   return t;
 }
 const PlanTable256& plans256() {
