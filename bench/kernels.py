@@ -38,7 +38,9 @@ ROTATE_BYTES = 160 << 20  # > 4x the 32 MiB L3
 
 
 def bench(fn, args_list, min_time=0.3, min_reps=5):
-    """Median seconds per call; cycles through args_list (distinct weight copies)."""
+    """Seconds per call: min over >= min_reps calls (best case, least disturbed by other load on
+    the machine; the median is kept in LAST_MEDIAN); cycles through args_list (weight copies)."""
+    global LAST_MEDIAN
     for a in args_list[:2]:
         fn(*a)
     times = []
@@ -50,7 +52,11 @@ def bench(fn, args_list, min_time=0.3, min_reps=5):
         fn(*a)
         times.append(time.perf_counter() - t0)
         i += 1
-    return statistics.median(times)
+    LAST_MEDIAN = statistics.median(times)
+    return min(times)
+
+
+LAST_MEDIAN = 0.0
 
 
 def copies(make, nbytes):
@@ -101,16 +107,18 @@ def main():
         return 1
     Ms = [int(m) for m in args.ms.split(",")]
     g = torch.Generator().manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, kernel ISA {mod.isa()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, kernel ISA {mod.isa()}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print("times: min over repeated calls (median in [brackets] where shown)")
 
     rd, cp = mem_bandwidth()
     print(f"memory bandwidth: sum (read) {rd:.1f} GB/s, copy (read+write) {cp:.1f} GB/s")
     print()
 
-    widths = [9, 3, 11, 11, 8, 11, 8, 12, 12, 12]
+    widths = [9, 3, 11, 7, 8, 11, 7, 8, 10, 10, 10]
     print("int4_linear: us per call (GB/s of weight bytes); torch options at the same shape")
-    print(fmt_row(["layer", "M", "ours fp32x", "", "", "ours bf16x", "", "t.int4pk", "t.int8pk",
-                   "t.bf16mm"], widths))
+    print(fmt_row(["layer", "M", "ours fp32x", "GB/s", "[med]", "ours bf16x", "GB/s", "[med]",
+                   "t.int4pk", "t.int8pk", "t.bf16mm"], widths))
     results = {}
     for name, (N, K, has_bias) in LAYERS.items():
         wbytes = N * K // 2
@@ -125,10 +133,12 @@ def main():
             x32 = torch.randn(M, K)
             xbf = x32.bfloat16()
             t32 = bench(lambda q, s: mod.int4_linear(x32, q, s, bias), ws)
+            m32 = LAST_MEDIAN
             tb = bench(lambda q, s: mod.int4_linear(xbf, q, s, bias), ws)
+            mb = LAST_MEDIAN
             results[(name, M)] = (t32, tb)
-            row = [name, M, f"{t32 * 1e6:.0f}", f"({wbytes / t32 / 1e9:.1f})", "",
-                   f"{tb * 1e6:.0f}", f"({wbytes / tb / 1e9:.1f})"]
+            row = [name, M, f"{t32 * 1e6:.0f}", f"({wbytes / t32 / 1e9:.1f})", f"[{m32 * 1e6:.0f}]",
+                   f"{tb * 1e6:.0f}", f"({wbytes / tb / 1e9:.1f})", f"[{mb * 1e6:.0f}]"]
             if not args.quick:
                 ta = bench(lambda p, sz: torch.ops.aten._weight_int4pack_mm_for_cpu(xbf, p, 128, sz), t4)
                 tc = bench(lambda w, s: torch._weight_int8pack_mm(xbf, w, s), t8)
@@ -140,6 +150,7 @@ def main():
             del t4, t8, tbf
     print("  (torch int4pk: bf16 x, groupsize 128, 0.5 B/weight + scales; int8pk: 1 B/weight;"
           " bf16mm: 2 B/weight)")
+    print(f"load average now {os.getloadavg()[0]:.1f}")
     print()
     print("M=8 / M=1 time ratio (int4_linear):")
     for name in LAYERS:

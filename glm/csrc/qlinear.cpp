@@ -14,7 +14,7 @@
 //                de-interleaved once per call into x_even / x_odd so no shuffles are needed
 //   avx2       : fp32 FMA with AVX2+FMA+F16C
 //   scalar     : portable C++
-// Work is split over output rows with at::parallel_for (torch intra-op pool). Each tile decodes a
+// Work is split over output rows on torch's intra-op pool (at::parallel_for, dynamic chunks). Each tile decodes a
 // block of R weight rows once per k-step and FMAs it into the accumulators of MT activation rows.
 
 #include <torch/extension.h>
@@ -147,13 +147,38 @@ Plan make_plan() {
   return p;
 }
 
+// Runs f(begin, end) over [0, n) on torch's intra-op pool with dynamic scheduling: the range is
+// cut into ~8 chunks per thread (each >= grain) that threads claim from an atomic counter. On a
+// busy machine a descheduled thread then delays the call by at most one chunk instead of holding
+// a fixed half of the work (static splitting made every call wait for the slowest thread).
+// Which thread computes a row never changes its result (rows are never split along k).
+template <class F>
+void dyn_parallel(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  const int64_t nt = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(std::max<int64_t>(1, grain), (n + 8 * nt - 1) / (8 * nt));
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+  if (nt <= 1 || nchunks <= 1) {
+    f(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(nt, nchunks), 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= nchunks) break;
+      f(c * chunk, std::min(n, (c + 1) * chunk));
+    }
+  });
+}
+
 void drive(const LinArgs& a, const Plan& p) {
   const int64_t R = p.R;
   const int64_t nblk = (a.N + R - 1) / R;
-  // Enough work per task that small layers are not split into tiny pieces.
+  // Enough work per chunk that small layers are not split into tiny pieces.
   const int64_t blk_bytes = std::max<int64_t>(1, R * a.w_row_bytes * std::max<int64_t>(1, a.M / 4));
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / blk_bytes);
-  at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
+  dyn_parallel(nblk, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * R;
       const int64_t rows = std::min<int64_t>(R, a.N - n0);
@@ -199,7 +224,7 @@ inline void decode_row_scalar(int fmt, const uint8_t* row, int64_t K, float* out
 
 void linear_scalar(int fmt, const LinArgs& a) {
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, a.w_row_bytes));
-  at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) {
+  dyn_parallel(a.N, grain, [&](int64_t n0, int64_t n1) {
     std::vector<float> wrow(static_cast<size_t>(a.K));
     for (int64_t n = n0; n < n1; ++n) {
       decode_row_scalar(fmt, a.w + n * a.w_row_bytes, a.K, wrow.data());
@@ -761,7 +786,7 @@ at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scale, int64_
   const bool bf16 = dt == at::kBFloat16;
   const int isa = g_isa.load(std::memory_order_relaxed);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, K));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+  dyn_parallel(N, grain, [&](int64_t n0, int64_t n1) {
 #ifdef GLM_X86
     if (isa >= ISA_AVX512) {
       dequant_rows_512((int)bits, q, row_bytes, s, K, o, bf16, n0, n1);
