@@ -10,7 +10,8 @@ fp32 accumulation):
   int4_linear(x, qweight int8 [N, K/2], scale [N], bias [N] | None)
   int8_linear(x, qweight int8 [N, K],   scale [N], bias [N] | None)
   half_linear(x, weight fp16/bf16 [N, K], bias [N] | None)
-  dequantize(qweight, scale, bits, dtype=torch.float32 | torch.bfloat16) -> [N, K]
+  dequantize(qweight, scale, bits, dtype=torch.float32 | torch.bfloat16, out=None) -> [N, K]
+      (pass a reused `out` buffer for prefill: fresh memory costs page faults ~8x the kernel)
   isa() / max_isa() / set_isa(name)  -- "scalar", "avx2", "avx512", "avx512bf16"
 """
 
@@ -125,5 +126,5 @@ def half_linear(x, weight, bias=None):
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def dequantize(qweight, scale, bits, dtype=torch.float32):
-    return get().dequantize(qweight, scale, bits, dtype)
+def dequantize(qweight, scale, bits, dtype=torch.float32, out=None):
+    return get().dequantize(qweight, scale, bits, dtype, out)
