@@ -66,13 +66,19 @@ def copies(make, nbytes):
 
 
 def mem_bandwidth():
+    """Read GB/s via a 1 GiB fp32 sum and via a 1 GiB fp32 matrix-vector product (MKL sgemv,
+    the same streaming pattern as decode), read+write GB/s via a 1 GiB copy; best of >= 8 runs."""
     a = torch.empty(1 << 28, dtype=torch.float32).uniform_()  # 1 GiB
     b = torch.empty_like(a)
+    b.copy_(a)
     nb = a.numel() * 4
-    t_sum = bench(lambda: a.sum(), [()], min_time=1.0)
-    t_copy = bench(lambda: b.copy_(a), [()], min_time=1.0)
-    del a, b
-    return nb / t_sum / 1e9, 2 * nb / t_copy / 1e9
+    v = torch.randn(4096)
+    mat = a.view(-1, 4096)
+    t_sum = bench(lambda: a.sum(), [()], min_time=1.5, min_reps=8)
+    t_mv = bench(lambda: torch.mv(mat, v), [()], min_time=1.5, min_reps=8)
+    t_copy = bench(lambda: b.copy_(a), [()], min_time=1.5, min_reps=8)
+    del a, b, mat
+    return nb / t_sum / 1e9, nb / t_mv / 1e9, 2 * nb / t_copy / 1e9
 
 
 def int4_weights(N, K, g):
@@ -99,6 +105,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer M values, no torch comparisons")
     ap.add_argument("--ms", default="1,2,4,8,16")
+    ap.add_argument("--step-only", action="store_true", help="only the whole decode step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     mod = kernels.get()
@@ -111,8 +118,10 @@ def main():
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print("times: min over repeated calls (median in [brackets] where shown)")
 
-    rd, cp = mem_bandwidth()
-    print(f"memory bandwidth: sum (read) {rd:.1f} GB/s, copy (read+write) {cp:.1f} GB/s")
+    rd_sum, rd_mv, cp = mem_bandwidth()
+    rd = max(rd_sum, rd_mv)
+    print(f"memory bandwidth ({args.threads} threads): sum (read) {rd_sum:.1f} GB/s, "
+          f"fp32 mv (read) {rd_mv:.1f} GB/s, copy (read+write) {cp:.1f} GB/s -> read ref {rd:.1f} GB/s")
     print()
 
     widths = [9, 3, 11, 7, 8, 11, 7, 8, 10, 10, 10]
@@ -120,7 +129,7 @@ def main():
     print(fmt_row(["layer", "M", "ours fp32x", "GB/s", "[med]", "ours bf16x", "GB/s", "[med]",
                    "t.int4pk", "t.int8pk", "t.bf16mm"], widths))
     results = {}
-    for name, (N, K, has_bias) in LAYERS.items():
+    for name, (N, K, has_bias) in ([] if args.step_only else LAYERS.items()):
         wbytes = N * K // 2
         ws = copies(lambda: int4_weights(N, K, g), wbytes)
         bias = torch.randn(N).half() if has_bias else None
@@ -152,13 +161,33 @@ def main():
           " bf16mm: 2 B/weight)")
     print(f"load average now {os.getloadavg()[0]:.1f}")
     print()
-    print("M=8 / M=1 time ratio (int4_linear):")
-    for name in LAYERS:
-        if (name, 1) in results and (name, 8) in results:
+    if 1 in Ms and results:
+        print(f"int4_linear M=1 weight streaming as % of the measured read bandwidth ({rd:.1f} GB/s):")
+        for name, (N, K, _) in LAYERS.items():
+            wb = N * K // 2
+            t32, tb = results[(name, 1)]
+            print(f"  {name:8s} fp32 x {100 * wb / t32 / 1e9 / rd:5.0f}%   bf16 x {100 * wb / tb / 1e9 / rd:5.0f}%")
+        print()
+    if 1 in Ms and 8 in Ms and results:
+        print("M=8 / M=1 time ratio (int4_linear):")
+        for name in LAYERS:
             r32 = results[(name, 8)][0] / results[(name, 1)][0]
             rb = results[(name, 8)][1] / results[(name, 1)][1]
             print(f"  {name:8s} fp32 x {r32:.2f}   bf16 x {rb:.2f}")
-    print()
+        print()
+        print("per-token estimate from the per-call minima above "
+              "(28 x [qkv + dense + h_to_4h + 4h_to_h] int4 + fp16 output layer):")
+        out_w = (torch.randn(*OUT_LAYER, generator=g) * 0.02).half()
+        outs = copies(lambda: (out_w,), out_w.numel() * 2)[:1]
+        for M in (1, 8):
+            for i, xdtype in enumerate((torch.float32, torch.bfloat16)):
+                x = torch.randn(M, OUT_LAYER[1]).to(xdtype)
+                t_out = bench(lambda w: mod.half_linear(x, w, None), outs)
+                t_layers = N_LAYERS * sum(results[(name, M)][i] for name in LAYERS)
+                print(f"  M={M} x {str(xdtype).replace('torch.', ''):8s}: {1e3 * (t_layers + t_out):6.1f} ms "
+                      f"(layers {1e3 * t_layers:.1f} + output layer {1e3 * t_out:.1f})")
+        del out_w, outs
+        print()
 
     # whole decode step over distinct memory: 28 layers x 4 int4 linears + fp16 output layer
     print("decode step (28 layers of distinct int4 weights + fp16 output layer 65024x4096):")
@@ -187,9 +216,11 @@ def main():
             t = min(ts)
             t_out = bench(lambda: mod.half_linear(xs["qkv"], out_w, None), [()])
             print(f"  x {str(xdtype).replace('torch.', ''):8s} M={M}: {t * 1e3:.1f} ms per step "
+                  f"[median {statistics.median(ts) * 1e3:.1f}] "
                   f"({total_bytes / t / 1e9:.1f} GB/s over {total_bytes / 1e9:.2f} GB); "
                   f"of which output layer {t_out * 1e3:.1f} ms ({out_w.numel() * 2 / t_out / 1e9:.1f} GB/s)",
                   flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
     return 0
 
 
