@@ -208,15 +208,19 @@ def main():
                 mod.half_linear(xs["qkv"], out_w, None)
 
             step()
-            ts = []
+            ts, cs = [], []
             for _ in range(5):
-                t0 = time.perf_counter()
+                c0, t0 = time.thread_time(), time.perf_counter()
                 step()
                 ts.append(time.perf_counter() - t0)
+                cs.append(time.thread_time() - c0)
             t = min(ts)
+            cpu_note = ""
+            if torch.get_num_threads() == 1:  # CPU time excludes time descheduled by other load
+                cpu_note = f" [CPU time {min(cs) * 1e3:.1f} ms]"
             t_out = bench(lambda: mod.half_linear(xs["qkv"], out_w, None), [()])
             print(f"  x {str(xdtype).replace('torch.', ''):8s} M={M}: {t * 1e3:.1f} ms per step "
-                  f"[median {statistics.median(ts) * 1e3:.1f}] "
+                  f"[median {statistics.median(ts) * 1e3:.1f}]{cpu_note} "
                   f"({total_bytes / t / 1e9:.1f} GB/s over {total_bytes / 1e9:.2f} GB); "
                   f"of which output layer {t_out * 1e3:.1f} ms ({out_w.numel() * 2 / t_out / 1e9:.1f} GB/s)",
                   flush=True)
