@@ -7,15 +7,19 @@
 //   half: weight fp16 / bf16 [N, K] (un-quantized output layer)
 // y[m, n] = sum_k x[m,k] * W[n,k] (+ bias[n]), fp32 accumulation, output in x's dtype.
 //
-// Code paths, chosen at run time (one build never executes unsupported instructions):
+// Code paths, chosen at run time (one build never executes unsupported instructions; the
+// env var GLM_KERNEL_ISA or set_isa() can force a lower one, e.g. for tests):
 //   avx512bf16 : bf16 activations x int4/int8/bf16 weights with VDPBF16PS (weights decoded to
-//                bf16 exactly: small integers), everything else as avx512
+//                bf16 exactly: small integers; products exact, fp32 accumulation). int4 at
+//                M <= 4 uses de-interleaved bf16 x_even / x_odd (2x VPERMW per 32 bytes).
+//                Everything else as avx512.
 //   avx512     : fp32 FMA; int4 nibbles decoded with a 16-entry VPERMPS table lookup, x
 //                de-interleaved once per call into x_even / x_odd so no shuffles are needed
 //   avx2       : fp32 FMA with AVX2+FMA+F16C
 //   scalar     : portable C++
-// Work is split over output rows on torch's intra-op pool (at::parallel_for, dynamic chunks). Each tile decodes a
-// block of R weight rows once per k-step and FMAs it into the accumulators of MT activation rows.
+// Work is split over output rows on torch's intra-op pool (at::parallel_for, dynamic chunks).
+// Each tile decodes a block of R weight rows once per k-step and FMAs it into the accumulators
+// of MT activation rows; the next tile's weights are software-prefetched.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
