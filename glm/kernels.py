@@ -10,7 +10,8 @@ fp32 accumulation):
   int4_linear(x, qweight int8 [N, K/2], scale [N], bias [N] | None)
   int8_linear(x, qweight int8 [N, K],   scale [N], bias [N] | None)
   half_linear(x, weight fp16/bf16 [N, K], bias [N] | None)
-  dequantize(qweight, scale, bits, dtype=torch.float32 | torch.bfloat16) -> [N, K]
+  dequantize(qweight, scale, bits, dtype=torch.float32 | torch.bfloat16, out=None) -> [N, K]
+      (pass a reused `out` buffer for prefill: fresh memory costs page faults ~8x the kernel)
   isa() / max_isa() / set_isa(name)  -- "scalar", "avx2", "avx512", "avx512bf16"
 """
 
@@ -63,13 +64,31 @@ def load(verbose: bool = False):
 
     d = build_dir()
     d.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=NAME,
-        sources=[str(CSRC / s) for s in SOURCES],
-        extra_cflags=list(CFLAGS),
-        build_directory=str(d),
-        verbose=verbose,
+    # torch's own build chatter (compiler-compat banners etc.) stays out of our logs unless verbose
+    tlog = logging.getLogger("torch.utils.cpp_extension")
+    old = tlog.level
+    if not verbose:
+        tlog.setLevel(logging.ERROR)
+    try:
+        return cpp_extension.load(
+            name=NAME,
+            sources=[str(CSRC / s) for s in SOURCES],
+            extra_cflags=list(CFLAGS),
+            build_directory=str(d),
+            verbose=verbose,
+        )
+    finally:
+        tlog.setLevel(old)
+
+
+def _reason(e: BaseException) -> str:
+    """The most telling line of a build failure (compiler's error line, else the last line)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    pick = next(
+        (ln for ln in lines if any(k in ln for k in ("error:", "Error:", "not found", "No such file"))),
+        lines[-1] if lines else "",
     )
+    return f"{type(e).__name__}: {pick}"[:500]
 
 
 def get():
@@ -84,8 +103,7 @@ def get():
             try:
                 _module = load()
             except Exception as e:  # no compiler, build error, ...
-                lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-                _error = f"{type(e).__name__}: {lines[-1] if lines else ''}"[:500]
+                _error = _reason(e)
                 log.warning("glm: fused CPU kernels unavailable, using pure torch fallback (%s)", _error)
                 _module = None
             _tried = True
@@ -126,5 +144,5 @@ def half_linear(x, weight, bias=None):
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def dequantize(qweight, scale, bits, dtype=torch.float32):
-    return get().dequantize(qweight, scale, bits, dtype)
+def dequantize(qweight, scale, bits, dtype=torch.float32, out=None):
+    return get().dequantize(qweight, scale, bits, dtype, out)

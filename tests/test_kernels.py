@@ -170,6 +170,10 @@ def test_dequantize_exact(mod, isa, bits, N, K):
         outb = mod.dequantize(q, scale, bits, torch.bfloat16)
         assert outb.dtype == torch.bfloat16 and torch.equal(outb, ref.to(torch.bfloat16))
     assert torch.equal(mod.dequantize(q, scale, bits), ref)  # default dtype float32
+    buf = torch.full((N, K), float("nan"))
+    assert mod.dequantize(q, scale, bits, out=buf) is not None and torch.equal(buf, ref)
+    with pytest.raises(RuntimeError, match="out"):
+        mod.dequantize(q, scale, bits, torch.float32, torch.empty(N, K + 2))
 
 
 def test_threads_agree(mod):
