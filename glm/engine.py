@@ -46,6 +46,7 @@ class Sequence:
         self.error: BaseException | None = None
         self.cancelled = False
         self.chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self.on_chunk = None            # called (from the engine thread) after each put: wakes async readers
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
         self.t_done: float | None = None
@@ -96,11 +97,16 @@ class Sequence:
         self.finish_reason = reason
         self.t_done = time.perf_counter()
         self.cache = None
-        self.chunks.put(_DONE)
+        self._put(_DONE)
 
     def _emit(self, text: str) -> None:
         if text:
-            self.chunks.put(text)
+            self._put(text)
+
+    def _put(self, item) -> None:
+        self.chunks.put(item)
+        if self.on_chunk is not None:
+            self.on_chunk()
 
 
 class Engine:

@@ -1,6 +1,7 @@
 """GLM: the public object glm.load returns (tokenizer + model + engine)."""
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 
@@ -84,6 +85,30 @@ class Stream:
                 if self.seq.error is not None:
                     raise self.seq.error
                 raise StopIteration
+            return item
+
+    def __aiter__(self):
+        """Async iteration for a server whose engine runs in its thread (Engine.start())."""
+        if not self.engine.threaded:
+            raise RuntimeError("async iteration needs the engine loop running in its thread (Engine.start())")
+        loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        self.seq.on_chunk = lambda: loop.call_soon_threadsafe(self._ready.set)
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            try:
+                item = self.seq.chunks.get_nowait()
+            except queue.Empty:
+                self._ready.clear()
+                if self.seq.chunks.empty():  # nothing arrived between the check and the clear
+                    await self._ready.wait()
+                continue
+            if item is _DONE:
+                if self.seq.error is not None:
+                    raise self.seq.error
+                raise StopAsyncIteration
             return item
 
     def cancel(self) -> None:
