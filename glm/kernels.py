@@ -49,6 +49,7 @@ def build_dir() -> Path:
         h.update(src.encode())
         h.update((CSRC / src).read_bytes())
     h.update(torch.__version__.encode())
+    h.update(torch.__file__.encode())  # build.ninja names this torch's include dirs: one build per install
     h.update(" ".join(CFLAGS).encode())
     base = os.environ.get("GLM_KERNEL_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "glm", "kernels"
