@@ -8,7 +8,8 @@ Not a conftest: test modules import what they need from here.
 - `CogServer` starts `python -m cog.server.http` on a free port in its own process
   group, with the interpreter's bin dir first on PATH (coglet spawns its worker as a
   bare `python`), waits with a deadline for a health status, and always kills the
-  whole group on stop. Every wait has a timeout; a failure carries the server log.
+  whole group on stop (and at exit; and, on Linux, the kernel kills the server if the
+  test process dies first). Every wait has a timeout; a failure carries the server log.
 """
 from __future__ import annotations
 
@@ -75,6 +76,32 @@ def _env(extra: Dict[str, str]) -> Dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    """Linux: SIGKILL the server if the test process dies without running its finalizers."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass
+    os.setsid()  # own process group, so stop() can kill the worker with it
+
+
+_RUNNING: "set[CogServer]" = set()
+
+
+def _stop_all() -> None:
+    for srv in list(_RUNNING):
+        srv.stop()
+
+
+import atexit  # noqa: E402
+
+atexit.register(_stop_all)
+
+
 def live_group_members(pgid: int) -> List[int]:
     """PIDs still running (not zombies) in process group `pgid` (Linux /proc)."""
     alive = []
@@ -113,8 +140,9 @@ class CogServer:
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "cog.server.http", "--host", "127.0.0.1"],
             cwd=self.app_dir, env=_env(self.extra_env), stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
         )
+        _RUNNING.add(self)
         return self
 
     def stop(self) -> None:
@@ -139,6 +167,7 @@ class CogServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+        _RUNNING.discard(self)
 
     def __enter__(self) -> "CogServer":
         return self.start()

@@ -721,9 +721,13 @@ def test_hung_server_fails_with_logs_and_is_killed(tmp_path):
     srv = CogServer(str(app))
     srv.start()
     try:
+        deadline = time.monotonic() + 180  # a busy machine can take a while to get into setup()
+        while "setup is hanging" not in srv.logs():
+            assert time.monotonic() < deadline, srv.logs()
+            time.sleep(0.2)
         t0 = time.monotonic()
         with pytest.raises(ServerError) as err:
-            srv.wait_for({"READY"}, timeout=8)
+            srv.wait_for({"READY"}, timeout=3)
         assert time.monotonic() - t0 < 30
         assert "cog server log" in str(err.value) and "setup is hanging" in str(err.value)
     finally:
