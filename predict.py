@@ -1,7 +1,12 @@
-"""Cog predictor for THUDM ChatGLM2-6B-int4 on top of the `glm` engine.
+"""Cog predictor for THUDM's ChatGLM models on top of the `glm` engine.
 
-Thin by design: validate inputs, call the engine, stream its text, log.
-All model logic (tokenizer, sampling, stop strings, context limits) lives in glm/.
+Thin by design: validate inputs, call the engine, stream its text, log. All model logic
+(tokenizer, sampling, stop strings, context limits) lives in glm/.
+
+predict() is a plain generator, one prediction at a time: with coglet 0.23.1 an async generator's
+output is only sent when it ends (no streaming), and an async predict() returning a generator
+streams but cannot be cancelled. The engine batches concurrent sequences (glm.engine); serving
+them concurrently waits on a Cog server that streams async generators.
 
 Inputs mirror the public Replicate model nomagick/chatglm2-6b-int4
 (prompt, max_tokens, temperature, top_p) plus top_k, repetition_penalty,
@@ -11,7 +16,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import sys
 import time
 from typing import Iterator, List, Optional
 
@@ -20,7 +24,11 @@ from cog import BasePredictor, ConcatenateIterator, Input
 
 import glm
 
-DEFAULT_PROMPT = "[Round 1]\n\n问：你好\n\n答："
+# Per family: THUDM's chat() defaults, the prompt of a first turn, and a mark of the other family's format.
+FAMILY = {
+    "chatglm2": dict(prompt="[Round 1]\n\n问：你好\n\n答：", temperature=0.75, top_p=0.8, other_format="[Round 0]\n"),
+    "chatglm": dict(prompt="你好", temperature=0.95, top_p=0.7, other_format="[Round 1]\n\n"),
+}
 DEFAULT_WEIGHTS_DIR = "weights"
 # The model download-weights fetches by default; preferred when weights/ holds several.
 DEFAULT_MODEL_NAME = "chatglm2-6b-int4"
@@ -87,12 +95,27 @@ def parse_stop_sequences(text: str) -> List[str]:
     return [s.strip(" ") for s in text.split(",") if s.strip(" ")]
 
 
+def weights_root() -> str:
+    return os.environ.get("COG_WEIGHTS") or DEFAULT_WEIGHTS_DIR
+
+
+def checkpoint_family(root: str) -> str:
+    """Family of the checkpoint setup() will load; 'chatglm2' while there is none."""
+    try:
+        return glm.ChatGLMConfig.from_file(os.path.join(find_checkpoint(root), "config.json")).family
+    except (WeightsError, glm.CheckpointError):
+        return "chatglm2"
+
+
+# Input defaults follow the checkpoint baked into the image (read when the schema is built).
+DEFAULTS = FAMILY[checkpoint_family(weights_root())]
+
+
 class Predictor(BasePredictor):
     def setup(self) -> None:
         import torch
 
-        root = os.environ.get("COG_WEIGHTS") or DEFAULT_WEIGHTS_DIR
-        path = find_checkpoint(root)
+        path = find_checkpoint(weights_root())
         if torch.cuda.is_available():
             device, dtype = "cuda", torch.float16
         else:
@@ -105,17 +128,11 @@ class Predictor(BasePredictor):
             # One clear line in the server's setup logs; no engine traceback chain.
             raise WeightsError(f"cannot load checkpoint {path}: {e}") from None
         cfg = self.model.config
-        log(
-            f"loaded {cfg.family} checkpoint in {time.monotonic() - t0:.1f}s; "
-            f"max_context={cfg.max_context}"
-        )
+        self.family = FAMILY[cfg.family]
+        log(f"loaded {cfg.family} checkpoint in {time.monotonic() - t0:.1f}s; max_context={cfg.max_context}")
         # One-token warm-up so the first request does not pay for lazy init.
         t0 = time.monotonic()
-        warm = self.model.generate(
-            DEFAULT_PROMPT, max_new_tokens=1, temperature=0.0, top_p=1.0, top_k=0,
-            repetition_penalty=1.0, seed=0,
-        )
-        for _ in warm:
+        for _ in self.model.generate(self.family["prompt"], max_new_tokens=1, temperature=0.0, seed=0):
             pass
         log(f"warm-up done in {time.monotonic() - t0:.2f}s")
 
@@ -123,9 +140,10 @@ class Predictor(BasePredictor):
     def predict(
         self,
         prompt: str = Input(
-            description="Raw ChatGLM prompt, e.g. '[Round 1]\\n\\n问：...\\n\\n答：' "
-            "(earlier rounds go before it as '[Round N]\\n\\n问：...\\n\\n答：...\\n\\n').",
-            default=DEFAULT_PROMPT,
+            description="Raw prompt in the model's own format: ChatGLM2 '[Round 1]\\n\\n问：...\\n\\n答：' "
+            "(earlier rounds go before it as '[Round N]\\n\\n问：...\\n\\n答：...\\n\\n'); ChatGLM-6B: the bare "
+            "question, or '[Round 0]\\n问：...\\n答：...\\n' rounds before '[Round N]\\n问：...\\n答：'.",
+            default=DEFAULTS["prompt"],
             min_length=1,
         ),
         max_tokens: int = Input(
@@ -137,14 +155,14 @@ class Predictor(BasePredictor):
         ),
         temperature: float = Input(
             description="Sampling temperature; higher is more random, 0 means greedy decoding.",
-            default=0.75,
+            default=DEFAULTS["temperature"],
             ge=0.0,
             le=5.0,
         ),
         top_p: float = Input(
             description="Nucleus sampling: sample from the smallest set of tokens whose "
             "probabilities add up to top_p. 0 keeps only the most likely token (greedy).",
-            default=0.8,
+            default=DEFAULTS["top_p"],
             ge=0.0,
             le=1.0,
         ),
@@ -174,7 +192,10 @@ class Predictor(BasePredictor):
         ),
     ) -> ConcatenateIterator[str]:
         if not prompt.strip():
-            raise ValueError("prompt is empty: give the text to continue, e.g. " + repr(DEFAULT_PROMPT))
+            raise ValueError("prompt is empty: give the text to continue, e.g. " + repr(self.family["prompt"]))
+        if self.family["other_format"] in prompt:
+            log(f"warning: the prompt contains {self.family['other_format']!r}, the other ChatGLM generation's "
+                f"format; this {self.model.config.family} model expects e.g. {self.family['prompt']!r}")
         model = self.model
         max_context = model.config.max_context
         prompt_tokens = len(model.tokenizer.encode(prompt))
@@ -200,47 +221,34 @@ class Predictor(BasePredictor):
             # takes top_p in (0, 1], so say it as what it means: greedy decoding.
             log("top_p=0: greedy decoding")
             temperature, top_p = 0.0, 1.0
-        stops = parse_stop_sequences(stop_sequences)
-        yield from self._stream(
-            model.generate(
-                prompt,
-                max_new_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                repetition_penalty=repetition_penalty,
-                seed=seed,
-                stop=tuple(stops),
-            ),
-            prompt_tokens,
-            seed,
+        stream = model.generate(
+            prompt,
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=tuple(parse_stop_sequences(stop_sequences)),
         )
+        yield from self._stream(stream, seed)
 
-    def _stream(self, stream, prompt_tokens: int, seed: int) -> Iterator[str]:
+    def _stream(self, stream, seed: int) -> Iterator[str]:
         t0 = time.monotonic()
         first = None
-        done = False
         try:
             for chunk in stream:
                 if first is None:
                     first = time.monotonic()
                 yield chunk
-            done = True
         finally:
+            # Cancelled (or the client went away): the engine drops the sequence at its next step.
+            stream.cancel()
             elapsed = time.monotonic() - t0
-            new_tokens = getattr(stream, "new_tokens", None)
-            reason = getattr(stream, "finish_reason", None) if done else "canceled"
-            tps = (new_tokens / elapsed) if (new_tokens and elapsed > 0) else 0.0
+            reason = stream.finish_reason or "canceled"
+            tps = stream.new_tokens / elapsed if elapsed > 0 else 0.0
             ttft = f"{first - t0:.3f}s" if first is not None else "n/a"
             log(
-                f"prompt_tokens={getattr(stream, 'prompt_tokens', prompt_tokens)} "
-                f"new_tokens={new_tokens} time_to_first_token={ttft} "
-                f"tokens_per_s={tps:.2f} seed={seed} finish_reason={reason}"
+                f"prompt_tokens={stream.prompt_tokens} new_tokens={stream.new_tokens} "
+                f"time_to_first_token={ttft} tokens_per_s={tps:.2f} seed={seed} finish_reason={reason}"
             )
-            if not done:
-                close = getattr(stream, "close", None)
-                if close is not None:
-                    try:
-                        close()
-                    except Exception as e:  # pragma: no cover - best effort
-                        print(f"[chatglm] closing stream failed: {e}", file=sys.stderr, flush=True)

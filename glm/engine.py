@@ -141,9 +141,11 @@ class Engine:
         return seq
 
     def cancel(self, seq: Sequence) -> None:
-        """The sequence leaves at the next step (its cache is freed then)."""
+        """The sequence leaves at the next step, or now when no thread runs the loop."""
         seq.cancelled = True
         with self._wakeup:
+            if self._thread is None:
+                self._reap()
             self._wakeup.notify()
 
     @property

@@ -97,6 +97,9 @@ class Stream:
         return self
 
     async def __anext__(self) -> str:
+        # Always suspend once: when the engine runs ahead, chunks are ready at every call, and a
+        # reader that never suspends could not be cancelled by its server until the reply ends.
+        await asyncio.sleep(0)
         while True:
             try:
                 item = self.seq.chunks.get_nowait()

@@ -31,7 +31,7 @@ CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
 QUANTIZED = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, multi_query_group_num=2, kv_channels=16,
-            ffn_hidden_size=160, seq_length=2048)
+            ffn_hidden_size=160, seq_length=32768)  # as the real config: rotary cache 32K, context 8K
 FULL = dict(num_layers=28, hidden_size=4096, num_attention_heads=32, multi_query_group_num=2, kv_channels=128,
             ffn_hidden_size=13696, seq_length=32768, padded_vocab_size=65024)
 

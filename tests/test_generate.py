@@ -79,8 +79,8 @@ def test_empty_prompt_is_an_input_error(tiny_model):
 def test_context_overflow_is_reported_before_any_work(tiny_model):
     n = len(tiny_model.tokenizer.encode(PROMPTS[0]))
     queued = len(tiny_model.engine.waiting)
-    with pytest.raises(glm.InputError, match=r"exceeds the model's context of 2048"):
-        tiny_model.generate(PROMPTS[0], max_new_tokens=2048 - n + 1)
+    with pytest.raises(glm.InputError, match=r"exceeds the model's context of 8192"):
+        tiny_model.generate(PROMPTS[0], max_new_tokens=8192 - n + 1)
     assert len(tiny_model.engine.waiting) == queued
 
 
@@ -205,3 +205,23 @@ def test_kv_budget_queues_and_rejects(tiny_model):
     while engine.step():
         pass
     assert a.finish_reason == b.finish_reason == "length"
+
+
+def test_concurrent_async_streams_on_the_engine_thread_equal_solo_runs(tiny_model):
+    import asyncio
+
+    want = [solo(tiny_model, **r)[0] for r in REQUESTS]
+    engine = tiny_model.use_engine(max_batch=4)
+    engine.start()
+    try:
+        async def one(r):
+            r = dict(r)
+            stream = tiny_model.generate(r.pop("prompt"), **r)
+            return "".join([c async for c in stream])
+
+        async def all_at_once():
+            return await asyncio.gather(*[one(r) for r in REQUESTS])
+
+        assert asyncio.run(all_at_once()) == want
+    finally:
+        tiny_model.use_engine()

@@ -82,11 +82,15 @@ def assert_ready(server):
     assert h["status"] == "READY"
 
 
+# Long enough to still be generating when a cancel arrives (~400 tokens/s on the tiny checkpoint).
+LONG = 400
+
+
 @pytest.fixture(scope="session")
 def long_seed(engine):
-    """A seed whose sampled output runs to max_tokens (no early EOS) at temperature 1."""
+    """A seed whose sampled output runs to LONG tokens (no early EOS) at temperature 1."""
     for seed in range(40):
-        _, st = reference(engine, max_tokens=200, temperature=1.0, top_p=1.0, seed=seed)
+        _, st = reference(engine, max_tokens=LONG, temperature=1.0, top_p=1.0, seed=seed)
         if st.finish_reason == "length":
             return seed
     pytest.skip("tiny checkpoint always hits EOS early; cannot test cancel")
@@ -235,9 +239,15 @@ def test_stop_sequences(server, engine):
 
 
 def test_max_tokens_clamped_to_context(server, engine):
-    r = server.predict({"input": {"max_tokens": 32768, "temperature": 0, "seed": 1}}).json()
+    # a prompt that leaves 20 tokens of the context
+    ids = engine.tokenizer.encode(DEFAULT_PROMPT)
+    filler = engine.tokenizer.sp.encode("春眠不觉晓，处处闻啼鸟。")
+    ids = ids + (filler * engine.config.max_context)[: engine.config.max_context - 20 - len(ids)]
+    prompt = engine.tokenizer.decode(ids)
+    assert len(engine.tokenizer.encode(prompt)) == engine.config.max_context - 20
+    r = server.predict({"input": {"prompt": prompt, "max_tokens": 32768, "temperature": 0, "seed": 1}}).json()
     assert r["status"] == "succeeded", r
-    assert "clamped to" in r["logs"]
+    assert "max_tokens 32768 clamped to 20" in r["logs"]
 
 
 def test_webhook_start_output_completed(server):
@@ -292,7 +302,7 @@ def test_cancel_stops_generation_and_server_recovers(server, long_seed):
                 assert r.status_code == 200, r.text
                 seen["canceled"] = True
 
-    max_tokens = 200
+    max_tokens = LONG
     events = server.sse({"id": pid, "input": {"max_tokens": max_tokens, "temperature": 1.0, "top_p": 1.0,
                                               "seed": long_seed}}, on_event=on_event)
     final = events[-1]["data"]
