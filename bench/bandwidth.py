@@ -1,0 +1,49 @@
+"""Memory read bandwidth: the roofline basis for batch-1 decode.
+
+Decode at batch 1 has to stream every weight byte once per token, so
+``tokens/s <= bandwidth / bytes_of_weights``. ``roofline_fraction`` in the report is
+``decode_tok_s * weight_bytes / bandwidth``.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def measure_bandwidth(threads: int = 2, *, size_bytes: int = 1 << 30, repeats: int = 7) -> float:
+    """Best-of-``repeats`` read bandwidth in GB/s (1e9 bytes/s) with ``threads`` threads.
+
+    Sums a ``size_bytes`` float32 tensor with torch (a pure streaming read; the
+    result is a scalar). The tensor is far larger than the L3 cache. Restores torch's
+    previous thread count afterwards.
+    """
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(size_bytes // 4, dtype=torch.float32)  # touch every page once
+        x.sum()  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t)
+        del x
+        return x_bytes(size_bytes) / best / 1e9
+    finally:
+        torch.set_num_threads(prev)
+
+
+def x_bytes(size_bytes: int) -> int:
+    return (size_bytes // 4) * 4
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=measure_bandwidth.__doc__)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gb", type=float, default=1.0)
+    a = ap.parse_args()
+    print(f"{measure_bandwidth(a.threads, size_bytes=int(a.gb * (1 << 30))):.1f} GB/s")
