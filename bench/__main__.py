@@ -104,6 +104,7 @@ ROWS = [
     ("roofline_fraction", "roofline fraction"),
     ("cpu_util_decode", "CPU util during decode"),
     ("max_threads_seen", "max threads seen"),
+    ("other_load_cores", "other processes' load (cores)"),
 ]
 
 
@@ -129,6 +130,9 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-dtypes", default="q4_0,q8_0",
                     help="chatglm.cpp formats to measure (comma list of q4_0,q8_0; '' to skip the peer)")
     ap.add_argument("--no-bandwidth", action="store_true")
+    ap.add_argument("--quiet-wait", type=float, default=120.0,
+                    help="before each measurement wait up to this many seconds for other processes "
+                         "to go idle (the box is shared; ggml is very sensitive to contention)")
     args = ap.parse_args(argv)
     args.layers = 4 if args.small else 28
     t_start = time.time()
@@ -136,8 +140,15 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[bench +{time.time() - t_start:5.0f}s] {msg}", file=sys.stderr, flush=True)
 
+    def quiet():
+        if args.quiet_wait > 0:
+            load = chatglm_cpp.wait_for_quiet(args.quiet_wait)
+            if load >= 0.3:
+                log(f"WARNING: machine still busy ({load:.2f} cores), measuring anyway")
+
     bw = None
     if not args.no_bandwidth:
+        quiet()
         bw = round(measure_bandwidth(args.threads), 2)
         log(f"read bandwidth {bw} GB/s ({args.threads} threads)")
 
@@ -148,6 +159,7 @@ def main(argv=None) -> int:
         log(f"chatglm.cpp {chatglm_cpp.VERSION} native build: {site}")
         for dt in dtypes:
             path = chatglm_cpp.ensure_model(dt, args.layers)
+            quiet()
             log(f"measuring chatglm.cpp {dt} on {path.name} ...")
             r = chatglm_cpp.measure(path, threads=args.threads, site=site)
             r["streamed_weight_bytes"] = chatglm_cpp.streamed_weight_bytes(dtype=dt, num_layers=args.layers)
@@ -157,6 +169,7 @@ def main(argv=None) -> int:
             log(f"chatglm.cpp {dt}: decode {r['decode_tok_s']} tok/s, prefill {r['prefill_tok_s']} tok/s, "
                 f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB")
 
+    quiet()
     log("measuring our engine ...")
     ours = measure_ours(args)
     if ours is None:

@@ -116,7 +116,7 @@ def ensure_built(python: str | None = None, *, force: bool = False, log_path: Pa
     ``-march=native`` extension ``_C``); prepend it to ``PYTHONPATH``. Cached in
     ``~/.cache/glm-bench/chatglm_cpp-0.4.2-<pytag>-native-<cpuhash>/``; the sdist in
     ``~/.cache/glm-bench/src/`` and the wheel in ``~/.cache/glm-bench/wheels/<...>/``.
-    A cold build takes ~10 min on 2 cores (abseil/re2/sentencepiece dominate).
+    A cold build takes ~18 min on 2 cores (abseil/re2/sentencepiece dominate).
     """
     import fcntl
 
@@ -131,7 +131,7 @@ def ensure_built(python: str | None = None, *, force: bool = False, log_path: Pa
             return str(site)
         t0 = time.time()
         log_path = Path(log_path or CACHE_DIR / f"build-{site.name}.log")
-        _log(f"building chatglm-cpp {VERSION} for this CPU (~10 min); log: {log_path}")
+        _log(f"building chatglm-cpp {VERSION} for this CPU (~18 min on 2 cores); log: {log_path}")
         with open(log_path, "a") as log:
 
             def run(cmd, **kw):
@@ -149,7 +149,9 @@ def ensure_built(python: str | None = None, *, force: bool = False, log_path: Pa
                      "--no-build-isolation", f"chatglm-cpp=={VERSION}", "-d", str(src)])
             wheel_dir = CACHE_DIR / "wheels" / site.name
             wheels = sorted(wheel_dir.glob("chatglm_cpp-*.whl")) if wheel_dir.exists() else []
+            wheel_build_s = None  # None: a previously built wheel was reused
             if force or not wheels:
+                t_wheel = time.time()
                 tree = src / f"chatglm_cpp-{VERSION}"
                 if tree.exists():
                     shutil.rmtree(tree)
@@ -167,6 +169,7 @@ def ensure_built(python: str | None = None, *, force: bool = False, log_path: Pa
                 run([python, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps",
                      "-w", str(wheel_dir), str(tree)], env=env)
                 wheels = sorted(wheel_dir.glob("chatglm_cpp-*.whl"))
+                wheel_build_s = round(time.time() - t_wheel, 1)
             if site.exists():
                 shutil.rmtree(site)
             run([python, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheels[-1])])
@@ -175,7 +178,7 @@ def ensure_built(python: str | None = None, *, force: bool = False, log_path: Pa
             run([python, "-c", "import chatglm_cpp._C as C; print(C.Pipeline)"], env=env)
         info = dict(version=VERSION, wheel=wheels[-1].name, cmake_args="-march=native (C and CXX)",
                     cpu_tag=_cpu_tag(), built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    build_s=round(time.time() - t0, 1))
+                    wheel_build_s=wheel_build_s, total_s=round(time.time() - t0, 1))
         (site / "BUILD_INFO.json").write_text(json.dumps(info, indent=1))
         _log(f"built in {time.time() - t0:.0f} s -> {site}")
     return str(site)
@@ -278,6 +281,45 @@ def write_random_ggml(path, *, dtype: str = "q4_0", num_layers: int = 28, hidden
                 _write_quant(f, rng, n, t)
     os.replace(tmp, path)
     return path
+
+
+def inspect_ggml(path) -> tuple[dict, list[tuple[str, tuple[int, ...], int, int]]]:
+    """Parse a file the way chatglm.cpp's ModelLoader does (header + tensor index).
+
+    Returns (header dict, [(name, torch-order shape, ggml_type, data offset)]) and
+    checks that the last tensor ends exactly at EOF.
+    """
+    with open(path, "rb") as f:
+        data = f.read(1 << 16)
+        size = os.fstat(f.fileno()).st_size
+        magic, mt, ver = struct.unpack_from("<4sii", data, 0)
+        assert magic == b"ggml" and mt == CHATGLM2_MODEL_TYPE and ver == 2, (magic, mt, ver)
+        keys = ("dtype vocab hidden heads kv_groups num_layers ffn norm_eps num_virtual_tokens "
+                "rope_theta max_length eos_token_id pad_token_id").split()
+        hdr = dict(zip(keys, struct.unpack_from("<iiiiiiififiii", data, 12)))
+        pos = 12 + 52
+        (sp_len,) = struct.unpack_from("<i", data if pos + 4 <= len(data) else f.read(0), pos)
+        pos += 4 + sp_len
+        hdr["tokenizer_bytes"] = sp_len
+        tensors = []
+        while pos < size:
+            f.seek(pos)
+            head = f.read(4 + 256 + 4 + 16 + 4)
+            (nl,) = struct.unpack_from("<i", head, 0)
+            name = head[4:4 + nl].decode()
+            (ndim,) = struct.unpack_from("<i", head, 4 + nl)
+            shape = struct.unpack_from(f"<{ndim}i", head, 8 + nl)
+            (t,) = struct.unpack_from("<i", head, 8 + nl + 4 * ndim)
+            off = pos + 12 + nl + 4 * ndim
+            off += -off % 16
+            n = 1
+            for s_ in shape:
+                n *= s_
+            nbytes = 4 * n if t == GGML_F32 else n // QK * _BLOCK_BYTES[t]
+            tensors.append((name, tuple(shape), t, off))
+            pos = off + nbytes
+        assert pos == size, f"tensor data overruns EOF ({pos} vs {size})"
+    return hdr, tensors
 
 
 def expected_size(*, dtype: str = "q4_0", num_layers: int = 28, **shape) -> int:
@@ -399,13 +441,15 @@ def measure(model_path, threads: int = 2, *, prompt_len: int = 16, new_tokens: i
                 seed=seed)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(args)]
     t0 = time.time()
+    busy0 = _busy_cpu_s()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    max_tasks = 0
+    max_tasks, child_cpu = 0, 0.0
     try:
         while proc.poll() is None:
             try:
                 max_tasks = max(max_tasks, len(os.listdir(f"/proc/{proc.pid}/task")))
-            except OSError:
+                child_cpu = _proc_cpu_s(proc.pid)
+            except (OSError, IndexError, ValueError):
                 pass
             if time.time() - t0 > timeout:
                 proc.kill()
@@ -413,13 +457,55 @@ def measure(model_path, threads: int = 2, *, prompt_len: int = 16, new_tokens: i
             time.sleep(0.02)
     finally:
         out, err = proc.communicate()
+    wall = time.time() - t0
+    other_load = max(0.0, (_busy_cpu_s() - busy0 - child_cpu) / wall)
     if proc.returncode != 0:
         raise RuntimeError(f"chatglm.cpp worker failed (rc={proc.returncode}):\n{err[-4000:]}")
     res = json.loads(out.strip().splitlines()[-1])
     res["max_threads_seen"] = max_tasks  # includes the Python main thread
     res["thread_control"] = thread_control
-    res["wall_s"] = round(time.time() - t0, 2)
+    res["wall_s"] = round(wall, 2)
+    # CPU cores used by OTHER processes during the run (0 = quiet machine). ggml's
+    # threads spin at barriers, so any contention on a 2-core box distorts results.
+    res["other_load_cores"] = round(other_load, 2)
+    if other_load > 0.25:
+        _log(f"WARNING: other processes used {other_load:.2f} cores during the measurement; "
+             "figures are contaminated by contention")
     return res
+
+
+def _busy_cpu_s() -> float:
+    """Machine-wide busy CPU seconds (all cores) from /proc/stat."""
+    f = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    v = [int(x) for x in f]
+    busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)  # user nice system irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu_s(pid: int) -> float:
+    st = Path(f"/proc/{pid}/stat").read_text()
+    f = st[st.rindex(")") + 2:].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def machine_load(window: float = 2.0) -> float:
+    """Cores busy (machine-wide, all processes) averaged over ``window`` seconds."""
+    b0, t0 = _busy_cpu_s(), time.time()
+    time.sleep(window)
+    return (_busy_cpu_s() - b0) / (time.time() - t0)
+
+
+def wait_for_quiet(max_wait: float = 300.0, threshold: float = 0.3, window: float = 3.0) -> float:
+    """Wait until other processes use < ``threshold`` cores (or ``max_wait`` s passed).
+
+    The box is shared (colleagues' builds/tests); returns the last observed load.
+    """
+    t0 = time.time()
+    load = machine_load(window)
+    while load >= threshold and time.time() - t0 < max_wait:
+        _log(f"machine busy ({load:.2f} cores used by others); waiting for quiet ...")
+        load = machine_load(window)
+    return load
 
 
 def _vm_hwm_bytes() -> int:
@@ -521,4 +607,7 @@ def _worker(args: dict) -> dict:
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
+    # run as a script, sys.path[0] is bench/ and this file would shadow the real package
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     print(json.dumps(_worker(json.loads(sys.argv[2]))), flush=True)
