@@ -19,7 +19,7 @@ import sys
 import time
 
 from . import chatglm_cpp
-from .bandwidth import measure_bandwidth
+from .bandwidth import measure_bandwidth_subprocess
 
 
 # =============================================================================
@@ -35,7 +35,8 @@ def measure_ours(args) -> dict | None:
       * decode 128 new tokens after a 16-token prompt (batch 1)
       * prefill a 512-token prompt, then decode 32 tokens at ~512 context
       * batch 8: 8 sequences decoded together
-    (args.nice has already been applied to this process; subprocesses inherit it.)
+    If args.nice < 0, start the measuring subprocess with
+    preexec_fn=lambda: chatglm_cpp.raise_priority(args.nice), like the peer side.
     Return a dict with (at least) these keys; everything else is passed through:
         decode_tok_s          batch-1 decode tokens/s (16-token prompt, 128 new)
         decode_ctx512_tok_s   batch-1 decode tokens/s at ~512 context
@@ -135,11 +136,11 @@ def main(argv=None) -> int:
                     help="before each measurement wait up to this many seconds for other processes "
                          "to go idle (the box is shared; ggml is very sensitive to contention)")
     ap.add_argument("--nice", type=int, default=0,
-                    help="niceness of the measuring subprocesses (e.g. -10 as root on a busy shared box)")
+                    help="priority boost for the measuring subprocesses, e.g. -10 (root; new session + "
+                         "autogroup nice, since autogroup scheduling makes plain nice useless against "
+                         "other sessions on a shared box)")
     args = ap.parse_args(argv)
     args.layers = 4 if args.small else 28
-    if args.nice:
-        os.nice(args.nice)  # inherited by every measuring subprocess
     t_start = time.time()
 
     def log(msg):
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     bw = None
     if not args.no_bandwidth:
         quiet()
-        bw = round(measure_bandwidth(args.threads), 2)
+        bw = round(measure_bandwidth_subprocess(args.threads, nice=args.nice), 2)
         log(f"read bandwidth {bw} GB/s ({args.threads} threads)")
 
     peer: dict[str, dict] = {}
@@ -166,8 +167,7 @@ def main(argv=None) -> int:
             path = chatglm_cpp.ensure_model(dt, args.layers)
             quiet()
             log(f"measuring chatglm.cpp {dt} on {path.name} ...")
-            r = chatglm_cpp.measure(path, threads=args.threads, site=site)
-            r["nice"] = args.nice
+            r = chatglm_cpp.measure(path, threads=args.threads, site=site, nice=args.nice)
             r["streamed_weight_bytes"] = chatglm_cpp.streamed_weight_bytes(dtype=dt, num_layers=args.layers)
             if bw:
                 r["roofline_fraction"] = round(r["decode_tok_s"] * r["streamed_weight_bytes"] / (bw * 1e9), 3)
