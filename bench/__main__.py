@@ -95,6 +95,7 @@ ROWS = [
     ("first_prefill_s", "first forward, 16 tok (s)"),
     ("decode_tok_s", "decode tok/s (16 prompt, 128 new)"),
     ("decode_ms_median", "decode ms/token (median)"),
+    ("decode_tok_s_from_median", "decode tok/s from median step"),
     ("decode_ctx512_tok_s", "decode tok/s @ ~512 ctx"),
     ("prefill_s", "prefill 512 tok (s)"),
     ("prefill_tok_s", "prefill tok/s (512)"),
