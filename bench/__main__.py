@@ -140,6 +140,9 @@ def main(argv=None) -> int:
                     help="priority boost for the measuring subprocesses, e.g. -10 (root; new session + "
                          "autogroup nice, since autogroup scheduling makes plain nice useless against "
                          "other sessions on a shared box)")
+    ap.add_argument("--cold-load", action="store_true",
+                    help="evict the chatglm.cpp model file from the page cache before measuring, so "
+                         "load + first forward include reading it from disk")
     args = ap.parse_args(argv)
     args.layers = 4 if args.small else 28
     t_start = time.time()
@@ -168,7 +171,8 @@ def main(argv=None) -> int:
             path = chatglm_cpp.ensure_model(dt, args.layers)
             quiet()
             log(f"measuring chatglm.cpp {dt} on {path.name} ...")
-            r = chatglm_cpp.measure(path, threads=args.threads, site=site, nice=args.nice)
+            r = chatglm_cpp.measure(path, threads=args.threads, site=site, nice=args.nice,
+                                    cold=args.cold_load)
             r["streamed_weight_bytes"] = chatglm_cpp.streamed_weight_bytes(dtype=dt, num_layers=args.layers)
             if bw:
                 r["roofline_fraction"] = round(r["decode_tok_s"] * r["streamed_weight_bytes"] / (bw * 1e9), 3)

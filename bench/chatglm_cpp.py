@@ -405,7 +405,8 @@ def _hw_concurrency_for(threads: int) -> int:
 
 def measure(model_path, threads: int = 2, *, prompt_len: int = 16, new_tokens: int = 128,
             long_prompt_len: int = 512, long_new_tokens: int = 32, max_length: int = 2048,
-            seed: int = 0, site: str | None = None, timeout: float = 1800, nice: int = 0) -> dict:
+            seed: int = 0, site: str | None = None, timeout: float = 1800, nice: int = 0,
+            cold: bool = False) -> dict:
     """Benchmark chatglm.cpp on ``model_path`` in a fresh subprocess.
 
     Drives the model with random token ids through the lowest-level call the 0.4.2
@@ -424,6 +425,9 @@ def measure(model_path, threads: int = 2, *, prompt_len: int = 16, new_tokens: i
         max_threads_seen       max tasks of the subprocess seen by the parent's /proc poll
                                (ggml spawns threads-1 workers next to the main thread)
         other_load_cores       CPU cores used by other processes meanwhile (0 = quiet)
+
+    ``cold=True`` evicts the model file from the page cache first (posix_fadvise
+    DONTNEED on this file only), so load_s + first_prefill_s include reading it from disk.
 
     ``nice`` < 0 runs the worker at raised priority in its own session/autogroup (root
     only; see :func:`raise_priority`) so that a shared, busy machine disturbs the
@@ -446,6 +450,8 @@ def measure(model_path, threads: int = 2, *, prompt_len: int = 16, new_tokens: i
                 long_prompt_len=long_prompt_len, long_new_tokens=long_new_tokens, max_length=max_length,
                 seed=seed)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(args)]
+    if cold:
+        evict_from_page_cache(model_path)
     t0 = time.time()
     busy0 = _busy_cpu_s()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -472,6 +478,7 @@ def measure(model_path, threads: int = 2, *, prompt_len: int = 16, new_tokens: i
     res["max_threads_seen"] = max_tasks  # includes the Python main thread
     res["thread_control"] = thread_control
     res["nice"] = nice
+    res["cold_cache"] = cold
     res["wall_s"] = round(wall, 2)
     # CPU cores used by OTHER processes during the run (0 = quiet machine). ggml's
     # threads spin at barriers, so any contention on a 2-core box distorts results.
@@ -480,6 +487,16 @@ def measure(model_path, threads: int = 2, *, prompt_len: int = 16, new_tokens: i
         _log(f"WARNING: other processes used {other_load:.2f} cores during the measurement; "
              "figures are contaminated by contention")
     return res
+
+
+def evict_from_page_cache(path) -> None:
+    """Drop this one file's pages from the page cache (flushes dirty pages first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def raise_priority(nice: int) -> None:
