@@ -156,11 +156,12 @@ def main(argv=None) -> int:
             if load >= 0.3:
                 log(f"WARNING: machine still busy ({load:.2f} cores), measuring anyway")
 
-    bw = None
+    bw = bw_median = None
     if not args.no_bandwidth:
         quiet()
-        bw = round(measure_bandwidth_subprocess(args.threads, nice=args.nice), 2)
-        log(f"read bandwidth {bw} GB/s ({args.threads} threads)")
+        bw_stats = measure_bandwidth_subprocess(args.threads, nice=args.nice)
+        bw, bw_median = round(bw_stats["best"], 2), round(bw_stats["median"], 2)
+        log(f"read bandwidth best {bw} GB/s, median {bw_median} GB/s ({args.threads} threads)")
 
     peer: dict[str, dict] = {}
     dtypes = [d for d in args.peer_dtypes.split(",") if d]
@@ -197,6 +198,7 @@ def main(argv=None) -> int:
     summary = summarize(ours, peer, bw)
     print("\n" + "  ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
     result = dict(summary, layers=args.layers, small=args.small, threads=args.threads, bandwidth_gb_s=bw,
+                  bandwidth_median_gb_s=bw_median,
                   chatglm_cpp=peer, ours=ours, elapsed_s=round(time.time() - t_start, 1))
     if args.json:
         print(json.dumps(result))
