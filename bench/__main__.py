@@ -166,14 +166,24 @@ def main(argv=None) -> int:
     peer: dict[str, dict] = {}
     dtypes = [d for d in args.peer_dtypes.split(",") if d]
     if dtypes:
-        site = chatglm_cpp.ensure_built()
-        log(f"chatglm.cpp {chatglm_cpp.VERSION} native build: {site}")
-        for dt in dtypes:
-            path = chatglm_cpp.ensure_model(dt, args.layers)
-            quiet()
-            log(f"measuring chatglm.cpp {dt} on {path.name} ...")
-            r = chatglm_cpp.measure(path, threads=args.threads, site=site, nice=args.nice,
-                                    cold=args.cold_load)
+        try:
+            site = chatglm_cpp.ensure_built()
+            log(f"chatglm.cpp {chatglm_cpp.VERSION} native build: {site}")
+        except Exception as e:  # keep going: our side can still be measured
+            site = None
+            log(f"ERROR: chatglm.cpp build failed: {e!r}")
+            peer = {dt: {"error": f"build failed: {e!r}"} for dt in dtypes}
+        for dt in dtypes if site else []:
+            try:
+                path = chatglm_cpp.ensure_model(dt, args.layers)
+                quiet()
+                log(f"measuring chatglm.cpp {dt} on {path.name} ...")
+                r = chatglm_cpp.measure(path, threads=args.threads, site=site, nice=args.nice,
+                                        cold=args.cold_load)
+            except Exception as e:
+                log(f"ERROR: chatglm.cpp {dt} measurement failed: {e!r}")
+                peer[dt] = {"error": repr(e)[-2000:]}
+                continue
             r["streamed_weight_bytes"] = chatglm_cpp.streamed_weight_bytes(dtype=dt, num_layers=args.layers)
             if bw:
                 r["roofline_fraction"] = round(r["decode_tok_s"] * r["streamed_weight_bytes"] / (bw * 1e9), 3)
