@@ -6,7 +6,7 @@
     python -m bench --threads 2
 
 Both sides use random weights of the real shapes (speed does not depend on values).
-The peer side builds chatglm-cpp once (~10-15 min, cached in ~/.cache/glm-bench/).
+The peer side builds chatglm-cpp once (12-18 min, cached in ~/.cache/glm-bench/).
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def ensure_built(python: str | None = None, *, force: bool = False, log_path: Pa
     ``-march=native`` extension ``_C``); prepend it to ``PYTHONPATH``. Cached in
     ``~/.cache/glm-bench/chatglm_cpp-0.4.2-<pytag>-native-<cpuhash>/``; the sdist in
     ``~/.cache/glm-bench/src/`` and the wheel in ``~/.cache/glm-bench/wheels/<...>/``.
-    A cold build takes ~18 min on 2 cores (abseil/re2/sentencepiece dominate).
+    A cold build takes 12-18 min on 2 cores (abseil/re2/sentencepiece dominate).
     """
     import fcntl
 
@@ -131,7 +131,7 @@ def ensure_built(python: str | None = None, *, force: bool = False, log_path: Pa
             return str(site)
         t0 = time.time()
         log_path = Path(log_path or CACHE_DIR / f"build-{site.name}.log")
-        _log(f"building chatglm-cpp {VERSION} for this CPU (~18 min on 2 cores); log: {log_path}")
+        _log(f"building chatglm-cpp {VERSION} for this CPU (12-18 min on 2 cores); log: {log_path}")
         with open(log_path, "a") as log:
 
             def run(cmd, **kw):
