@@ -19,38 +19,14 @@ import sys
 import time
 
 from . import chatglm_cpp
+from . import ours as ours_side
 from .bandwidth import measure_bandwidth_subprocess
 
 
-# =============================================================================
-# OUR ENGINE -- TO BE FILLED IN BY THE glm/ TEAM
-# =============================================================================
-def measure_ours(args) -> dict | None:
-    """Measure our engine (glm/) the same way chatglm.cpp is measured; None = not yet.
-
-    TODO(glm team): glm.load a random full-size int4 checkpoint (args.layers layers,
-    hidden 4096, 32 heads, 2 kv groups, ffn 13696, vocab 65024), preferably in a
-    subprocess so peak RSS is its own, with args.threads threads, random token ids
-    (< 64789), exactly the same workload as chatglm_cpp.measure():
-      * decode 128 new tokens after a 16-token prompt (batch 1)
-      * prefill a 512-token prompt, then decode 32 tokens at ~512 context
-      * batch 8: 8 sequences decoded together
-    If args.nice < 0, start the measuring subprocess with
-    preexec_fn=lambda: chatglm_cpp.raise_priority(args.nice), like the peer side.
-    Return a dict with (at least) these keys; everything else is passed through:
-        decode_tok_s          batch-1 decode tokens/s (16-token prompt, 128 new)
-        decode_ctx512_tok_s   batch-1 decode tokens/s at ~512 context
-        prefill_tok_s         512-token prompt / prefill seconds
-        batch8_tok_s          aggregate tokens/s of 8 sequences decoded together
-        load_s                load time
-        peak_rss_bytes        peak RSS of the measuring process
-        checkpoint_bytes      size on disk of the int4 checkpoint that was loaded
-        streamed_weight_bytes weight bytes read per decode step (for the roofline)
-    """
-    return None
-
-
-# =============================================================================
+def measure_ours(args, dtype: str = "float32") -> dict | None:
+    """Our engine (glm/) on the same workload as chatglm_cpp.measure(), in a subprocess (bench/ours.py)."""
+    preexec = (lambda: chatglm_cpp.raise_priority(args.nice)) if args.nice < 0 else None
+    return ours_side.measure(args.layers, threads=args.threads, dtype=dtype, preexec_fn=preexec)
 
 
 def _ratio(a, b):
@@ -99,7 +75,11 @@ ROWS = [
     ("decode_ctx512_tok_s", "decode tok/s @ ~512 ctx"),
     ("prefill_s", "prefill 512 tok (s)"),
     ("prefill_tok_s", "prefill tok/s (512)"),
+    ("batch1_tok_s", "batch 1 aggregate tok/s"),
+    ("batch2_tok_s", "batch 2 aggregate tok/s"),
+    ("batch4_tok_s", "batch 4 aggregate tok/s"),
     ("batch8_tok_s", "batch 8 aggregate tok/s"),
+    ("batch8_speedup", "batch 8 / batch 1"),
     ("peak_rss_bytes", "peak RSS"),
     ("model_bytes", "model file"),
     ("checkpoint_bytes", "checkpoint"),
@@ -143,6 +123,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cold-load", action="store_true",
                     help="evict the chatglm.cpp model file from the page cache before measuring, so "
                          "load + first forward include reading it from disk")
+    ap.add_argument("--ours-dtypes", default="float32,bfloat16",
+                    help="activation dtypes of our engine to measure; the first (the CPU default, "
+                         "float32) is the headline")
     args = ap.parse_args(argv)
     args.layers = 4 if args.small else 28
     t_start = time.time()
@@ -191,17 +174,25 @@ def main(argv=None) -> int:
             log(f"chatglm.cpp {dt}: decode {r['decode_tok_s']} tok/s, prefill {r['prefill_tok_s']} tok/s, "
                 f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB")
 
-    quiet()
-    log("measuring our engine ...")
-    ours = measure_ours(args)
-    if ours is None:
-        log("measure_ours() returned None (our engine's side is not wired up yet)")
-    elif bw and ours.get("decode_tok_s") and ours.get("streamed_weight_bytes"):
-        ours.setdefault("roofline_fraction",
-                        round(ours["decode_tok_s"] * ours["streamed_weight_bytes"] / (bw * 1e9), 3))
+    runs: dict[str, dict] = {}
+    for dt in [d for d in args.ours_dtypes.split(",") if d]:
+        quiet()
+        log(f"measuring our engine ({dt} activations) ...")
+        try:
+            r = measure_ours(args, dt)
+        except Exception as e:
+            log(f"ERROR: our engine ({dt}) failed: {e!r}")
+            runs[dt] = {"error": repr(e)[-2000:]}
+            continue
+        if bw:
+            r["roofline_fraction"] = round(r["decode_tok_s"] * r["streamed_weight_bytes"] / (bw * 1e9), 3)
+        runs[dt] = r
+        log(f"ours {dt}: decode {r['decode_tok_s']} tok/s, prefill {r['prefill_tok_s']} tok/s, "
+            f"batch8 {r.get('batch8_tok_s')} tok/s, peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB")
+    ours = next(iter(runs.values()), None)
 
     cols = {f"chatglm.cpp {dt}": r for dt, r in peer.items()}
-    cols["ours"] = ours
+    cols |= {f"ours {dt}": r for dt, r in runs.items()}
     print(f"\nChatGLM2-6B shapes, {args.layers} layers, {args.threads} threads, random weights; "
           f"read bandwidth {bw} GB/s; {platform.processor() or platform.machine()}")
     print_table(cols)
@@ -209,7 +200,7 @@ def main(argv=None) -> int:
     print("\n" + "  ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
     result = dict(summary, layers=args.layers, small=args.small, threads=args.threads, bandwidth_gb_s=bw,
                   bandwidth_median_gb_s=bw_median,
-                  chatglm_cpp=peer, ours=ours, elapsed_s=round(time.time() - t_start, 1))
+                  chatglm_cpp=peer, ours=runs, elapsed_s=round(time.time() - t_start, 1))
     if args.json:
         print(json.dumps(result))
     return 0
