@@ -199,10 +199,10 @@ class Engine:
     def _reap(self) -> None:
         for s in self.active:
             if s.cancelled and not s.done:
-                s._finish("cancelled", flush=False)
+                s._finish("canceled", flush=False)
         self.active = [s for s in self.active if not s.done]
         while self.waiting and self.waiting[0].cancelled:
-            self.waiting.popleft()._finish("cancelled", flush=False)
+            self.waiting.popleft()._finish("canceled", flush=False)
 
     def _admit(self) -> None:
         while self.waiting and len(self.active) < self.max_batch:

@@ -189,7 +189,7 @@ def test_cancel_frees_the_sequence(tiny_model):
         engine.step()
     engine.cancel(seq)
     engine.step()
-    assert seq.finish_reason == "cancelled" and seq.cache is None and not engine.active
+    assert seq.finish_reason == "canceled" and seq.cache is None and not engine.active
 
 
 def test_kv_budget_queues_and_rejects(tiny_model):
