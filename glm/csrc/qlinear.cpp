@@ -360,7 +360,8 @@ template <int FMT, int R, int MT, bool DUAL>
 struct Tile512 {
   AVX512_FN __attribute__((noinline)) static void run(const LinArgs& a, int64_t n0, int64_t m0) {
     constexpr int NV = FMT == F_INT4 ? 2 : 1;
-    constexpr int NA = DUAL ? NV : 1;  // separate accumulators per weight vector (shorter chains)
+    static_assert(!DUAL, "one accumulator per (row, token): see BATCH INVARIANCE");
+    constexpr int NA = DUAL ? NV : 1;
     __m512 acc[NA][R][MT];
     for (int s = 0; s < NA; ++s)
       for (int r = 0; r < R; ++r)
@@ -457,6 +458,7 @@ AVX512BF16_FN inline void stepbf(const uint8_t* const* wr, const uint16_t* xb, i
 template <int FMT, int R, int MT, bool DUAL>
 struct TileBf16 {
   AVX512BF16_FN __attribute__((noinline)) static void run(const LinArgs& a, int64_t n0, int64_t m0) {
+    static_assert(!DUAL, "one accumulator per (row, token): see BATCH INVARIANCE");
     __m512 acc[R][MT], acc2[R][MT];
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MT; ++m) acc[r][m] = acc2[r][m] = _mm512_setzero_ps();
@@ -529,6 +531,7 @@ AVX512BF16_FN inline void stepbf_i4(const uint8_t* const* wr, const uint16_t* xe
 template <int FMT_UNUSED, int R, int MT, bool DUAL>
 struct TileBf16I4 {
   AVX512BF16_FN __attribute__((noinline)) static void run(const LinArgs& a, int64_t n0, int64_t m0) {
+    static_assert(!DUAL, "one accumulator per (row, token): see BATCH INVARIANCE");
     __m512 acc[R][MT], acc2[R][MT];
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MT; ++m) acc[r][m] = acc2[r][m] = _mm512_setzero_ps();
@@ -634,12 +637,16 @@ void dequant_rows_scalar(int bits, const uint8_t* q, int64_t row_bytes, const fl
 // longer fits L1, so more weight rows per tile share each x load: fp32 x uses 4 rows x 4 tokens
 // (16 fp32 accumulators), bf16 x uses 3 rows x 8 tokens (24 accumulators, 1 register per decoded
 // row).
+#ifndef GLM_R1
+#define GLM_R1 4
+#endif
+constexpr int R1 = GLM_R1;
 template <template <int, int, int, bool> class T, int FMT, int RB, int MB>
 struct PlanSet {
   Plan m1, m2, m4, mb;
   PlanSet()
-      : m1(make_plan<T, FMT, 4, 1, true>()),
-        m2(make_plan<T, FMT, 4, 2, true>()),
+      : m1(make_plan<T, FMT, R1, 1, false>()),
+        m2(make_plan<T, FMT, 4, 2, false>()),
         m4(make_plan<T, FMT, 4, 4, false>()),
         mb(make_plan<T, FMT, RB, MB, false>()) {}
   const Plan& pick(int64_t M) const {
@@ -776,7 +783,7 @@ at::Tensor linear_impl(int fmt, const at::Tensor& x, const at::Tensor& w,
   const bool xbf = x.scalar_type() == at::kBFloat16;
   at::Tensor xf, xeo;
 #ifdef GLM_X86
-  if (isa >= ISA_AVX512BF16 && xbf && fmt == F_INT4 && M <= 4) {
+  if (isa >= ISA_AVX512BF16 && xbf && fmt == F_INT4) {
     // de-interleave the bf16 x once per call into x_even / x_odd (bf16, [M, K/2] each).
     // (Measured: cheaper decode wins at M <= 4 where decode dominates; for M > 4 the interleaved
     // TileBf16 3x8 tile with natural-order x is faster - fewer x bytes per weight byte.)
