@@ -9,6 +9,10 @@ Tolerances:
   bf16 x: ref computed from the bf16-rounded x; |y - ref| <= 2**-7 * |ref| + 1e-5 * max|ref|
           (the output is rounded to bf16: <= 2**-9 relative, plus summation-order slack)
 Every available ISA path (scalar, avx2, avx512, avx512bf16 up to what the CPU has) is tested.
+
+Batch invariance (test_batch_invariant): besides being accurate, every output row must be
+BITWISE identical to the same x row computed alone (M = 1), for every batch size, position,
+neighbours and thread count (the engine batches concurrent requests' decode steps).
 """
 
 import logging
