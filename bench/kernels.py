@@ -100,19 +100,67 @@ def fmt_row(cols, widths):
     return " ".join(str(c).rjust(w) for c, w in zip(cols, widths))
 
 
+def cpu_time(fn, args_list, min_time=0.4, min_reps=8):
+    """CPU seconds per call of the calling thread (1 torch thread): min over repeated calls. CPU
+    time excludes time descheduled by other jobs on a shared machine (DRAM stalls still count)."""
+    for a in args_list[:2]:
+        fn(*a)
+    cs = []
+    t_end = time.perf_counter() + min_time
+    i = 0
+    while len(cs) < min_reps or time.perf_counter() < t_end:
+        a = args_list[i % len(args_list)]
+        c0 = time.thread_time()
+        fn(*a)
+        cs.append(time.thread_time() - c0)
+        i += 1
+    return min(cs)
+
+
+def cpu_table(mod, Ms):
+    g = torch.Generator().manual_seed(0)
+    print(f"torch {torch.__version__}, 1 thread, kernel ISA {mod.isa()}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print("int4_linear CPU time per call, us (min over calls; weights rotate through DRAM)")
+    print(fmt_row(["layer", "M", "fp32 x", "bf16 x"], [9, 3, 9, 9]))
+    tot = {}
+    for name, (N, K, has_bias) in LAYERS.items():
+        ws = copies(lambda: int4_weights(N, K, g), N * K // 2)
+        bias = torch.randn(N).half() if has_bias else None
+        for M in Ms:
+            x32 = torch.randn(M, K)
+            xbf = x32.bfloat16()
+            t32 = cpu_time(lambda q, s: mod.int4_linear(x32, q, s, bias), ws)
+            tb = cpu_time(lambda q, s: mod.int4_linear(xbf, q, s, bias), ws)
+            a, b = tot.get(M, (0.0, 0.0))
+            tot[M] = (a + t32, b + tb)
+            print(fmt_row([name, M, f"{t32 * 1e6:.0f}", f"{tb * 1e6:.0f}"], [9, 3, 9, 9]), flush=True)
+        del ws
+    print("sum of the 4 layers (one transformer layer), us:")
+    for M in Ms:
+        print(fmt_row(["layer", M, f"{tot[M][0] * 1e6:.0f}", f"{tot[M][1] * 1e6:.0f}"], [9, 3, 9, 9]))
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer M values, no torch comparisons")
     ap.add_argument("--ms", default="1,2,4,8,16")
     ap.add_argument("--step-only", action="store_true", help="only the whole decode step")
+    ap.add_argument("--cpu", action="store_true",
+                    help="only int4_linear CPU time per call (1 thread, thread_time) per layer and M")
     args = ap.parse_args()
+    if args.cpu:
+        args.threads = 1
     torch.set_num_threads(args.threads)
     mod = kernels.get()
     if mod is None:
         print("extension unavailable:", kernels.error())
         return 1
     Ms = [int(m) for m in args.ms.split(",")]
+    if args.cpu:
+        return cpu_table(mod, Ms)
     g = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, kernel ISA {mod.isa()}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")

@@ -32,7 +32,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("qlinear.cpp",)
 # -fopenmp at compile time only: at::parallel_for is inline OpenMP code; the GOMP symbols resolve
 # against the OpenMP runtime torch already loaded (linking a second libgomp is avoided on purpose).
-CFLAGS = ("-O3", "-fopenmp")
+CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
 
 _lock = threading.Lock()
 _module = None

@@ -9,6 +9,10 @@ Tolerances:
   bf16 x: ref computed from the bf16-rounded x; |y - ref| <= 2**-7 * |ref| + 1e-5 * max|ref|
           (the output is rounded to bf16: <= 2**-9 relative, plus summation-order slack)
 Every available ISA path (scalar, avx2, avx512, avx512bf16 up to what the CPU has) is tested.
+
+Batch invariance (test_batch_invariant): besides being accurate, every output row must be
+BITWISE identical to the same x row computed alone (M = 1), for every batch size, position,
+neighbours and thread count (the engine batches concurrent requests' decode steps).
 """
 
 import logging
@@ -189,6 +193,85 @@ def test_threads_agree(mod):
     finally:
         torch.set_num_threads(old)
     assert torch.equal(y1, y2)
+
+
+# ---------------------------------------------------------------------------------------------
+# batch invariance: a row's output depends only on that row of x (and the weights), bitwise,
+# whatever the batch size, the row's position, its neighbours and the thread count. The engine
+# batches the decode step of concurrent requests; a request's logits (hence sampled tokens) must
+# not depend on what else runs beside it. Checked on every ISA path the CPU has (the path is fixed
+# per process, so each one must be invariant on its own).
+# ---------------------------------------------------------------------------------------------
+
+BI_ROWS = 19
+# (N, K): a realistic layer (qkv) and an odd one (N not a multiple of any tile height, K with
+# tails in every lane layout; even for int4)
+BI_SHAPES = [(4608, 4096), (37, 226)]
+
+
+def _bi_case(fmt, N, K, g):
+    """(function, weight args) for one weight format with random weights."""
+    bias = (torch.randn(N, generator=g) * 0.1).half()
+    if fmt in ("int4", "int8"):
+        q = torch.randint(-128, 128, (N, K // 2 if fmt == "int4" else K), generator=g, dtype=torch.int8)
+        scale = (torch.rand(N, generator=g) * 0.01 + 1e-3).half()
+        return fmt, (q, scale, bias)
+    w = (torch.randn(N, K, generator=g) * 0.02).to(torch.float16 if fmt == "fp16" else torch.bfloat16)
+    return fmt, (w, bias)
+
+
+def _bi_call(mod, fmt, x, args):
+    if fmt == "int4":
+        return mod.int4_linear(x, *args)
+    if fmt == "int8":
+        return mod.int8_linear(x, *args)
+    return mod.half_linear(x, *args)
+
+
+def _rows_differing(a, b):
+    return [i for i in range(a.shape[0]) if not torch.equal(a[i], b[i])]
+
+
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K", BI_SHAPES)
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp16", "bf16"])
+def test_batch_invariant(mod, isa, fmt, N, K, xdtype):
+    g = torch.Generator().manual_seed(N * 7 + K)
+    args = _bi_case(fmt, N, K, g)[1]
+    x = torch.randn(BI_ROWS, K, generator=g).to(xdtype)
+    other = (torch.randn(BI_ROWS, K, generator=g) * 3).to(xdtype)  # different neighbours
+    realistic = N * K > 1 << 20
+    # every batch size for the small shape; for the big one the sizes around each tile boundary
+    sizes = [2, 3, 4, 5, 7, 8, 9, 12, 16, 17, BI_ROWS] if realistic else list(range(2, BI_ROWS + 1))
+    perms = [torch.randperm(BI_ROWS, generator=g) for _ in range(2)]
+    old = torch.get_num_threads()
+    ref1 = None
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            # each row alone (M = 1) is the reference
+            solo = torch.cat([_bi_call(mod, fmt, x[i : i + 1], args) for i in range(BI_ROWS)])
+            if ref1 is None:
+                ref1 = solo
+            else:
+                bad = _rows_differing(solo, ref1)
+                assert not bad, f"{threads} threads: M=1 rows {bad} differ from 1 thread"
+            for M in sizes:  # prefixes x[:M]
+                y = _bi_call(mod, fmt, x[:M], args)
+                bad = _rows_differing(y, ref1[:M])
+                assert not bad, f"{threads} threads, M={M}: rows {bad} differ from their M=1 result"
+            for p in perms:  # shuffled order: every row at another position / tile slot
+                y = _bi_call(mod, fmt, x[p], args)
+                bad = _rows_differing(y, ref1[p])
+                assert not bad, f"{threads} threads, shuffled M={BI_ROWS}: rows {bad} differ"
+            for i in (0, 5, BI_ROWS - 1):  # row i between other neighbours, at other positions
+                for pos in (0, 3, 9):
+                    xx = torch.cat([other[:pos], x[i : i + 1], other[pos + 1 :]])
+                    y = _bi_call(mod, fmt, xx, args)
+                    assert torch.equal(y[pos], ref1[i]), (
+                        f"{threads} threads: row {i} at position {pos} among other rows differs")
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_empty_and_edge(mod):

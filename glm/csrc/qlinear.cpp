@@ -10,8 +10,8 @@
 // Code paths, chosen at run time (one build never executes unsupported instructions; the
 // env var GLM_KERNEL_ISA or set_isa() can force a lower one, e.g. for tests):
 //   avx512bf16 : bf16 activations x int4/int8/bf16 weights with VDPBF16PS (weights decoded to
-//                bf16 exactly: small integers; products exact, fp32 accumulation). int4 at
-//                M <= 4 uses de-interleaved bf16 x_even / x_odd (2x VPERMW per 32 bytes).
+//                bf16 exactly: small integers; products exact, fp32 accumulation). int4 (every
+//                M) uses de-interleaved bf16 x_even / x_odd (2x VPERMW per 32 bytes).
 //                Everything else as avx512.
 //   avx512     : fp32 FMA; int4 nibbles decoded with a 16-entry VPERMPS table lookup, x
 //                de-interleaved once per call into x_even / x_odd so no shuffles are needed
@@ -20,6 +20,18 @@
 // Work is split over output rows on torch's intra-op pool (at::parallel_for, dynamic chunks).
 // Each tile decodes a block of R weight rows once per k-step and FMAs it into the accumulators
 // of MT activation rows; the next tile's weights are software-prefetched.
+//
+// BATCH INVARIANCE (product requirement): output row m depends only on x[m] and the weights,
+// bitwise, whatever M, the row's position, its neighbours and the thread count (the engine
+// batches the decode step of concurrent requests; tests/test_kernels.py::test_batch_invariant).
+// So within one ISA path every tile shape (R x MT, full or row/token tail) computes each
+// (row, token) dot product with exactly the same operations in the same order: ONE vector
+// accumulator per (row, token), the same k-steps (lane layout, masked tail), the same horizontal
+// reduction, then scale and bias in store_out (mul, then add). Tile shapes only choose how many
+// such independent dot products run side by side. Never add per-M variants of the arithmetic
+// (split accumulators, a different x layout for some M, ...). The build uses
+// -ffp-contract=off (glm/kernels.py) so the compiler cannot fuse plain C++ mul+add differently
+// in different instantiations; FMAs are explicit intrinsics.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -137,18 +149,18 @@ struct Plan {
   TileFn single[kMaxMT + 1] = {};  // single[mt]: 1 row (row tail)
 };
 
-template <template <int, int, int, bool> class T, int FMT, int R, bool DUAL, int... Ms>
+template <template <int, int, int> class T, int FMT, int R, int... Ms>
 void fill_tab(TileFn* tab, std::integer_sequence<int, Ms...>) {
-  ((tab[Ms + 1] = &T<FMT, R, Ms + 1, DUAL>::run), ...);
+  ((tab[Ms + 1] = &T<FMT, R, Ms + 1>::run), ...);
 }
 
-template <template <int, int, int, bool> class T, int FMT, int R, int MT, bool DUAL>
+template <template <int, int, int> class T, int FMT, int R, int MT>
 Plan make_plan() {
   Plan p;
   p.R = R;
   p.MT = MT;
-  fill_tab<T, FMT, R, DUAL>(p.full, std::make_integer_sequence<int, MT>{});
-  fill_tab<T, FMT, 1, false>(p.single, std::make_integer_sequence<int, kMaxMT>{});
+  fill_tab<T, FMT, R>(p.full, std::make_integer_sequence<int, MT>{});
+  fill_tab<T, FMT, 1>(p.single, std::make_integer_sequence<int, kMaxMT>{});
   return p;
 }
 
@@ -289,7 +301,7 @@ AVX2_FN inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int FMT, int R, int MT, bool DUAL>
+template <int FMT, int R, int MT>
 struct Tile256 {
   AVX2_FN __attribute__((noinline)) static void run(const LinArgs& a, int64_t n0, int64_t m0) {
     constexpr int NV = FMT == F_INT4 ? 2 : 1;
@@ -356,15 +368,13 @@ AVX512_FN inline void dec512(const uint8_t* row, int64_t l, __mmask16 mk, __m512
   }
 }
 
-template <int FMT, int R, int MT, bool DUAL>
+template <int FMT, int R, int MT>
 struct Tile512 {
   AVX512_FN __attribute__((noinline)) static void run(const LinArgs& a, int64_t n0, int64_t m0) {
     constexpr int NV = FMT == F_INT4 ? 2 : 1;
-    constexpr int NA = DUAL ? NV : 1;  // separate accumulators per weight vector (shorter chains)
-    __m512 acc[NA][R][MT];
-    for (int s = 0; s < NA; ++s)
-      for (int r = 0; r < R; ++r)
-        for (int m = 0; m < MT; ++m) acc[s][r][m] = _mm512_setzero_ps();
+    __m512 acc[R][MT];  // one accumulator per (row, token): see BATCH INVARIANCE
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
     const uint8_t* wr[R];
     for (int r = 0; r < R; ++r) wr[r] = a.w + (n0 + r) * a.w_row_bytes;
     const float* xs[2] = {a.x0 + m0 * a.ldx, (NV == 2 ? a.x1 : a.x0) + m0 * a.ldx};
@@ -381,7 +391,7 @@ struct Tile512 {
         for (int v = 0; v < NV; ++v) {
           const __m512 xv = _mm512_loadu_ps(xs[v] + m * ldx + l);
           for (int r = 0; r < R; ++r)
-            acc[DUAL ? v : 0][r][m] = _mm512_fmadd_ps(w[r][v], xv, acc[DUAL ? v : 0][r][m]);
+            acc[r][m] = _mm512_fmadd_ps(w[r][v], xv, acc[r][m]);
         }
     }
     if (l < L) {
@@ -392,15 +402,11 @@ struct Tile512 {
         for (int v = 0; v < NV; ++v) {
           const __m512 xv = _mm512_maskz_loadu_ps(mk, xs[v] + m * ldx + l);
           for (int r = 0; r < R; ++r)
-            acc[DUAL ? v : 0][r][m] = _mm512_fmadd_ps(w[r][v], xv, acc[DUAL ? v : 0][r][m]);
+            acc[r][m] = _mm512_fmadd_ps(w[r][v], xv, acc[r][m]);
         }
     }
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MT; ++m) {
-        __m512 s = acc[0][r][m];
-        if constexpr (NA == 2) s = _mm512_add_ps(s, acc[NA - 1][r][m]);
-        store_out(a, m0 + m, n0 + r, _mm512_reduce_add_ps(s));
-      }
+      for (int m = 0; m < MT; ++m) store_out(a, m0 + m, n0 + r, _mm512_reduce_add_ps(acc[r][m]));
   }
 };
 
@@ -454,12 +460,12 @@ AVX512BF16_FN inline void stepbf(const uint8_t* const* wr, const uint16_t* xb, i
   }
 }
 
-template <int FMT, int R, int MT, bool DUAL>
+template <int FMT, int R, int MT>
 struct TileBf16 {
   AVX512BF16_FN __attribute__((noinline)) static void run(const LinArgs& a, int64_t n0, int64_t m0) {
-    __m512 acc[R][MT], acc2[R][MT];
+    __m512 acc[R][MT];  // one accumulator per (row, token): see BATCH INVARIANCE
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MT; ++m) acc[r][m] = acc2[r][m] = _mm512_setzero_ps();
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
     const __m512i lut = _mm512_load_si512(reinterpret_cast<const void*>(kNibbleBf16));
     const uint8_t* wr[R];
     for (int r = 0; r < R; ++r) wr[r] = a.w + (n0 + r) * a.w_row_bytes;
@@ -468,12 +474,6 @@ struct TileBf16 {
     const int64_t K = a.K;
     const uint8_t* pf = m0 == 0 ? a.w + (n0 + R) * a.w_row_bytes : nullptr;
     int64_t e = 0;
-    if constexpr (DUAL) {  // two accumulator sets: halves the dependency chain length
-      for (; e + 64 <= K; e += 64) {
-        stepbf<FMT, R, MT>(wr, xb, ldx, e, lut, pf, acc);
-        stepbf<FMT, R, MT>(wr, xb, ldx, e + 32, lut, pf, acc2);
-      }
-    }
     for (; e + 32 <= K; e += 32) stepbf<FMT, R, MT>(wr, xb, ldx, e, lut, pf, acc);
     if (e < K) {
       const int64_t rem = K - e;
@@ -487,11 +487,7 @@ struct TileBf16 {
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MT; ++m) {
-        __m512 t = acc[r][m];
-        if constexpr (DUAL) t = _mm512_add_ps(t, acc2[r][m]);
-        store_out(a, m0 + m, n0 + r, _mm512_reduce_add_ps(t));
-      }
+      for (int m = 0; m < MT; ++m) store_out(a, m0 + m, n0 + r, _mm512_reduce_add_ps(acc[r][m]));
   }
 };
 
@@ -499,10 +495,10 @@ struct TileBf16 {
 // VPERMW on the low 5 bits (table repeats every 16) yields the 32 low nibbles (odd columns) as
 // bf16, and after VPSRLW 4 the 32 high nibbles (even columns). VDPBF16PS then pairs them with
 // 32 consecutive bf16 x_odd / x_even values: 4 decode ops + 2 dot ops per 64 weights.
-template <int R, int MT, bool DUAL, bool TAIL>
+template <int R, int MT, bool TAIL>
 AVX512BF16_FN inline void stepbf_i4(const uint8_t* const* wr, const uint16_t* xe, const uint16_t* xo,
                                     int64_t ldx, int64_t j, __mmask32 mk, __m512i lut,
-                                    const uint8_t* pf, __m512 (&acc)[R][MT], __m512 (&acc2)[R][MT]) {
+                                    const uint8_t* pf, __m512 (&acc)[R][MT]) {
   if (pf) prefetch_span<R * 32>(pf + R * j);
   __m512i hi[R], lo[R];
   for (int r = 0; r < R; ++r) {
@@ -518,20 +514,16 @@ AVX512BF16_FN inline void stepbf_i4(const uint8_t* const* wr, const uint16_t* xe
     for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)hi[r], (__m512bh)ve);
     const __m512i vo = TAIL ? _mm512_maskz_loadu_epi16(mk, xo + m * ldx + j)
                             : _mm512_loadu_si512(reinterpret_cast<const void*>(xo + m * ldx + j));
-    if constexpr (DUAL) {
-      for (int r = 0; r < R; ++r) acc2[r][m] = _mm512_dpbf16_ps(acc2[r][m], (__m512bh)lo[r], (__m512bh)vo);
-    } else {
-      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)lo[r], (__m512bh)vo);
-    }
+    for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)lo[r], (__m512bh)vo);
   }
 }
 
-template <int FMT_UNUSED, int R, int MT, bool DUAL>
+template <int FMT_UNUSED, int R, int MT>
 struct TileBf16I4 {
   AVX512BF16_FN __attribute__((noinline)) static void run(const LinArgs& a, int64_t n0, int64_t m0) {
-    __m512 acc[R][MT], acc2[R][MT];
+    __m512 acc[R][MT];  // one accumulator per (row, token): see BATCH INVARIANCE
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MT; ++m) acc[r][m] = acc2[r][m] = _mm512_setzero_ps();
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
     const __m512i lut = _mm512_load_si512(reinterpret_cast<const void*>(kNibbleBf16));
     const uint8_t* wr[R];
     for (int r = 0; r < R; ++r) wr[r] = a.w + (n0 + r) * a.w_row_bytes;
@@ -542,17 +534,13 @@ struct TileBf16I4 {
     const uint8_t* pf = m0 == 0 ? a.w + (n0 + R) * a.w_row_bytes : nullptr;
     int64_t j = 0;
     for (; j + 32 <= Kb; j += 32)
-      stepbf_i4<R, MT, DUAL, false>(wr, xe, xo, ldx, j, 0xFFFFFFFFu, lut, pf, acc, acc2);
+      stepbf_i4<R, MT, false>(wr, xe, xo, ldx, j, 0xFFFFFFFFu, lut, pf, acc);
     if (j < Kb) {
       const __mmask32 mk = static_cast<__mmask32>((1ull << (Kb - j)) - 1ull);
-      stepbf_i4<R, MT, DUAL, true>(wr, xe, xo, ldx, j, mk, lut, nullptr, acc, acc2);
+      stepbf_i4<R, MT, true>(wr, xe, xo, ldx, j, mk, lut, nullptr, acc);
     }
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MT; ++m) {
-        __m512 t = acc[r][m];
-        if constexpr (DUAL) t = _mm512_add_ps(t, acc2[r][m]);
-        store_out(a, m0 + m, n0 + r, _mm512_reduce_add_ps(t));
-      }
+      for (int m = 0; m < MT; ++m) store_out(a, m0 + m, n0 + r, _mm512_reduce_add_ps(acc[r][m]));
   }
 };
 
@@ -630,18 +618,20 @@ void dequant_rows_scalar(int bits, const uint8_t* q, int64_t row_bytes, const fl
 // Plans per (isa, format, M)
 // ----------------------------------------------------------------------------------------------
 #ifdef GLM_X86
-// Tile shapes per M (measured on Zen 4, see bench/kernels.py). For M > 4 the activation block no
-// longer fits L1, so more weight rows per tile share each x load: fp32 x uses 4 rows x 4 tokens
-// (16 fp32 accumulators), bf16 x uses 3 rows x 8 tokens (24 accumulators, 1 register per decoded
-// row).
-template <template <int, int, int, bool> class T, int FMT, int RB, int MB>
+// Tile shapes per M (measured on Zen 4, see bench/kernels.py --cpu). They change speed only,
+// never a row's arithmetic (see BATCH INVARIANCE). For M > 4 the activation block no longer fits
+// L1, so more weight rows per tile share each x load: fp32 x uses 4 rows x 4 tokens (16 fp32
+// accumulators), bf16 x with int8/bf16 weights 3 rows x 8 tokens (24 accumulators, 1 register per
+// decoded row); int4 x bf16 (2 registers per decoded row) 4 x 4 (3x8, 2x8, 3x6, 4x5 measured
+// slower at M = 8, 16).
+template <template <int, int, int> class T, int FMT, int RB, int MB>
 struct PlanSet {
   Plan m1, m2, m4, mb;
   PlanSet()
-      : m1(make_plan<T, FMT, 4, 1, true>()),
-        m2(make_plan<T, FMT, 4, 2, true>()),
-        m4(make_plan<T, FMT, 4, 4, false>()),
-        mb(make_plan<T, FMT, RB, MB, false>()) {}
+      : m1(make_plan<T, FMT, 4, 1>()),
+        m2(make_plan<T, FMT, 4, 2>()),
+        m4(make_plan<T, FMT, 4, 4>()),
+        mb(make_plan<T, FMT, RB, MB>()) {}
   const Plan& pick(int64_t M) const {
     if (M <= 1) return m1;
     if (M == 2) return m2;
@@ -650,7 +640,7 @@ struct PlanSet {
   }
 };
 
-template <template <int, int, int, bool> class T, int RB, int MB>
+template <template <int, int, int> class T, int RB, int MB>
 struct PlanTable {
   PlanSet<T, F_INT4, RB, MB> i4;
   PlanSet<T, F_INT8, RB, MB> i8;
@@ -667,10 +657,10 @@ struct PlanTable {
 };
 
 // AVX2 has 16 vector registers: smaller tiles.
-template <template <int, int, int, bool> class T, int FMT>
+template <template <int, int, int> class T, int FMT>
 struct PlanSet256 {
   Plan m1, m4;
-  PlanSet256() : m1(make_plan<T, FMT, 2, 1, false>()), m4(make_plan<T, FMT, 2, 4, false>()) {}
+  PlanSet256() : m1(make_plan<T, FMT, 2, 1>()), m4(make_plan<T, FMT, 2, 4>()) {}
   const Plan& pick(int64_t M) const { return M <= 1 ? m1 : m4; }
 };
 
@@ -776,10 +766,11 @@ at::Tensor linear_impl(int fmt, const at::Tensor& x, const at::Tensor& w,
   const bool xbf = x.scalar_type() == at::kBFloat16;
   at::Tensor xf, xeo;
 #ifdef GLM_X86
-  if (isa >= ISA_AVX512BF16 && xbf && fmt == F_INT4 && M <= 4) {
+  if (isa >= ISA_AVX512BF16 && xbf && fmt == F_INT4) {
     // de-interleave the bf16 x once per call into x_even / x_odd (bf16, [M, K/2] each).
-    // (Measured: cheaper decode wins at M <= 4 where decode dominates; for M > 4 the interleaved
-    // TileBf16 3x8 tile with natural-order x is faster - fewer x bytes per weight byte.)
+    // Used for EVERY M (batch invariance: the interleaved TileBf16 pairs different k-values per
+    // VDPBF16PS, so its sums differ in rounding). The cheaper decode wins at small M where decode
+    // dominates; at M > 4 the interleaved 3x8 tile was ~10% faster, the price of invariance.
     const int64_t Kh = K / 2;
     xeo = at::empty({2, M, Kh}, x.options());
     uint16_t* xe = reinterpret_cast<uint16_t*>(xeo.data_ptr());
