@@ -81,9 +81,7 @@ class Stream:
                 else:
                     self.engine.step()
                     continue
-            if item is _DONE:
-                if self.seq.error is not None:
-                    raise self.seq.error
+            if self._ended(item):
                 raise StopIteration
             return item
 
@@ -108,11 +106,15 @@ class Stream:
                 if self.seq.chunks.empty():  # nothing arrived between the check and the clear
                     await self._ready.wait()
                 continue
-            if item is _DONE:
-                if self.seq.error is not None:
-                    raise self.seq.error
+            if self._ended(item):
                 raise StopAsyncIteration
             return item
+
+    def _ended(self, item) -> bool:
+        """True at the end of the stream; a failed sequence raises its error instead."""
+        if item is _DONE and self.seq.error is not None:
+            raise self.seq.error
+        return item is _DONE
 
     def cancel(self) -> None:
         self.engine.cancel(self.seq)

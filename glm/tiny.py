@@ -106,6 +106,19 @@ def config_json_v1(shape: dict, vocab: int, bits: int, specials: dict[str, int])
     }
 
 
+def random_linear(key: str, n: int, k: int, bits: int, g: torch.Generator, random_codes: bool) -> dict:
+    """One block linear's tensors: fp16 N(0, 0.02) weights, THUDM-quantized when bits is set
+    (random_codes: int codes and scales drawn directly, fast at 6B size)."""
+    if bits and random_codes:
+        return {key + ".weight": torch.randint(-128, 128, (n, k * bits // 8), generator=g, dtype=torch.int8),
+                key + ".weight_scale": (torch.rand(n, generator=g) * 0.004 + 0.001).half()}
+    w = (torch.randn(n, k, generator=g) * 0.02).half()
+    if not bits:
+        return {key + ".weight": w}
+    q, scale = quantize(w, bits)
+    return {key + ".weight": q, key + ".weight_scale": scale}
+
+
 def random_state_dict_v1(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_codes: bool = False) -> dict:
     """THUDM's v1 tensor names (all four block linears with biases; lm_head a copy of the embeddings)."""
     g = torch.Generator().manual_seed(seed)
@@ -125,13 +138,7 @@ def random_state_dict_v1(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_co
         sd[f"{p}.{i}.attention.rotary_emb.inv_freq"] = (1.0 / 10000 ** (torch.arange(0, half, 2).float() / half)).half()
         for name, (n, k) in shapes.items():
             key = f"{p}.{i}.{name}"
-            if bits and random_codes:
-                sd[key + ".weight"] = torch.randint(-128, 128, (n, k * bits // 8), generator=g, dtype=torch.int8)
-                sd[key + ".weight_scale"] = (torch.rand(n, generator=g) * 0.004 + 0.001).half()
-            elif bits:
-                sd[key + ".weight"], sd[key + ".weight_scale"] = quantize(normal(n, k), bits)
-            else:
-                sd[key + ".weight"] = normal(n, k)
+            sd |= random_linear(key, n, k, bits, g, random_codes)
             sd[key + ".bias"] = normal(n, std=0.1)
     # Random signs: with the output tied to the embeddings, a near-identity final norm would make
     # the model repeat its input token (the residual stream is dominated by it).
@@ -178,14 +185,7 @@ def random_state_dict(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_codes
         sd[f"{p}.{i}.input_layernorm.weight"] = (1 + normal(h, std=0.1).float()).half()
         sd[f"{p}.{i}.post_attention_layernorm.weight"] = (1 + normal(h, std=0.1).float()).half()
         for name, (n, k) in shapes.items():
-            key = f"{p}.{i}.{name}"
-            if bits and random_codes:
-                sd[key + ".weight"] = torch.randint(-128, 128, (n, k * bits // 8), generator=g, dtype=torch.int8)
-                sd[key + ".weight_scale"] = (torch.rand(n, generator=g) * 0.004 + 0.001).half()
-            elif bits:
-                sd[key + ".weight"], sd[key + ".weight_scale"] = quantize(normal(n, k), bits)
-            else:
-                sd[key + ".weight"] = normal(n, k)
+            sd |= random_linear(f"{p}.{i}.{name}", n, k, bits, g, random_codes)
         sd[f"{p}.{i}.self_attention.query_key_value.bias"] = normal(shapes[QUANTIZED[0]][0], std=0.1)
     sd["transformer.encoder.final_layernorm.weight"] = (1 + normal(h, std=0.1).float()).half()
     sd["transformer.output_layer.weight"] = normal(cfg.vocab_size, h, std=1.0 / h ** 0.5 * 4)

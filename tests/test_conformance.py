@@ -15,7 +15,8 @@ from glm.loader import PREFIX
 from glm.model import ChatGLM2, GLMBlock, KVCache, RMSNorm, rotary_angles
 from reference import DataReader
 
-ATOL = 5e-4
+ATOL = 5e-4  # the issue's bound (chatglm.cpp's own test tolerance)
+FP32_ATOL = 1e-5  # fp32 files: same math up to summation order; more means precision was lost somewhere
 
 # VECTORS.md 3.4: hidden 32, 8 heads, 2 kv groups, head dim 4, 1 layer, ffn 48, vocab 5, max_length 8
 TINY_REF = dict(num_layers=1, hidden_size=32, num_heads=8, kv_heads=2, head_dim=4, ffn_hidden_size=48,
@@ -53,8 +54,8 @@ def run_model_file(name: str, prefix_len: int = 0, **overrides) -> list[float]:
     ckpt[PREFIX + "encoder.final_layernorm.weight"] = torch.from_numpy(r.read(cfg.hidden_size))
     ckpt[PREFIX + "output_layer.weight"] = torch.zeros(cfg.vocab_size, cfg.hidden_size)  # not in the file
     model = ChatGLM2(cfg)
+    model.embedding.word_embeddings.float()  # the file's embeddings are fp32 (checkpoints': fp16)
     load_by_checkpoint_names(model, ckpt)
-    model.embedding.word_embeddings.float()  # the file's embeddings are fp32
     cache = KVCache(cfg, 8, "cpu", torch.float32, prefix=prefix)
     errors = []
     with torch.inference_mode():
@@ -70,7 +71,7 @@ def run_model_file(name: str, prefix_len: int = 0, **overrides) -> list[float]:
 @pytest.mark.parametrize("name", ["glm2_model.data", "glm3_model.data"])
 def test_chatglm2_and_3_model(name):
     errors = run_model_file(name)
-    assert max(errors) < ATOL, f"{name}: max abs error per step (prefill, decode, decode) = {errors}"
+    assert max(errors) < min(ATOL, FP32_ATOL), f"{name}: max abs error per step (prefill, decode, decode) = {errors}"
 
 
 def test_chatglm3_ptuning_v2_prefix():
@@ -81,7 +82,7 @@ def test_chatglm3_ptuning_v2_prefix():
 def test_glm4_model():
     # GLM-4's tiny config inherits glm-4-9b-chat's epsilon (VECTORS.md 3.4); same block math.
     errors = run_model_file("glm4_model.data", norm_eps=1.5625e-07)
-    assert max(errors) < ATOL, errors
+    assert max(errors) < min(ATOL, FP32_ATOL), errors
 
 
 @pytest.mark.parametrize("name,ffn", [("glm2_block.data", 6), ("glm2_block_pr138_ffn48.data", 48)])
@@ -99,7 +100,7 @@ def test_chatglm2_block(name, ffn):
             cos, sin = rotary_angles(cfg, torch.arange(start, start + T)[None])
             errors.append((block(x[None], cos, sin, [start], [cache])[0] - want).abs().max().item())
     r.assert_consumed()
-    assert max(errors) < ATOL, f"{name}: {errors}"
+    assert max(errors) < min(ATOL, FP32_ATOL), f"{name}: {errors}"
 
 
 def test_linear_vectors():
