@@ -408,8 +408,17 @@ def test_first_generation_chatglm_checkpoint(tmp_path, app_dir):
         assert body["status"] == "succeeded", body
         want, _ = reference(model, prompt=inp["prompt"], max_tokens=16, temperature=0.8, seed=21)
         assert "".join(body["output"]) == want
+        events = srv.sse({"input": inp})
+        assert "".join(e["data"]["chunk"] for e in events if e["event"] == "output") == want
+        # the schema here was built without weights, so its default prompt is ChatGLM2's format
         clamp = srv.predict({"input": {"max_tokens": 32768, "seed": 1, "temperature": 0}}).json()
         assert f"of the {model.config.max_context}-token context" in clamp["logs"], clamp["logs"]
+        assert "the other ChatGLM generation's format" in clamp["logs"], clamp["logs"]
+    # input defaults follow the checkpoint baked into the image: THUDM's v1 chat() defaults
+    import predict
+    assert predict.checkpoint_family(ckpt) == "chatglm"
+    assert predict.FAMILY["chatglm"] | {} == {"prompt": "你好", "temperature": 0.95, "top_p": 0.7,
+                                              "other_format": "[Round 1]\n\n"}
 
 
 # ---------------------------------------------------------------------------- setup failures
