@@ -401,7 +401,9 @@ def test_first_generation_chatglm_checkpoint(tmp_path, app_dir):
     ckpt = make_tiny_checkpoint(str(tmp_path / "chatglm-6b-int8"), "--family", "chatglm")
     model = glm.load(ckpt, device="cpu")
     assert model.config.family == "chatglm"
-    inp = {"prompt": "[Round 0]\n问：你好\n答：", "max_tokens": 16, "temperature": 0.8, "seed": 21}
+    # every sampling input explicit: this schema was built without weights (ChatGLM2 defaults) while
+    # the worker serves v1, whose signature defaults differ (THUDM's v1 chat() defaults)
+    inp = {"prompt": "[Round 0]\n问：你好\n答：", "max_tokens": 16, "temperature": 0.8, "top_p": 0.8, "seed": 21}
     with CogServer(app_dir, env={"COG_WEIGHTS": ckpt}, log_path=str(tmp_path / "server.log")) as srv:
         srv.wait_for({"READY"}, timeout=300)
         body = srv.predict({"input": inp}).json()
@@ -410,10 +412,12 @@ def test_first_generation_chatglm_checkpoint(tmp_path, app_dir):
         assert "".join(body["output"]) == want
         events = srv.sse({"input": inp})
         assert "".join(e["data"]["chunk"] for e in events if e["event"] == "output") == want
-        # the schema here was built without weights, so its default prompt is ChatGLM2's format
+        # defaults follow the served checkpoint: v1's default prompt is the bare "你好" (4 ids)
         clamp = srv.predict({"input": {"max_tokens": 32768, "seed": 1, "temperature": 0}}).json()
-        assert f"of the {model.config.max_context}-token context" in clamp["logs"], clamp["logs"]
-        assert "the other ChatGLM generation's format" in clamp["logs"], clamp["logs"]
+        assert f"prompt has 4 tokens of the {model.config.max_context}-token context" in clamp["logs"], clamp["logs"]
+        warn = srv.predict({"input": {"prompt": "[Round 1]\n\n问：你好\n\n答：", "max_tokens": 2}}).json()
+        assert warn["status"] == "succeeded", warn
+        assert "the other ChatGLM generation's format" in warn["logs"], warn["logs"]
     # input defaults follow the checkpoint baked into the image: THUDM's v1 chat() defaults
     import predict
     assert predict.checkpoint_family(ckpt) == "chatglm"
