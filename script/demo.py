@@ -31,8 +31,7 @@ def pick_weights() -> str:
     print(f"demo: NO REAL WEIGHTS in {root}/ -> using the project's own small RANDOM-WEIGHT checkpoint\n"
           f"      ({TINY.relative_to(REPO)}, made by `python -m glm.tiny`): the reply is random tokens, not\n"
           f"      ChatGLM's answer. For the real model: script/download-weights, then run this again.")
-    if not has_checkpoint(TINY):
-        make_tiny_checkpoint(str(TINY))
+    make_tiny_checkpoint(str(TINY))  # a few seconds; always in step with glm.tiny
     return str(TINY)
 
 
