@@ -18,7 +18,7 @@ from torch import nn
 
 from . import kernels
 from .config import ChatGLMConfig
-from .model import KVCache
+from .model import KVCache, attend
 from .quant import FUSED_MAX_ROWS
 
 # THUDM's ChatGLMModel builds GLMBlock without passing num_layers, whose default is 28: the residual
@@ -109,7 +109,11 @@ class SelfAttention(nn.Module):
         out = []
         for b in range(B):
             keys, values = caches[b].update(layer, starts[b], k[b].transpose(0, 1), v[b].transpose(0, 1))
-            out.append(F.scaled_dot_product_attention(q[b].transpose(0, 1), keys, values, attn_mask=masks[b]))
+            qb = q[b].transpose(0, 1)
+            if T == 1:  # a generated token sees every key: the plain decode path (CPU SDPA is slow at T=1)
+                out.append(attend(qb, keys, values, starts[b]))
+            else:
+                out.append(F.scaled_dot_product_attention(qb, keys, values, attn_mask=masks[b]))
         y = torch.stack(out).transpose(1, 2).reshape(B, T, cfg.q_size)
         return self.dense(y)
 
