@@ -16,18 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .config import ChatGLMConfig
 from .model import KVCache, attend
-from .quant import FUSED_MAX_ROWS
+from .quant import half_weight_linear
 
 # THUDM's ChatGLMModel builds GLMBlock without passing num_layers, whose default is 28: the residual
 # scale is sqrt(2 * 28) whatever the depth of the model.
 ALPHA = math.sqrt(2 * 28)
-
-# Rows of the tied output layer widened at a time when no fp16 kernel is available: one reused
-# buffer of this many rows instead of a compute-dtype copy of the whole matrix.
-HEAD_BLOCK_ROWS = 4096
 
 
 def record_layout(cfg: ChatGLMConfig, cache: KVCache, prompt: list[int]) -> None:
@@ -152,27 +147,12 @@ class TiedHead(nn.Module):
     so the 1 GB matrix exists once, in the checkpoint's fp16.
     """
 
-    def __init__(self, block_rows: int = HEAD_BLOCK_ROWS):
+    def __init__(self, block_rows: int | None = None):
         super().__init__()
         self.block_rows = block_rows
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if weight.dtype == x.dtype:
-            return F.linear(x, weight)
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()
-        k = kernels.get()
-        if k is not None and x2.device.type == "cpu" and x2.shape[0] <= FUSED_MAX_ROWS \
-                and weight.dtype == torch.float16 and x.dtype in (torch.float32, torch.bfloat16):
-            y = k.half_linear(x2, weight, None)
-        else:
-            y = x2.new_empty(x2.shape[0], weight.shape[0])
-            buf = x2.new_empty(min(self.block_rows, weight.shape[0]), weight.shape[1])
-            for s in range(0, weight.shape[0], self.block_rows):
-                w = buf[:min(self.block_rows, weight.shape[0] - s)]
-                w.copy_(weight[s:s + w.shape[0]])
-                y[:, s:s + w.shape[0]] = x2 @ w.t()
-        return y.view(*shape[:-1], weight.shape[0])
+        return half_weight_linear(x, weight, block_rows=self.block_rows)
 
 
 class ChatGLM(nn.Module):

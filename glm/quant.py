@@ -110,15 +110,23 @@ class HalfLinear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()
-        k = kernels.get()
-        bias = _cast(self.bias, x.dtype)
-        if k is not None and x2.shape[0] <= FUSED_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
-            y = k.half_linear(x2, self.weight, bias)
-        else:
-            y = blocked_linear(x2, self.out_features, bias, lambda s, e, out: out.copy_(self.weight[s:e]))
-        return y.view(*shape[:-1], self.out_features)
+        return half_weight_linear(x, self.weight, _cast(self.bias, x.dtype))
+
+
+def half_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                       block_rows: int | None = None) -> torch.Tensor:
+    """x @ W^T + b for a weight kept in fp16 whatever x's dtype (HalfLinear, ChatGLM-6B's tied head)."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    k = kernels.get()
+    if (k is not None and x2.device.type == "cpu" and x2.shape[0] <= FUSED_MAX_ROWS
+            and x.dtype in (torch.float32, torch.bfloat16)):
+        y = k.half_linear(x2, weight, bias)
+    else:
+        y = blocked_linear(x2, weight.shape[0], bias, lambda s, e, out: out.copy_(weight[s:e]), block_rows)
+    return y.view(*shape[:-1], weight.shape[0])
 
 
 # Output rows widened at a time for a dense GEMM (prefill): bounds the transient copy of a layer's
@@ -127,12 +135,14 @@ class HalfLinear(nn.Module):
 BLOCK_ROWS = 4096
 
 
-def blocked_linear(x: torch.Tensor, out_features: int, bias: torch.Tensor | None, widen) -> torch.Tensor:
+def blocked_linear(x: torch.Tensor, out_features: int, bias: torch.Tensor | None, widen,
+                   block_rows: int | None = None) -> torch.Tensor:
     """x @ W^T + b, W widened block by block by widen(start, end, out) into one reused buffer."""
+    block_rows = block_rows or BLOCK_ROWS
     y = x.new_empty(x.shape[0], out_features)
-    buf = x.new_empty(min(BLOCK_ROWS, out_features), x.shape[1])
-    for s in range(0, out_features, BLOCK_ROWS):
-        e = min(s + BLOCK_ROWS, out_features)
+    buf = x.new_empty(min(block_rows, out_features), x.shape[1])
+    for s in range(0, out_features, block_rows):
+        e = min(s + block_rows, out_features)
         y[:, s:e] = x @ widen(s, e, buf[:e - s]).t()
     if bias is not None:
         y += bias
