@@ -178,6 +178,7 @@ def test_random_seed_is_logged_and_reproducible(server):
     assert m, body["logs"]
     seed = int(m.group(1))
     again = server.predict({"input": {"max_tokens": 12, "temperature": 1.0, "top_p": 1.0, "seed": seed}}).json()
+    assert again["status"] == "succeeded", again
     assert again["output"] == body["output"] or "".join(again["output"]) == "".join(body["output"])
 
 
@@ -388,7 +389,7 @@ def test_at_capacity_is_409(server, long_seed):
         while server.health()["status"] != "BUSY":
             assert time.monotonic() < deadline, "server never reported BUSY"
             time.sleep(0.02)
-        r2 = server.predict({"input": {"max_tokens": 2}})
+        r2 = server.predict({"input": {"max_tokens": 2}}, wait_ready=False)
         assert r2.status_code == 409, r2.text
         assert "capacity" in r2.text.lower()
     finally:
@@ -421,7 +422,7 @@ def test_first_generation_chatglm_checkpoint(tmp_path, app_dir):
     # input defaults follow the checkpoint baked into the image: THUDM's v1 chat() defaults
     import predict
     assert predict.checkpoint_family(ckpt) == "chatglm"
-    assert predict.FAMILY["chatglm"] | {} == {"prompt": "你好", "temperature": 0.95, "top_p": 0.7,
+    assert predict.FAMILY["chatglm"] == {"prompt": "你好", "temperature": 0.95, "top_p": 0.7,
                                               "other_format": "[Round 1]\n\n"}
 
 
@@ -435,7 +436,7 @@ def _setup_failure(tmp_path, app_dir, weights, expect):
         logs = h["setup"]["logs"]
         for e in expect:
             assert e in logs, logs
-        r = srv.predict({"input": {}})
+        r = srv.predict({"input": {}}, wait_ready=False)
         assert r.status_code >= 400
     return logs
 
