@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -52,6 +53,9 @@ def build_dir() -> Path:
     h.update(torch.__version__.encode())
     h.update(torch.__file__.encode())  # build.ninja names this torch's include dirs: one build per install
     h.update(" ".join(CFLAGS).encode())
+    # Two ninja versions (the pip one in a venv, the system one) read each other's build log as
+    # stale and rebuild everything: one build per ninja binary.
+    h.update(str(shutil.which("ninja")).encode())
     base = os.environ.get("GLM_KERNEL_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "glm", "kernels"
     )
