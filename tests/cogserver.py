@@ -32,6 +32,28 @@ PYTHON = sys.executable
 HTTP_TIMEOUT = 60  # seconds, any single HTTP call to the server
 
 
+DEFAULT_PROMPT = "[Round 1]\n\n问：你好\n\n答："
+# Long enough to still be generating when a cancel arrives (~400 tokens/s on the tiny checkpoint).
+LONG = 400
+
+
+def reference(engine, prompt=DEFAULT_PROMPT, max_tokens=2048, temperature=0.75, top_p=0.8,
+              top_k=0, repetition_penalty=1.0, stop=(), seed=None):
+    """What glm generates in-process for the same inputs (same clamp as the service): (text, stream)."""
+    room = engine.config.max_context - len(engine.tokenizer.encode(prompt))
+    stream = engine.generate(
+        prompt, max_new_tokens=min(max_tokens, room), temperature=temperature, top_p=top_p,
+        top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop),
+    )
+    chunks = list(stream)
+    return "".join(chunks), stream
+
+
+def assert_ready(server: "CogServer") -> None:
+    h = server.wait_for({"READY"}, timeout=60)
+    assert h["status"] == "READY"
+
+
 class ServerError(AssertionError):
     pass
 
@@ -217,13 +239,14 @@ class CogServer:
             self.wait_for({"READY"}, timeout=60)
         return requests.post(self.url + "/predictions", json=body, headers=headers or {}, timeout=timeout)
 
-    def sse(self, body: Dict, on_event=None, timeout: float = HTTP_TIMEOUT) -> List[Dict]:
+    def sse(self, body: Dict, on_event=None, timeout: float = HTTP_TIMEOUT, wait_ready: bool = True) -> List[Dict]:
         """POST with Accept: text/event-stream; return parsed events [{'event', 'data'}] in order.
 
         `on_event(event)` is called as each arrives (e.g. to cancel mid-stream).
         """
         events: List[Dict] = []
-        self.wait_for({"READY"}, timeout=60)  # see predict()
+        if wait_ready:
+            self.wait_for({"READY"}, timeout=60)  # see predict()
         with requests.post(
             self.url + "/predictions", json=body, headers={"Accept": "text/event-stream"},
             stream=True, timeout=timeout,

@@ -1,6 +1,9 @@
-"""Shared fixtures: small checkpoints made by glm.tiny, once per test session."""
+"""Shared fixtures: small checkpoints made by glm.tiny, once per test session, and what the
+service tests (test_service.py, test_concurrency.py) share."""
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,3 +36,42 @@ def tiny_fp16_dir(tmp_path_factory) -> Path:
 def tiny_model(tiny_dir):
     import glm
     return glm.load(tiny_dir)
+
+
+# ---- service tests: the checkpoint as `python -m glm.tiny` writes it, the app dir, the in-process reference
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    from cogserver import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "chatglm2-6b-int4"))
+
+
+@pytest.fixture(scope="session")
+def app_dir(tmp_path_factory, tiny_ckpt):
+    """Project dir as `cog build` lays it out, weights in weights/<name>/ (no COG_WEIGHTS)."""
+    from cogserver import make_app_dir
+
+    d = make_app_dir(str(tmp_path_factory.mktemp("app") / "src"))
+    os.makedirs(os.path.join(d, "weights"))
+    shutil.copytree(tiny_ckpt, os.path.join(d, "weights", "chatglm2-6b-int4"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_ckpt):
+    """The same checkpoint loaded in-process: what a request's output must equal."""
+    import glm
+
+    return glm.load(tiny_ckpt, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def long_seed(engine):
+    """A seed whose sampled output runs to LONG tokens (no early EOS) at temperature 1."""
+    from cogserver import LONG, reference
+
+    for seed in range(40):
+        _, st = reference(engine, max_tokens=LONG, temperature=1.0, top_p=1.0, seed=seed)
+        if st.finish_reason == "length":
+            return seed
+    pytest.fail(f"no seed in 0..39 samples {LONG} tokens without EOS on the tiny checkpoint; cancel tests need one")

@@ -14,18 +14,16 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cogserver import REPO, CogServer, WebhookReceiver, make_app_dir, make_tiny_checkpoint  # noqa: E402
+from cogserver import (  # noqa: E402
+    DEFAULT_PROMPT, LONG, REPO, CogServer, WebhookReceiver, assert_ready, make_tiny_checkpoint,
+    reference,
+)
 
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import glm  # noqa: E402
 
-HAVE_ENGINE = hasattr(glm, "load")
-needs_engine = pytest.mark.skipif(not HAVE_ENGINE, reason="glm engine (glm.load) not available in this tree")
-
-
-DEFAULT_PROMPT = "[Round 1]\n\n问：你好\n\n答："
 INPUT_NAMES = [
     "prompt", "max_tokens", "temperature", "top_p", "top_k",
     "repetition_penalty", "stop_sequences", "seed",
@@ -33,67 +31,12 @@ INPUT_NAMES = [
 
 
 # ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    if not HAVE_ENGINE:
-        pytest.skip("glm engine (glm.load) not available in this tree")
-    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "chatglm2-6b-int4"))
-
-
-@pytest.fixture(scope="session")
-def app_dir(tmp_path_factory, tiny_ckpt):
-    """Project dir as `cog build` lays it out, weights in weights/<name>/ (no COG_WEIGHTS)."""
-    d = make_app_dir(str(tmp_path_factory.mktemp("app") / "src"))
-    os.makedirs(os.path.join(d, "weights"))
-    shutil.copytree(tiny_ckpt, os.path.join(d, "weights", "chatglm2-6b-int4"))
-    return d
-
-
+# tiny_ckpt, app_dir, engine and long_seed are in conftest.py (shared with test_concurrency.py).
 @pytest.fixture(scope="session")
 def server(app_dir):
-    srv = CogServer(app_dir)
-    srv.start()
-    try:
+    with CogServer(app_dir) as srv:
         srv.wait_for({"READY"}, timeout=300)
         yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture(scope="session")
-def engine(tiny_ckpt):
-    return glm.load(tiny_ckpt, device="cpu")
-
-
-def reference(engine, prompt=DEFAULT_PROMPT, max_tokens=2048, temperature=0.75, top_p=0.8,
-              top_k=0, repetition_penalty=1.0, stop=(), seed=None):
-    """What glm generates in-process for the same inputs (same clamp as the service)."""
-    room = engine.config.max_context - len(engine.tokenizer.encode(prompt))
-    stream = engine.generate(
-        prompt, max_new_tokens=min(max_tokens, room), temperature=temperature, top_p=top_p,
-        top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop),
-    )
-    chunks = list(stream)
-    return "".join(chunks), stream
-
-
-def assert_ready(server):
-    h = server.wait_for({"READY"}, timeout=60)
-    assert h["status"] == "READY"
-
-
-# Long enough to still be generating when a cancel arrives (~400 tokens/s on the tiny checkpoint).
-LONG = 400
-
-
-@pytest.fixture(scope="session")
-def long_seed(engine):
-    """A seed whose sampled output runs to LONG tokens (no early EOS) at temperature 1."""
-    for seed in range(40):
-        _, st = reference(engine, max_tokens=LONG, temperature=1.0, top_p=1.0, seed=seed)
-        if st.finish_reason == "length":
-            return seed
-    pytest.skip("tiny checkpoint always hits EOS early; cannot test cancel")
 
 
 # ---------------------------------------------------------------------------- tests
