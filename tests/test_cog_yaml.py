@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-yaml = pytest.importorskip("yaml")
-jsonschema = pytest.importorskip("jsonschema")
+import jsonschema
+import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA_CANDIDATES = [
@@ -36,7 +36,8 @@ def _requirements(name):
 def test_cog_yaml_matches_config_schema():
     path = next((p for p in SCHEMA_CANDIDATES if os.path.isfile(p)), None)
     if path is None:
-        pytest.skip("Cog config schema (shared/reference/cog/config_schema_v1.0.json) not found")
+        pytest.fail("Cog's config schema is missing: expected ../shared/reference/cog/config_schema_v1.0.json "
+                    "beside the checkout (see ../shared/reference/README.md)")
     with open(path, encoding="utf-8") as fh:
         schema = json.load(fh)
     jsonschema.validate(_load_cog_yaml(), schema)
@@ -51,6 +52,15 @@ def test_cog_yaml_settings():
     assert re.fullmatch(r"\d+\.\d+", str(build["cuda"]))
     assert build["python_requirements"] == "requirements.txt"
     assert os.path.isfile(os.path.join(REPO, build["python_requirements"]))
+
+
+def test_concurrency_matches_the_engine_batch():
+    import sys
+
+    sys.path.insert(0, REPO)
+    import predict
+
+    assert _load_cog_yaml()["concurrency"]["max"] == predict.DEFAULT_CONCURRENCY
 
 
 @pytest.mark.parametrize("name", ["requirements.txt", "requirements-test.txt"])
