@@ -3,10 +3,12 @@
 Thin by design: validate inputs, call the engine, stream its text, log. All model logic
 (tokenizer, sampling, stop strings, context limits) lives in glm/.
 
-predict() is a plain generator, one prediction at a time: with coglet 0.23.1 an async generator's
-output is only sent when it ends (no streaming), and an async predict() returning a generator
-streams but cannot be cancelled. The engine batches concurrent sequences (glm.engine); serving
-them concurrently waits on a Cog server that streams async generators.
+Concurrency: predict() is async, so the Cog server runs up to COG_MAX_CONCURRENCY predictions at
+once (cog.yaml `concurrency.max`; beyond it the server answers 409), and the engine thread batches
+them into one forward step (glm.engine). predict() returns a (sync) generator of text chunks rather
+than being an async generator: coglet 0.23.1 collects an async generator's output and sends it only
+when it ends, but streams a generator returned by an async predict(). See `_on_server_cancel` for how
+a cancel reaches the engine in that mode.
 
 Inputs mirror the public Replicate model nomagick/chatglm2-6b-int4
 (prompt, max_tokens, temperature, top_p) plus top_k, repetition_penalty,
@@ -14,10 +16,14 @@ stop_sequences and seed.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextvars
 import os
 import secrets
+import threading
 import time
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import cog
 from cog import BasePredictor, ConcatenateIterator, Input
@@ -36,6 +42,8 @@ MAX_SEED = 2**32 - 1
 # Largest context of any supported checkpoint (the -32k variants); the real limit
 # for the loaded checkpoint comes from the engine (model.config.max_context).
 MAX_TOKENS_LIMIT = 32768
+# Predictions served at once (the server's slots; cog.yaml concurrency.max) = the engine's batch size.
+DEFAULT_CONCURRENCY = 8
 
 
 def log(msg: str) -> None:
@@ -99,6 +107,43 @@ def weights_root() -> str:
     return os.environ.get("COG_WEIGHTS") or DEFAULT_WEIGHTS_DIR
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name) or str(default)
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    return n
+
+
+def _on_server_cancel(callback: Callable[[], None]) -> bool:
+    """Call `callback` when the server cancels the prediction whose predict() is running now.
+
+    coglet 0.23.1 runs an async predict() with asyncio.run_coroutine_threadsafe and cancels it by
+    calling cancel() on the concurrent.futures.Future it got back; it keeps calling that after
+    predict() has returned the generator it streams, when cancel() on the finished future is a
+    no-op. So we find that future (asyncio chains it to our task with a done-callback that holds
+    it) and wrap its cancel(). Returns False when it is not found (another server): the prediction
+    then runs to its end when cancelled. tests/test_service.py checks this against the real server.
+    """
+    task = asyncio.current_task()
+    for cb, _ in getattr(task, "_callbacks", None) or ():
+        for cell in getattr(cb, "__closure__", None) or ():
+            future = cell.cell_contents
+            if isinstance(future, concurrent.futures.Future):
+                server_cancel = future.cancel
+
+                def cancel() -> bool:
+                    callback()
+                    return server_cancel()
+
+                future.cancel = cancel
+                return True
+    return False
+
+
 def checkpoint_family(root: str) -> str:
     """Family of the checkpoint setup() will load; 'chatglm2' while there is none."""
     try:
@@ -130,6 +175,12 @@ class Predictor(BasePredictor):
         cfg = self.model.config
         self.family = FAMILY[cfg.family]
         log(f"loaded {cfg.family} checkpoint in {time.monotonic() - t0:.1f}s; max_context={cfg.max_context}")
+        # One engine thread batches every running prediction; KV cache is reserved per request
+        # (prompt + max_tokens) within the budget: a request that does not fit yet waits.
+        concurrency = _env_int("COG_MAX_CONCURRENCY", DEFAULT_CONCURRENCY)
+        kv_budget = _env_int("GLM_KV_BUDGET_TOKENS", concurrency * cfg.max_context)
+        self.model.use_engine(max_batch=concurrency, kv_budget_tokens=kv_budget).start()
+        log(f"engine: up to {concurrency} sequences per step, KV budget {kv_budget} tokens")
         # One-token warm-up so the first request does not pay for lazy init.
         t0 = time.monotonic()
         for _ in self.model.generate(self.family["prompt"], max_new_tokens=1, temperature=0.0, seed=0):
@@ -137,7 +188,7 @@ class Predictor(BasePredictor):
         log(f"warm-up done in {time.monotonic() - t0:.2f}s")
 
     @cog.streaming
-    def predict(
+    async def predict(
         self,
         prompt: str = Input(
             description="Raw prompt in the model's own format: ChatGLM2 '[Round 1]\\n\\n问：...\\n\\n答：' "
@@ -231,24 +282,32 @@ class Predictor(BasePredictor):
             seed=seed,
             stop=tuple(parse_stop_sequences(stop_sequences)),
         )
-        yield from self._stream(stream, seed)
+        cancelled = threading.Event()
 
-    def _stream(self, stream, seed: int) -> Iterator[str]:
-        t0 = time.monotonic()
-        first = None
+        def cancel() -> None:
+            cancelled.set()
+            stream.cancel()  # the engine drops the sequence at its next step
+
+        if not _on_server_cancel(cancel):
+            log("warning: this server's cancel cannot reach the engine; a cancelled prediction runs to its end")
+        # The server iterates the generator on another thread; its log lines reach this
+        # prediction's logs only from within predict()'s context (coglet routes them by a ContextVar).
+        return self._stream(stream, seed, cancelled, contextvars.copy_context())
+
+    def _stream(self, stream, seed: int, cancelled: threading.Event, context: contextvars.Context) -> Iterator[str]:
         try:
-            for chunk in stream:
-                if first is None:
-                    first = time.monotonic()
-                yield chunk
+            yield from stream
+            if cancelled.is_set():
+                raise cog.CancelationException()  # reported as "canceled", not "succeeded"
         finally:
-            # Cancelled (or the client went away): the engine drops the sequence at its next step.
-            stream.cancel()
-            elapsed = time.monotonic() - t0
+            stream.cancel()  # no-op when finished; frees the sequence if the server stopped reading
+            elapsed = stream.elapsed
             reason = stream.finish_reason or "canceled"
             tps = stream.new_tokens / elapsed if elapsed > 0 else 0.0
-            ttft = f"{first - t0:.3f}s" if first is not None else "n/a"
-            log(
+            ttft = f"{stream.time_to_first_token:.3f}s" if stream.time_to_first_token is not None else "n/a"
+            context.run(
+                log,
                 f"prompt_tokens={stream.prompt_tokens} new_tokens={stream.new_tokens} "
-                f"time_to_first_token={ttft} tokens_per_s={tps:.2f} seed={seed} finish_reason={reason}"
+                f"time_to_first_token={ttft} tokens_per_s={tps:.2f} peak_batch={stream.peak_batch} seed={seed} "
+                f"finish_reason={reason}",
             )

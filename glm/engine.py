@@ -50,6 +50,7 @@ class Sequence:
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
         self.t_done: float | None = None
+        self.peak_batch = 0             # most sequences decoded in one step with this one
 
     @property
     def capacity(self) -> int:
@@ -240,6 +241,7 @@ class Engine:
         logits = self.model(tokens, [s.pos for s in seqs], [s.cache for s in seqs], last_only=True)
         for s in seqs:
             s.pos += 1
+            s.peak_batch = max(s.peak_batch, len(seqs))
         self._sample(seqs, logits[:, -1])
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 
 import torch
 
@@ -140,6 +141,17 @@ class Stream:
     @property
     def seed(self) -> int:
         return self.seq.params.seed
+
+    @property
+    def peak_batch(self) -> int:
+        """Most sequences decoded in one step together with this one (1 = it ran alone)."""
+        return self.seq.peak_batch
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds from submission to the end of the sequence (or to now while it runs)."""
+        end = self.seq.t_done if self.seq.t_done is not None else time.perf_counter()
+        return end - self.seq.t_submit
 
     @property
     def time_to_first_token(self) -> float | None:

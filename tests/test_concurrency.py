@@ -1,0 +1,199 @@
+"""Many predictions at once through the REAL Cog server (coglet), COG_MAX_CONCURRENCY=8.
+
+predict() is async, so the server runs up to 8 at once and the engine thread batches them into one
+forward step; each prediction must still return exactly what it returns alone (the in-process
+reference), a cancel must stop only its own prediction, requests beyond capacity get 409 without
+disturbing the accepted ones, and the worker's memory must not grow with the number of requests.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cogserver import LONG, CogServer, assert_ready, reference  # noqa: E402
+
+CONCURRENCY = 8
+
+PROMPTS = [
+    "[Round 1]\n\n问：你好\n\n答：",
+    "[Round 1]\n\n问：讲个故事 😀\n\n答：",
+    "[Round 1]\n\n问：What is the capital of France?\n\n答：",
+    "[Round 1]\n\n问：写一首关于秋天的诗\n\n答：",
+    "[Round 1]\n\n问：1+1=?\n\n答：",
+    "[Round 1]\n\n问：hi\n\n答：hello\n\n[Round 2]\n\n问：再见\n\n答：",
+    "[Round 1]\n\n问：Tell me about ChatGLM2, its architecture and its tokenizer.\n\n答：",
+    "[Round 1]\n\n问：北京\n\n答：",
+]
+
+
+def distinct_inputs(n: int, max_tokens: int, salt: int = 0) -> list[dict]:
+    """n requests that differ in prompt, seed, length and sampling settings."""
+    out = []
+    for i in range(n):
+        inp = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max(4, max_tokens - 7 * (i % 5)),
+               "seed": 1000 * salt + i, "temperature": (0.6, 1.0, 0.0, 1.3)[i % 4], "top_p": (0.8, 1.0, 0.95)[i % 3]}
+        if i % 3 == 1:
+            inp["top_k"] = 20
+        if i % 4 == 3:
+            inp["repetition_penalty"] = 1.15
+        out.append(inp)
+    return out
+
+
+def expected(engine, inp: dict) -> str:
+    kw = dict(inp)
+    if "stop_sequences" in kw:
+        kw["stop"] = [s.strip() for s in kw.pop("stop_sequences").split(",") if s.strip()]
+    return reference(engine, **kw)[0]
+
+
+def peak_batch(logs: str) -> int:
+    m = re.search(r"peak_batch=(\d+)", logs)
+    assert m, logs
+    return int(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def busy_server(app_dir):
+    with CogServer(app_dir, env={"COG_MAX_CONCURRENCY": str(CONCURRENCY)}) as srv:
+        srv.wait_for({"READY"}, timeout=300)
+        yield srv
+
+
+def post(server: CogServer, inp: dict, **kw) -> requests.Response:
+    return server.predict({"input": inp}, wait_ready=False, **kw)
+
+
+def test_concurrent_predictions_each_match_their_solo_output(busy_server, engine):
+    inputs = distinct_inputs(CONCURRENCY, max_tokens=160)
+    inputs[5]["stop_sequences"] = "，,。"
+    assert_ready(busy_server)
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        responses = list(pool.map(lambda inp: post(busy_server, inp), inputs))
+    bodies = [r.json() for r in responses]
+    for inp, r, body in zip(inputs, responses, bodies):
+        assert r.status_code == 200 and body["status"] == "succeeded", body
+        assert "".join(body["output"]) == expected(engine, inp), inp
+    # They really ran together: the engine decoded them in shared steps.
+    peaks = [peak_batch(b["logs"]) for b in bodies]
+    assert max(peaks) >= CONCURRENCY // 2, peaks
+    assert_ready(busy_server)
+
+
+def test_cancelling_one_leaves_the_others_intact(busy_server, engine, long_seed):
+    others = distinct_inputs(CONCURRENCY - 1, max_tokens=LONG, salt=1)
+    cancel_id = "cancel-one-of-many"
+    assert_ready(busy_server)
+    with ThreadPoolExecutor(len(others)) as pool:
+        futures = [pool.submit(post, busy_server, inp) for inp in others]
+        seen = {"n": 0, "after": 0}
+
+        def on_event(ev):
+            if ev["event"] != "output":
+                return
+            seen["n"] += 1
+            if "canceled_at" in seen:
+                seen["after"] += 1
+            elif seen["n"] == 3:
+                r = busy_server.cancel(cancel_id)
+                assert r.status_code == 200, r.text
+                seen["canceled_at"] = time.monotonic()
+
+        events = busy_server.sse({"id": cancel_id, "input": {"max_tokens": LONG, "temperature": 1.0, "top_p": 1.0,
+                                                             "seed": long_seed}},
+                                 on_event=on_event, wait_ready=False)
+        bodies = [f.result().json() for f in futures]
+    final = events[-1]["data"]
+    assert final["status"] == "canceled", final
+    assert len(final.get("output") or []) < LONG
+    assert "finish_reason=canceled" in final["logs"], final["logs"]
+    assert peak_batch(final["logs"]) >= 2, final["logs"]  # it was cancelled while running beside others
+    for inp, body in zip(others, bodies):
+        assert body["status"] == "succeeded", body
+        assert "".join(body["output"]) == expected(engine, inp), inp
+    assert_ready(busy_server)
+
+
+def test_bursts_above_capacity_lose_nothing_accepted(busy_server, engine):
+    """50 requests in bursts of 10 at 8 slots: each is either refused with 409 or returns its exact output."""
+    accepted = refused = 0
+    for burst in range(5):
+        inputs = distinct_inputs(10, max_tokens=64, salt=10 + burst)
+        assert_ready(busy_server)
+        with ThreadPoolExecutor(len(inputs)) as pool:
+            responses = list(pool.map(lambda inp: post(busy_server, inp), inputs))
+        for inp, r in zip(inputs, responses):
+            if r.status_code == 409:
+                refused += 1
+                assert "capacity" in r.text.lower(), r.text
+                continue
+            body = r.json()
+            assert r.status_code == 200 and body["status"] == "succeeded", (r.status_code, body)
+            assert "".join(body["output"]) == expected(engine, inp), inp
+            accepted += 1
+    assert accepted + refused == 50
+    assert accepted >= 5 * CONCURRENCY, (accepted, refused)
+    assert refused >= 1, "no burst ever exceeded the server's capacity"
+    assert_ready(busy_server)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads worker memory from /proc (Linux)")
+def test_worker_memory_stays_flat_over_500_requests(busy_server, engine):
+    workers = _children(busy_server.proc.pid)
+    assert len(workers) == 1, workers
+    worker = workers[0]
+    inputs = distinct_inputs(500, max_tokens=24, salt=100)
+    done, lock = [], threading.Lock()
+    rss = {}
+
+    def run(inp):
+        for _ in range(100):  # a 409 right after a slot frees (coglet race): retry
+            r = post(busy_server, inp)
+            if r.status_code != 409:
+                break
+            time.sleep(0.05)
+        body = r.json()
+        assert r.status_code == 200 and body.get("status") == "succeeded", (r.status_code, body)
+        with lock:
+            done.append(1)
+            if len(done) in (100, 500):
+                rss[len(done)] = _rss_mb(worker)
+        return "".join(body["output"])
+
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        outputs = list(pool.map(run, inputs))
+    for inp, out in list(zip(inputs, outputs))[::50]:  # spot-check the text too
+        assert out == expected(engine, inp), inp
+    growth = rss[500] - rss[100]
+    print(f"worker RSS after 100 requests {rss[100]:.1f} MB, after 500 {rss[500]:.1f} MB (+{growth:.1f} MB)")
+    assert growth < 8, rss
+    assert_ready(busy_server)
