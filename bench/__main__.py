@@ -80,6 +80,9 @@ ROWS = [
     ("batch4_tok_s", "batch 4 aggregate tok/s"),
     ("batch8_tok_s", "batch 8 aggregate tok/s"),
     ("batch8_speedup", "batch 8 / batch 1"),
+    *[(f"engine{b}_{k}", f"engine, {b} streams: {label}") for b in (1, 2, 4, 8)
+      for k, label in (("tok_s", "aggregate tok/s"), ("ttft_median_s", "TTFT median (s)"),
+                       ("ttft_max_s", "TTFT max (s)"))],
     ("peak_rss_bytes", "peak RSS"),
     ("model_bytes", "model file"),
     ("checkpoint_bytes", "checkpoint"),

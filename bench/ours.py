@@ -77,6 +77,26 @@ with torch.inference_mode():
             prefill(c, 16)
         times = decode(cs, 16, 32)
         out[f"batch{b}_tok_s"] = round(b * 32 / sum(times), 3)
+    # The serving path: b requests arrive together at the engine loop (its thread, as in predict.py);
+    # prompts are prefilled one chunk per step between decode steps of the running ones.
+    from glm.generate import SamplingParams
+    from glm.pipeline import Stream
+    for b in args["batches"]:
+        eng = m.use_engine(max_batch=b)
+        eng.start()
+        prompts = [ids(16)[0].tolist() for _ in range(b)]
+        params = SamplingParams(max_new_tokens=32, temperature=0.0)
+        t = time.perf_counter()
+        streams = [Stream(eng, eng.submit(p, params)) for p in prompts]
+        for st in streams:
+            for _ in st:
+                pass
+        wall = time.perf_counter() - t
+        eng.stop()
+        ttft = sorted(st.time_to_first_token for st in streams)
+        out[f"engine{b}_tok_s"] = round(sum(st.new_tokens for st in streams) / wall, 3)
+        out[f"engine{b}_ttft_median_s"] = round(statistics.median(ttft), 2)
+        out[f"engine{b}_ttft_max_s"] = round(ttft[-1], 2)
 out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps(out))
 """
