@@ -197,3 +197,30 @@ def test_worker_memory_stays_flat_over_500_requests(busy_server, engine):
     print(f"worker RSS after 100 requests {rss[100]:.1f} MB, after 500 {rss[500]:.1f} MB (+{growth:.1f} MB)")
     assert growth < 8, rss
     assert_ready(busy_server)
+
+
+def test_kv_budget_makes_requests_wait_or_fail_clearly(app_dir, engine):
+    """GLM_KV_BUDGET_TOKENS=100: two requests of 16 + 60 tokens cannot share it, so the second waits
+    (they never decode together) and both are exact; a request needing more than the whole budget fails at once."""
+    with CogServer(app_dir, env={"COG_MAX_CONCURRENCY": "4", "GLM_KV_BUDGET_TOKENS": "100"}) as srv:
+        srv.wait_for({"READY"}, timeout=300)
+        inputs = [{"max_tokens": 60, "seed": 7, "temperature": 1.0, "top_p": 1.0},
+                  {"max_tokens": 60, "seed": 8, "temperature": 1.0, "top_p": 1.0}]
+        with ThreadPoolExecutor(2) as pool:
+            bodies = [r.json() for r in pool.map(lambda inp: post(srv, inp), inputs)]
+        for inp, body in zip(inputs, bodies):
+            assert body["status"] == "succeeded", body
+            assert "".join(body["output"]) == expected(engine, inp)
+            assert peak_batch(body["logs"]) == 1, body["logs"]
+        # ... because one waited for the other: its first token came after the other's whole run.
+        stats = [dict(re.findall(r"(\w+)=([0-9.]+)s?\b", b["logs"])) for b in bodies]
+        ttft = [float(st["time_to_first_token"]) for st in stats]
+        run = [int(st["new_tokens"]) / float(st["tokens_per_s"]) for st in stats]
+        waited = max(range(2), key=lambda i: ttft[i])
+        assert ttft[waited] >= 0.8 * run[1 - waited], (ttft, run)
+        t = time.monotonic()
+        body = post(srv, {"max_tokens": 200}).json()
+        assert body["status"] == "failed", body
+        assert "budget of 100" in body["error"], body["error"]
+        assert time.monotonic() - t < 5
+        assert_ready(srv)
