@@ -126,9 +126,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cold-load", action="store_true",
                     help="evict the chatglm.cpp model file from the page cache before measuring, so "
                          "load + first forward include reading it from disk")
-    ap.add_argument("--ours-dtypes", default="float32,bfloat16",
-                    help="activation dtypes of our engine to measure; the first (the CPU default, "
-                         "float32) is the headline")
+    ap.add_argument("--ours-dtypes", default="float32,bfloat16,int8act",
+                    help="activation modes of our engine to measure: float32 (the exact CPU default, "
+                         "the headline when first), bfloat16, int8act (float32 with the opt-in int8 "
+                         "activations of glm.load(int8_activations=True))")
     args = ap.parse_args(argv)
     args.layers = 4 if args.small else 28
     t_start = time.time()
@@ -200,10 +201,14 @@ def main(argv=None) -> int:
           f"read bandwidth {bw} GB/s; {platform.processor() or platform.machine()}")
     print_table(cols)
     summary = summarize(ours, peer, bw)
+    modes = {dt: summarize(r, peer, bw) for dt, r in runs.items() if "error" not in r}
+    print()
+    for dt, sm in modes.items():
+        print(f"ours {dt}: " + "  ".join(f"{k}={_fmt(v)}" for k, v in sm.items() if k != "decode_tok_s"))
     print("\n" + "  ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
     result = dict(summary, layers=args.layers, small=args.small, threads=args.threads, bandwidth_gb_s=bw,
                   bandwidth_median_gb_s=bw_median,
-                  chatglm_cpp=peer, ours=runs, elapsed_s=round(time.time() - t_start, 1))
+                  chatglm_cpp=peer, ours=runs, modes=modes, elapsed_s=round(time.time() - t_start, 1))
     if args.json:
         print(json.dumps(result))
     return 0

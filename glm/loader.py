@@ -127,8 +127,12 @@ def swap_linears(model: nn.Module, cfg: ChatGLMConfig, bits: int, half_linears: 
 
 
 def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         quantize: int | None = None):
-    """Load a ChatGLM checkpoint directory; returns a glm.GLM ready to generate."""
+         quantize: int | None = None, int8_activations: bool = False):
+    """Load a ChatGLM checkpoint directory; returns a glm.GLM ready to generate.
+
+    int8_activations (CPU, int4 checkpoints, float32): opt into the faster int8-activation linears
+    (glm.quant.QuantLinear); it changes the numerics, so it is off by default.
+    """
     from .pipeline import GLM
 
     t0 = time.perf_counter()
@@ -150,11 +154,25 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = N
     _check_unexpected(ckpt, model)
     model.load_state_dict(state, assign=True, strict=True)
     model.requires_grad_(False).eval()
+    if int8_activations:
+        _use_int8_activations(model, bits, device, dtype)
     if cfg.quantization_bit == 0 and bits:
         cfg = _with_bits(cfg, bits)
     log.info("loaded %s (%s, %s, %s) in %.1fs", path, cfg.family, f"int{bits}" if bits else "fp16",
              f"{device.type}/{str(dtype).removeprefix('torch.')}", time.perf_counter() - t0)
     return GLM(cfg, tokenizer, model, device)
+
+
+def _use_int8_activations(model: nn.Module, bits: int, device: torch.device, dtype: torch.dtype) -> None:
+    if device.type != "cpu" or dtype != torch.float32 or bits != 4:
+        raise CheckpointError(f"int8_activations needs an int4 model on the CPU in float32 "
+                              f"(got int{bits}, {device.type}, {str(dtype).removeprefix('torch.')})")
+    k = kernels.get()
+    if k is None or not k.has_vnni():
+        log.warning("int8 activations without AVX-512 VNNI kernels: same results on a slow reference path")
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.int8_activations = True
 
 
 def _load_tokenizer(cfg: ChatGLMConfig, path: Path):

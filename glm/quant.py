@@ -46,6 +46,21 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((hi, lo), dim=-1).flatten(-2)
 
 
+def int8_activation_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference for the opt-in int8-activation mode (kernels.int4_linear_i8 computes the same bits).
+
+    Each row of x (fp32) is quantized symmetrically to int8 (scale max|x| / 127, round half to
+    even) and multiplied with the int4 weights as integers; every sum is an integer below 2^24, so
+    the fp32 GEMM here is exact and any kernel doing integer math agrees bitwise.
+    """
+    amax = x.abs().amax(dim=1, keepdim=True)
+    s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    acc = torch.round(x / s) @ unpack_int4(qweight).float().t()
+    y = acc * s * scale.float()
+    return y if bias is None else y + bias.float()
+
+
 def dequantize(qweight: torch.Tensor, scale: torch.Tensor, bits: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reference dequantization in `dtype`: W = q * scale per row."""
@@ -54,7 +69,14 @@ def dequantize(qweight: torch.Tensor, scale: torch.Tensor, bits: int,
 
 
 class QuantLinear(nn.Module):
-    """y = x @ W^T + b with W kept in THUDM's int4/int8 format."""
+    """y = x @ W^T + b with W kept in THUDM's int4/int8 format.
+
+    `int8_activations` (opt-in, CPU, int4, fp32 x): x is quantized per row to int8 and multiplied
+    with VNNI integer dot products (int8_activation_linear) -- 2-5x faster when several rows share
+    the weights (batched decode, prefill), at the cost of rounding the activations to 8 bits.
+    """
+
+    int8_activations = False
 
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False):
         super().__init__()
@@ -76,9 +98,13 @@ class QuantLinear(nn.Module):
     def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
         k = kernels.get()
         bias = _cast(self.bias, x.dtype)
+        if k is None and self.int8_activations and self.bits == 4 and x.dtype == torch.float32:
+            return int8_activation_linear(x, self.weight, self.weight_scale, bias)
         if k is None or x.dtype not in (torch.float32, torch.bfloat16):
             return F.linear(x, dequantize(self.weight, self.weight_scale, self.bits, x.dtype), bias)
         x = x.contiguous()
+        if self.int8_activations and self.bits == 4 and x.dtype == torch.float32:
+            return k.int4_linear_i8(x, self.weight, self.weight_scale, bias)
         if x.shape[0] <= FUSED_MAX_ROWS:
             fused = k.int4_linear if self.bits == 4 else k.int8_linear
             return fused(x, self.weight, self.weight_scale, bias)

@@ -42,6 +42,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -55,6 +56,8 @@
 #define AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #define AVX512BF16_FN \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+#define AVX512VNNI_FN \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 #endif
 
 namespace {
@@ -85,6 +88,15 @@ int detect_isa() {
 
 const int g_max_isa = detect_isa();
 
+bool detect_vnni() {
+#ifdef GLM_X86
+  return g_max_isa >= ISA_AVX512 && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+const bool g_has_vnni = detect_vnni();
+
 int initial_isa() {
   int isa = g_max_isa;
   if (const char* env = std::getenv("GLM_KERNEL_ISA")) {
@@ -109,6 +121,10 @@ struct LinArgs {
   const uint16_t* xb = nullptr;  // bf16 activations [M, K] (dpbf16 path); int4: x_even [M, K/2]
   const uint16_t* xb1 = nullptr;  // int4 dpbf16 path: bf16 x_odd [M, K/2]
   const float* xf = nullptr;     // natural-order fp32 x [M, K] (scalar path)
+  const int8_t* xq0 = nullptr;   // int8-activation path: x_even [M, K/2] quantized per row
+  const int8_t* xq1 = nullptr;   //                       x_odd  [M, K/2]
+  const int32_t* xsum = nullptr;  //                      sum of row m's int8 values [M]
+  const float* xscale = nullptr;  //                      row m's activation scale [M]
   int64_t ldx = 0;               // row stride (elements) of x0 / x1 / xb
   int64_t lanes = 0;             // k extent in the x0 layout (K/2 for int4 fp32 paths, else K)
   int64_t M = 0, N = 0, K = 0;
@@ -124,6 +140,12 @@ inline void store_out(const LinArgs& a, int64_t m, int64_t n, float acc) {
     reinterpret_cast<c10::BFloat16*>(a.y)[m * a.N + n] = c10::BFloat16(v);  // round-nearest-even
   else
     reinterpret_cast<float*>(a.y)[m * a.N + n] = v;
+}
+
+// int8-activation path: (sum of u * x with u = q + 8) -> y. The integer is exact and below 2^24
+// in magnitude for K <= 16384 (8 * 127 * K), so its conversion to float is exact too.
+inline void store_i8(const LinArgs& a, int64_t m, int64_t n, int32_t biased_sum) {
+  store_out(a, m, n, static_cast<float>(biased_sum - 8 * a.xsum[m]) * a.xscale[m]);
 }
 
 using TileFn = void (*)(const LinArgs&, int64_t n0, int64_t m0);
@@ -260,6 +282,26 @@ void linear_scalar(int fmt, const LinArgs& a) {
 }
 
 #ifdef GLM_X86
+// Scalar int4 x int8-activation path: the same integer sums as TileVnni, so the same bits.
+void linear_i8_scalar(const LinArgs& a) {
+  const int64_t Kb = a.w_row_bytes;
+  dyn_parallel(a.N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = a.w + n * Kb;
+      for (int64_t m = 0; m < a.M; ++m) {
+        const int8_t* xe = a.xq0 + m * a.ldx;
+        const int8_t* xo = a.xq1 + m * a.ldx;
+        int32_t acc = 0;
+        for (int64_t j = 0; j < Kb; ++j) {
+          acc += ((row[j] >> 4) ^ 8) * int32_t(xe[j]);
+          acc += ((row[j] & 0x0F) ^ 8) * int32_t(xo[j]);
+        }
+        store_i8(a, m, n, acc);
+      }
+    }
+  });
+}
+
 // ----------------------------------------------------------------------------------------------
 // AVX2 + FMA + F16C path (fp32 FMA, 8 lanes). k tail handled in scalar code.
 // ----------------------------------------------------------------------------------------------
@@ -545,6 +587,56 @@ struct TileBf16I4 {
 };
 
 // ----------------------------------------------------------------------------------------------
+// AVX-512 VNNI path: int4 weights x int8 activations (quantized per row by int4_linear_i8).
+// VPDPBUSD multiplies unsigned by signed bytes, so nibbles are biased to u = q + 8 in [0, 15]
+// (one VPTERNLOG: (byte & 0x0F) ^ 0x08) and the bias is removed at the end: sum(q x) =
+// sum(u x) - 8 sum(x). Integer sums are exact, so any tiling gives the same bits.
+// ----------------------------------------------------------------------------------------------
+template <int R, int MT, bool TAIL>
+AVX512VNNI_FN inline void step_vnni(const uint8_t* const* wr, const int8_t* xe, const int8_t* xo, int64_t ldx,
+                                    int64_t j, __mmask64 mk, const uint8_t* pf, __m512i (&acc)[R][MT]) {
+  if (pf) prefetch_span<R * 64>(pf + R * j);
+  const __m512i low4 = _mm512_set1_epi8(0x0F), bias8 = _mm512_set1_epi8(0x08);
+  __m512i hi[R], lo[R];
+  for (int r = 0; r < R; ++r) {
+    const __m512i b = TAIL ? _mm512_maskz_loadu_epi8(mk, wr[r] + j)
+                           : _mm512_loadu_si512(reinterpret_cast<const void*>(wr[r] + j));
+    lo[r] = _mm512_ternarylogic_epi32(b, low4, bias8, 0x6A);                          // odd columns
+    hi[r] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 4), low4, bias8, 0x6A);    // even columns
+  }
+  for (int m = 0; m < MT; ++m) {
+    const __m512i ve = TAIL ? _mm512_maskz_loadu_epi8(mk, xe + m * ldx + j)
+                            : _mm512_loadu_si512(reinterpret_cast<const void*>(xe + m * ldx + j));
+    const __m512i vo = TAIL ? _mm512_maskz_loadu_epi8(mk, xo + m * ldx + j)
+                            : _mm512_loadu_si512(reinterpret_cast<const void*>(xo + m * ldx + j));
+    for (int r = 0; r < R; ++r) {
+      acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], hi[r], ve);
+      acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], lo[r], vo);
+    }
+  }
+}
+
+template <int FMT_UNUSED, int R, int MT>
+struct TileVnni {
+  AVX512VNNI_FN __attribute__((noinline)) static void run(const LinArgs& a, int64_t n0, int64_t m0) {
+    __m512i acc[R][MT];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_si512();
+    const uint8_t* wr[R];
+    for (int r = 0; r < R; ++r) wr[r] = a.w + (n0 + r) * a.w_row_bytes;
+    const int8_t* xe = a.xq0 + m0 * a.ldx;
+    const int8_t* xo = a.xq1 + m0 * a.ldx;
+    const int64_t Kb = a.w_row_bytes;
+    const uint8_t* pf = m0 == 0 ? a.w + (n0 + R) * a.w_row_bytes : nullptr;
+    int64_t j = 0;
+    for (; j + 64 <= Kb; j += 64) step_vnni<R, MT, false>(wr, xe, xo, a.ldx, j, ~0ull, pf, acc);
+    if (j < Kb) step_vnni<R, MT, true>(wr, xe, xo, a.ldx, j, (1ull << (Kb - j)) - 1ull, nullptr, acc);
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) store_i8(a, m0 + m, n0 + r, _mm512_reduce_add_epi32(acc[r][m]));
+  }
+};
+
+// ----------------------------------------------------------------------------------------------
 // Dequantize (AVX-512): rows [n0, n1) of int4/int8 -> fp32 or bf16 (round-nearest-even)
 // ----------------------------------------------------------------------------------------------
 AVX512_FN inline void store16_512(void* out, int64_t idx, __m512 f, bool bf16, __mmask16 mk, bool tail) {
@@ -685,6 +777,10 @@ const PlanTable<Tile512, 4, 4>& plans512() {
 }
 const PlanSet<TileBf16I4, F_INT4, 4, 4>& plansbf16_i4() {
   static const PlanSet<TileBf16I4, F_INT4, 4, 4> t;
+  return t;
+}
+const PlanSet<TileVnni, F_INT4, 4, 4>& plansvnni() {
+  static const PlanSet<TileVnni, F_INT4, 4, 4> t;
   return t;
 }
 const PlanTable<TileBf16, 3, 8>& plansbf16() {
@@ -842,6 +938,72 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   return linear_impl(F_INT8, x, qweight, scale, bias);
 }
 
+// y = dequant(x_q) @ dequant(qweight).T + bias with x quantized per row to int8 (symmetric,
+// scale = max|x| / 127, round half to even), integer dot products, one float rescale per output.
+at::Tensor int4_linear_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                          const c10::optional<at::Tensor>& bias) {
+  check_x(x);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "glm_qlinear: int4_linear_i8 needs float32 x, got ", x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % 2 == 0 && K <= 16384, "glm_qlinear: int4_linear_i8 needs an even K <= 16384, got K=", K);
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous() &&
+                  w.size(1) == K / 2,
+              "glm_qlinear: qweight must be a contiguous int8 CPU tensor [N, ", K / 2, "], got ", w.sizes());
+  const int64_t N = w.size(0), Kh = K / 2;
+  at::Tensor scale_f, bias_f;
+  LinArgs a;
+  a.scale = prep_vec(scale, N, "scale", scale_f);
+  a.bias = prep_vec(bias, N, "bias", bias_f);
+  a.w = reinterpret_cast<const uint8_t*>(w.data_ptr());
+  a.w_row_bytes = Kh;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  at::Tensor y = at::empty({M, N}, x.options());
+  a.y = y.data_ptr();
+  if (M == 0 || N == 0) return y;
+  at::Tensor xq = at::empty({2, M, Kh}, x.options().dtype(at::kChar));
+  at::Tensor xs = at::empty({M}, x.options());
+  at::Tensor xsum = at::empty({M}, x.options().dtype(at::kInt));
+  int8_t* xe = xq.data_ptr<int8_t>();
+  int8_t* xo = xe + M * Kh;
+  const float* src = x.data_ptr<float>();
+  float* xsp = xs.data_ptr<float>();
+  int32_t* sump = xsum.data_ptr<int32_t>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* r = src + m * K;
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(r[k]));
+      const float s = amax > 0.f ? amax / 127.f : 1.f;
+      int32_t sum = 0;
+      for (int64_t j = 0; j < Kh; ++j) {
+        const int8_t e = static_cast<int8_t>(std::nearbyint(r[2 * j] / s));
+        const int8_t o = static_cast<int8_t>(std::nearbyint(r[2 * j + 1] / s));
+        xe[m * Kh + j] = e;
+        xo[m * Kh + j] = o;
+        sum += e + o;
+      }
+      xsp[m] = s;
+      sump[m] = sum;
+    }
+  });
+  a.xq0 = xe;
+  a.xq1 = xo;
+  a.xsum = sump;
+  a.xscale = xsp;
+  a.ldx = Kh;
+  a.lanes = Kh;
+#ifdef GLM_X86
+  if (g_has_vnni && g_isa.load(std::memory_order_relaxed) >= ISA_AVX512) {
+    drive(a, plansvnni().pick(M));
+    return y;
+  }
+#endif
+  linear_i8_scalar(a);
+  return y;
+}
+
 at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   return linear_impl(F_F16, x, weight, c10::nullopt, bias);
 }
@@ -914,6 +1076,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("bias") = py::none(), nogil);
   m.def("int8_linear", &int8_linear, "y = x @ dequant(qweight int8 [N,K], scale [N]).T + bias",
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("bias") = py::none(), nogil);
+  m.def("int4_linear_i8", &int4_linear_i8,
+        "y = quant8(x) @ dequant(qweight int4 [N,K/2], scale [N]).T + bias, x quantized per row",
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("bias") = py::none(), nogil);
+  m.def("has_vnni", []() { return g_has_vnni; }, "AVX-512 VNNI available (int4_linear_i8 fast path)");
   m.def("half_linear", &half_linear, "y = x @ weight(fp16/bf16 [N,K]).T + bias", py::arg("x"),
         py::arg("weight"), py::arg("bias") = py::none(), nogil);
   m.def("dequantize", &dequantize, "dequantize int4/int8 THUDM weights to [N, K] float32/bfloat16",
