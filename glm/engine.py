@@ -202,8 +202,11 @@ class Engine:
             if s.cancelled and not s.done:
                 s._finish("canceled", flush=False)
         self.active = [s for s in self.active if not s.done]
-        while self.waiting and self.waiting[0].cancelled:
-            self.waiting.popleft()._finish("canceled", flush=False)
+        if any(s.cancelled for s in self.waiting):  # anywhere in the queue, not only at its head
+            for s in self.waiting:
+                if s.cancelled:
+                    s._finish("canceled", flush=False)
+            self.waiting = deque(s for s in self.waiting if not s.done)
 
     def _admit(self) -> None:
         while self.waiting and len(self.active) < self.max_batch:
