@@ -346,3 +346,57 @@ def test_build_failure_falls_back(monkeypatch, caplog):
         assert kernels.get() is None  # tried once, warned once
     msgs = [r.getMessage() for r in caplog.records if r.name == "glm"]
     assert len(msgs) == 1 and "compiler not found" in msgs[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# opt-in int8 activations (int4_linear_i8): exact integer arithmetic, so checked bitwise
+# ---------------------------------------------------------------------------------------------
+
+
+def i8_reference(x, qweight, scale, bias):
+    """Rows of x quantized to int8 (max|x|/127, round half to even), dotted with the int4 values in
+    int64, then float(sum) * x_scale * w_scale + bias: the kernel's operations, so equal bitwise."""
+    amax = x.abs().amax(dim=1, keepdim=True)
+    s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    xq = torch.round(x / s).to(torch.int64)
+    acc = xq @ unpack(qweight, 4).to(torch.int64).t()
+    y = acc.float() * s * scale.float()
+    return y if bias is None else y + bias.float()
+
+
+# K/2 = 2048, 100, 6848 (= 107 x 64), 65: full 64-byte steps and masked tails
+I8_SHAPES = [(37, 4096), (9, 200), (19, 13696), (6, 130)]
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 8, 37])
+@pytest.mark.parametrize("N,K", I8_SHAPES)
+def test_int8_activations_exact(mod, isa, N, K, M):
+    q, scale, bias, g = make_case(N, K, 4, seed=N * 1000 + K + M)
+    x = torch.randn(M, K, generator=g)
+    x[:, 3] *= 25  # an outlier channel sets the row scale
+    x[M // 2] = 0  # an all-zero row (scale 1, output = bias)
+    for b in (bias, None):
+        y = mod.int4_linear_i8(x, q, scale, b)
+        assert y.dtype == torch.float32 and y.shape == (M, N)
+        assert torch.equal(y, i8_reference(x, q, scale, b))
+    # Rows computed alone give the same bits (batch invariance for the engine).
+    for m in range(M):
+        assert torch.equal(mod.int4_linear_i8(x[m:m + 1].contiguous(), q, scale, bias)[0],
+                           mod.int4_linear_i8(x, q, scale, bias)[m])
+
+
+def test_int8_activations_torch_reference_agrees(mod):
+    """quant.int8_activation_linear (the path without kernels) computes the same bits."""
+    from glm import quant
+
+    q, scale, bias, g = make_case(48, 13696, 4, seed=5)
+    x = torch.randn(7, 13696, generator=g)
+    assert torch.equal(quant.int8_activation_linear(x, q, scale, bias), mod.int4_linear_i8(x, q, scale, bias))
+
+
+def test_int8_activations_input_validation(mod):
+    q, scale, _, _ = make_case(8, 64, 4, seed=1)
+    with pytest.raises(RuntimeError, match="float32"):
+        mod.int4_linear_i8(torch.randn(2, 64).bfloat16(), q, scale)
+    with pytest.raises(RuntimeError, match=r"\[N, 16\]"):
+        mod.int4_linear_i8(torch.randn(2, 32), q, scale)
