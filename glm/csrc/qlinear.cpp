@@ -820,6 +820,24 @@ const float* prep_vec(const c10::optional<at::Tensor>& t, int64_t N, const char*
   return holder.data_ptr<float>();
 }
 
+// What every entry point sets the same way: weights, scale and bias (as fp32, kept alive by the
+// holders), shapes, and the output y [M, N] in x's dtype.
+at::Tensor init_args(LinArgs& a, const at::Tensor& x, const at::Tensor& w, int64_t row_bytes,
+                     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
+                     at::Tensor& scale_f, at::Tensor& bias_f) {
+  a.M = x.size(0);
+  a.K = x.size(1);
+  a.N = w.size(0);
+  a.scale = prep_vec(scale, a.N, "scale", scale_f);
+  a.bias = prep_vec(bias, a.N, "bias", bias_f);
+  a.w = reinterpret_cast<const uint8_t*>(w.data_ptr());
+  a.w_row_bytes = row_bytes;
+  at::Tensor y = at::empty({a.M, a.N}, x.options());
+  a.y = y.data_ptr();
+  a.y_bf16 = x.scalar_type() == at::kBFloat16;
+  return y;
+}
+
 at::Tensor linear_impl(int fmt, const at::Tensor& x, const at::Tensor& w,
                        const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias) {
   check_x(x);
@@ -846,16 +864,7 @@ at::Tensor linear_impl(int fmt, const at::Tensor& x, const at::Tensor& w,
   }
   at::Tensor scale_f, bias_f;
   LinArgs a;
-  a.scale = prep_vec(scale, N, "scale", scale_f);
-  a.bias = prep_vec(bias, N, "bias", bias_f);
-  a.w = reinterpret_cast<const uint8_t*>(w.data_ptr());
-  a.w_row_bytes = row_bytes;
-  a.M = M;
-  a.N = N;
-  a.K = K;
-  at::Tensor y = at::empty({M, N}, x.options());
-  a.y = y.data_ptr();
-  a.y_bf16 = x.scalar_type() == at::kBFloat16;
+  at::Tensor y = init_args(a, x, w, row_bytes, scale, bias, scale_f, bias_f);
   if (M == 0 || N == 0) return y;
 
   const int isa = g_isa.load(std::memory_order_relaxed);
@@ -952,15 +961,7 @@ at::Tensor int4_linear_i8(const at::Tensor& x, const at::Tensor& w, const at::Te
   const int64_t N = w.size(0), Kh = K / 2;
   at::Tensor scale_f, bias_f;
   LinArgs a;
-  a.scale = prep_vec(scale, N, "scale", scale_f);
-  a.bias = prep_vec(bias, N, "bias", bias_f);
-  a.w = reinterpret_cast<const uint8_t*>(w.data_ptr());
-  a.w_row_bytes = Kh;
-  a.M = M;
-  a.N = N;
-  a.K = K;
-  at::Tensor y = at::empty({M, N}, x.options());
-  a.y = y.data_ptr();
+  at::Tensor y = init_args(a, x, w, Kh, scale, bias, scale_f, bias_f);
   if (M == 0 || N == 0) return y;
   at::Tensor xq = at::empty({2, M, Kh}, x.options().dtype(at::kChar));
   at::Tensor xs = at::empty({M}, x.options());
