@@ -56,13 +56,13 @@ def test_sharded_checkpoint_with_index_loads_identically(tiny_dir, tmp_path):
 
 
 def test_safetensors_checkpoint_loads_identically(tiny_dir, tmp_path):
-    safetensors = pytest.importorskip("safetensors.torch", reason="safetensors is in requirements.txt")
+    from safetensors.torch import save_file  # pinned in requirements.txt
     d = tmp_path / "st"
     d.mkdir()
     for f in ("config.json", "tokenizer.model"):
         shutil.copy(tiny_dir / f, d / f)
     sd = torch.load(tiny_dir / "pytorch_model.bin", weights_only=True)
-    safetensors.save_file({k: v.contiguous() for k, v in sd.items()}, d / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in sd.items()}, d / "model.safetensors")
     assert torch.equal(logits_of(d), logits_of(tiny_dir))
 
 
