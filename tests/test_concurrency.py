@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -18,7 +19,7 @@ import pytest
 import requests
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cogserver import LONG, CogServer, assert_ready, reference  # noqa: E402
+from cogserver import LONG, PYTHON, REPO, CogServer, assert_ready, reference  # noqa: E402
 
 CONCURRENCY = 8
 
@@ -224,3 +225,35 @@ def test_kv_budget_makes_requests_wait_or_fail_clearly(app_dir, engine):
         assert "budget of 100" in body["error"], body["error"]
         assert time.monotonic() - t < 5
         assert_ready(srv)
+
+
+ASYNC_GENERATOR_PREDICTOR = """
+import asyncio
+import cog
+from cog import AsyncConcatenateIterator, BasePredictor
+
+
+class Predictor(BasePredictor):
+    @cog.streaming
+    async def predict(self, n: int = 5) -> AsyncConcatenateIterator[str]:
+        for i in range(n):
+            await asyncio.sleep(0.3)
+            yield f"{i} "
+"""
+
+
+def test_coglet_sends_an_async_generators_chunks_only_at_its_end(tmp_path):
+    """Why predict() returns a generator instead of being an async generator (AsyncConcatenateIterator):
+    coglet 0.23.1 collects an async generator and sends all its chunks when it ends (measured here: 5
+    chunks 0.3 s apart all arrive at 1.5 s). If this fails, coglet streams them now and predict() can
+    become an async generator (with plain asyncio cancellation)."""
+    (tmp_path / "predict.py").write_text(ASYNC_GENERATOR_PREDICTOR)
+    subprocess.run([PYTHON, os.path.join(REPO, "script", "openapi-schema")], cwd=tmp_path, check=True,
+                   capture_output=True, timeout=300)
+    with CogServer(str(tmp_path), env={"COG_MAX_CONCURRENCY": "2"}) as srv:
+        srv.wait_for({"READY"}, timeout=120)
+        arrivals = []
+        events = srv.sse({"input": {"n": 5}},
+                         on_event=lambda ev: ev["event"] == "output" and arrivals.append(time.monotonic()))
+    assert [e["data"]["chunk"] for e in events if e["event"] == "output"] == ["0 ", "1 ", "2 ", "3 ", "4 "]
+    assert max(arrivals) - min(arrivals) < 0.3, arrivals  # streamed, they would span 1.2 s
