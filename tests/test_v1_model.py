@@ -187,11 +187,13 @@ def test_tied_head_has_no_second_copy(model):
 
 
 def test_tied_head_blocks_equal_one_matmul():
-    w = torch.randn(1000, 64).half()
-    x = torch.randn(2, 3, 64)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, 64, generator=g).half()
+    x = torch.randn(2, 3, 64, generator=g)
     want = x @ w.float().t()
+    tol = 1e-5 * want.abs().max().item()  # fp32 summation order differs between blocks and one matmul
     for rows in (7, 256, 4096):
-        assert torch.allclose(TiedHead(rows)(x, w), want, atol=1e-5, rtol=0)
+        assert (TiedHead(rows)(x, w) - want).abs().max().item() <= tol
 
 
 def test_int8_logits_match_dequantized_fp32(tiny_v1, model):
