@@ -213,12 +213,18 @@ def test_webhook_start_output_completed(server):
     assert_ready(server)
 
 
-def test_put_is_idempotent(server):
-    body = {"input": {"max_tokens": 4, "seed": 9}}
-    r1 = server_put(server, "idem-1", body)
-    r2 = server_put(server, "idem-1", body)
-    assert r1.status_code in (200, 202) and r2.status_code in (200, 202)
-    assert r1.json()["id"] == r2.json()["id"] == "idem-1"
+def test_put_is_idempotent(server, long_seed):
+    # Long enough to be still running at the second PUT (a 4-token one could end in between, and the
+    # second PUT would then be a new prediction, refused with 409 while the slot is released).
+    body = {"input": {"max_tokens": LONG, "temperature": 1.0, "top_p": 1.0, "seed": long_seed}}
+    server.wait_for({"READY"}, timeout=60)
+    try:
+        r1 = server_put(server, "idem-1", body)
+        r2 = server_put(server, "idem-1", body)
+        assert r1.status_code in (200, 202) and r2.status_code in (200, 202), (r1.text, r2.text)
+        assert r1.json()["id"] == r2.json()["id"] == "idem-1"
+    finally:
+        server.cancel("idem-1")
     assert_ready(server)
 
 
