@@ -163,9 +163,9 @@ def fused_rows(kernel, x: torch.Tensor, *args) -> torch.Tensor:
     return torch.cat([kernel(x[i:i + FUSED_MAX_ROWS], *args) for i in range(0, x.shape[0], FUSED_MAX_ROWS)])
 
 
-# Output rows widened at a time for a dense GEMM (prefill): bounds the transient copy of a layer's
-# weights to BLOCK_ROWS x in_features instead of the whole matrix (448 MB in fp32 for the MLP's
-# 27392 x 4096), so peak memory stays near the checkpoint's size.
+# Output rows of an fp16 weight widened at a time for a dense GEMM (bf16 prefill, or no kernels):
+# bounds the transient copy to BLOCK_ROWS x in_features instead of the whole matrix (the 65024 x 4096
+# output layer: 0.5 GB in bf16, 1 GB in fp32), so peak memory stays near the checkpoint's size.
 BLOCK_ROWS = 4096
 
 
