@@ -10,6 +10,8 @@ fp32 accumulation):
   int4_linear(x, qweight int8 [N, K/2], scale [N], bias [N] | None)
   int8_linear(x, qweight int8 [N, K],   scale [N], bias [N] | None)
   half_linear(x, weight fp16/bf16 [N, K], bias [N] | None)
+  int4_linear_i8(x float32, qweight int8 [N, K/2], scale [N], bias [N] | None)
+      (opt-in int8 activations: rows of x quantized to int8, VNNI integer dot products; has_vnni())
   dequantize(qweight, scale, bits, dtype=torch.float32 | torch.bfloat16, out=None) -> [N, K]
       (pass a reused `out` buffer for prefill: fresh memory costs page faults ~8x the kernel)
   isa() / max_isa() / set_isa(name)  -- "scalar", "avx2", "avx512", "avx512bf16"

@@ -16,6 +16,8 @@
 //   avx512     : fp32 FMA; int4 nibbles decoded with a 16-entry VPERMPS table lookup, x
 //                de-interleaved once per call into x_even / x_odd so no shuffles are needed
 //   avx2       : fp32 FMA with AVX2+FMA+F16C
+//   (int4_linear_i8, opt-in: int8 activations x int4 weights with VPDPBUSD when the CPU has AVX-512
+//    VNNI and the ISA is avx512 or above, else the same integer sums in scalar code)
 //   scalar     : portable C++
 // Work is split over output rows on torch's intra-op pool (at::parallel_for, dynamic chunks).
 // Each tile decodes a block of R weight rows once per k-step and FMAs it into the accumulators
