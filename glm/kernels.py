@@ -12,8 +12,6 @@ fp32 accumulation):
   half_linear(x, weight fp16/bf16 [N, K], bias [N] | None)
   int4_linear_i8(x float32, qweight int8 [N, K/2], scale [N], bias [N] | None)
       (opt-in int8 activations: rows of x quantized to int8, VNNI integer dot products; has_vnni())
-  dequantize(qweight, scale, bits, dtype=torch.float32 | torch.bfloat16, out=None) -> [N, K]
-      (pass a reused `out` buffer for prefill: fresh memory costs page faults ~8x the kernel)
   isa() / max_isa() / set_isa(name)  -- "scalar", "avx2", "avx512", "avx512bf16"
 """
 
@@ -148,7 +146,3 @@ def int8_linear(x, qweight, scale, bias=None):
 def half_linear(x, weight, bias=None):
     y = get().half_linear(_flat(x), weight, bias)
     return y.view(*x.shape[:-1], y.shape[-1])
-
-
-def dequantize(qweight, scale, bits, dtype=torch.float32, out=None):
-    return get().dequantize(qweight, scale, bits, dtype, out)

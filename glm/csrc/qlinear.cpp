@@ -638,75 +638,7 @@ struct TileVnni {
   }
 };
 
-// ----------------------------------------------------------------------------------------------
-// Dequantize (AVX-512): rows [n0, n1) of int4/int8 -> fp32 or bf16 (round-nearest-even)
-// ----------------------------------------------------------------------------------------------
-AVX512_FN inline void store16_512(void* out, int64_t idx, __m512 f, bool bf16, __mmask16 mk, bool tail) {
-  if (!bf16) {
-    float* o = reinterpret_cast<float*>(out) + idx;
-    if (tail) _mm512_mask_storeu_ps(o, mk, f);
-    else _mm512_storeu_ps(o, f);
-  } else {
-    __m512i b = _mm512_castps_si512(f);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
-    const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
-    uint16_t* o = reinterpret_cast<uint16_t*>(out) + idx;
-    if (tail) _mm256_mask_storeu_epi16(o, mk, h);
-    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), h);
-  }
-}
-
-AVX512_FN __attribute__((noinline)) void dequant_rows_512(int bits, const uint8_t* q, int64_t row_bytes,
-                                                          const float* scale, int64_t K, void* out,
-                                                          bool bf16, int64_t n0, int64_t n1) {
-  const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
-  const __m512i shifts = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = q + n * row_bytes;
-    const __m512 s = _mm512_set1_ps(scale[n]);
-    const int64_t base = n * K;
-    if (bits == 4) {
-      const int64_t Kb = K / 2;
-      for (int64_t j = 0; j < Kb; j += 8) {
-        const bool tail = j + 8 > Kb;
-        const int64_t nb = tail ? Kb - j : 8;
-        const __m128i b = tail ? _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << nb) - 1u), row + j)
-                               : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j));
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));  // b0 b0 b1 b1 ...
-        const __m512 f = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srlv_epi32(v, shifts), lut), s);
-        store16_512(out, base + 2 * j, f, bf16, static_cast<__mmask16>((1u << (2 * nb)) - 1u), tail);
-      }
-    } else {
-      for (int64_t k = 0; k < K; k += 16) {
-        const bool tail = k + 16 > K;
-        const int64_t nb = tail ? K - k : 16;
-        const __mmask16 mk = static_cast<__mmask16>((1u << nb) - 1u);
-        const __m128i b = tail ? _mm_maskz_loadu_epi8(mk, row + k)
-                               : _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
-        const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), s);
-        store16_512(out, base + k, f, bf16, mk, tail);
-      }
-    }
-  }
-}
 #endif  // GLM_X86
-
-void dequant_rows_scalar(int bits, const uint8_t* q, int64_t row_bytes, const float* scale, int64_t K,
-                         void* out, bool bf16, int64_t n0, int64_t n1) {
-  std::vector<float> tmp(static_cast<size_t>(K));
-  for (int64_t n = n0; n < n1; ++n) {
-    decode_row_scalar(bits == 4 ? F_INT4 : F_INT8, q + n * row_bytes, K, tmp.data());
-    const float s = scale[n];
-    if (bf16) {
-      c10::BFloat16* o = reinterpret_cast<c10::BFloat16*>(out) + n * K;
-      for (int64_t k = 0; k < K; ++k) o[k] = c10::BFloat16(tmp[k] * s);
-    } else {
-      float* o = reinterpret_cast<float*>(out) + n * K;
-      for (int64_t k = 0; k < K; ++k) o[k] = tmp[k] * s;
-    }
-  }
-}
 
 // ----------------------------------------------------------------------------------------------
 // Plans per (isa, format, M)
@@ -1011,50 +943,6 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
   return linear_impl(F_F16, x, weight, c10::nullopt, bias);
 }
 
-at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scale, int64_t bits,
-                      c10::optional<at::ScalarType> dtype, c10::optional<at::Tensor> out_opt) {
-  TORCH_CHECK(bits == 4 || bits == 8, "glm_qlinear: bits must be 4 or 8, got ", bits);
-  TORCH_CHECK(qweight.device().is_cpu(), "glm_qlinear: qweight must be a CPU tensor");
-  TORCH_CHECK(qweight.scalar_type() == at::kChar, "glm_qlinear: qweight must be int8, got ",
-              qweight.scalar_type());
-  TORCH_CHECK(qweight.dim() == 2, "glm_qlinear: qweight must be 2-D, got shape ", qweight.sizes());
-  TORCH_CHECK(qweight.is_contiguous(), "glm_qlinear: qweight must be contiguous");
-  const bool has_out = out_opt.has_value() && out_opt->defined();
-  const at::ScalarType dt = dtype.value_or(has_out ? out_opt->scalar_type() : at::kFloat);
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16,
-              "glm_qlinear: dequantize dtype must be float32 or bfloat16, got ", dt);
-  const int64_t N = qweight.size(0);
-  const int64_t row_bytes = qweight.size(1);
-  const int64_t K = bits == 4 ? 2 * row_bytes : row_bytes;
-  at::Tensor scale_f;
-  const float* s = prep_vec(scale, N, "scale", scale_f);
-  at::Tensor out;
-  if (has_out) {  // reusing a buffer avoids first-touch page faults (they cost ~8x the kernel)
-    out = *out_opt;
-    TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == dt && out.is_contiguous() &&
-                    out.dim() == 2 && out.size(0) == N && out.size(1) == K,
-                "glm_qlinear: dequantize out must be a contiguous CPU ", dt, " tensor of shape [", N,
-                ", ", K, "], got ", out.scalar_type(), " ", out.sizes());
-  } else {
-    out = at::empty({N, K}, qweight.options().dtype(dt));
-  }
-  const uint8_t* q = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
-  void* o = out.data_ptr();
-  const bool bf16 = dt == at::kBFloat16;
-  const int isa = g_isa.load(std::memory_order_relaxed);
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, K));
-  dyn_parallel(N, grain, [&](int64_t n0, int64_t n1) {
-#ifdef GLM_X86
-    if (isa >= ISA_AVX512) {
-      dequant_rows_512((int)bits, q, row_bytes, s, K, o, bf16, n0, n1);
-      return;
-    }
-#endif
-    dequant_rows_scalar((int)bits, q, row_bytes, s, K, o, bf16, n0, n1);
-  });
-  return out;
-}
-
 std::string get_isa() { return kIsaNames[g_isa.load()]; }
 std::string max_isa() { return kIsaNames[g_max_isa]; }
 
@@ -1085,9 +973,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_vnni", []() { return g_has_vnni; }, "AVX-512 VNNI available (int4_linear_i8 fast path)");
   m.def("half_linear", &half_linear, "y = x @ weight(fp16/bf16 [N,K]).T + bias", py::arg("x"),
         py::arg("weight"), py::arg("bias") = py::none(), nogil);
-  m.def("dequantize", &dequantize, "dequantize int4/int8 THUDM weights to [N, K] float32/bfloat16",
-        py::arg("qweight"), py::arg("scale"), py::arg("bits"), py::arg("dtype") = py::none(),
-        py::arg("out") = py::none(), nogil);
   m.def("isa", &get_isa, "ISA path currently used");
   m.def("max_isa", &max_isa, "best ISA path supported by this CPU");
   m.def("set_isa", &set_isa, "force an ISA path (scalar, avx2, avx512, avx512bf16) for testing",
