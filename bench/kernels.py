@@ -37,10 +37,9 @@ N_LAYERS = 28
 ROTATE_BYTES = 160 << 20  # > 4x the 32 MiB L3
 
 
-def bench(fn, args_list, min_time=0.3, min_reps=5):
-    """Seconds per call: min over >= min_reps calls (best case, least disturbed by other load on
-    the machine; the median is kept in LAST_MEDIAN); cycles through args_list (weight copies)."""
-    global LAST_MEDIAN
+def _timed_calls(fn, args_list, clock, min_time, min_reps):
+    """Per-call durations by `clock`, after two warm-up calls: at least min_reps calls and min_time
+    seconds of wall time, cycling through args_list (weight copies)."""
     for a in args_list[:2]:
         fn(*a)
     times = []
@@ -48,10 +47,18 @@ def bench(fn, args_list, min_time=0.3, min_reps=5):
     i = 0
     while len(times) < min_reps or time.perf_counter() < t_end:
         a = args_list[i % len(args_list)]
-        t0 = time.perf_counter()
+        t0 = clock()
         fn(*a)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
         i += 1
+    return times
+
+
+def bench(fn, args_list, min_time=0.3, min_reps=5):
+    """Seconds per call: min over >= min_reps calls (best case, least disturbed by other load on
+    the machine; the median is kept in LAST_MEDIAN); cycles through args_list (weight copies)."""
+    global LAST_MEDIAN
+    times = _timed_calls(fn, args_list, time.perf_counter, min_time, min_reps)
     LAST_MEDIAN = statistics.median(times)
     return min(times)
 
@@ -103,18 +110,7 @@ def fmt_row(cols, widths):
 def cpu_time(fn, args_list, min_time=0.4, min_reps=8):
     """CPU seconds per call of the calling thread (1 torch thread): min over repeated calls. CPU
     time excludes time descheduled by other jobs on a shared machine (DRAM stalls still count)."""
-    for a in args_list[:2]:
-        fn(*a)
-    cs = []
-    t_end = time.perf_counter() + min_time
-    i = 0
-    while len(cs) < min_reps or time.perf_counter() < t_end:
-        a = args_list[i % len(args_list)]
-        c0 = time.thread_time()
-        fn(*a)
-        cs.append(time.thread_time() - c0)
-        i += 1
-    return min(cs)
+    return min(_timed_calls(fn, args_list, time.thread_time, min_time, min_reps))
 
 
 def cpu_table(mod, Ms):
