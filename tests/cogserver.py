@@ -30,6 +30,7 @@ import requests
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 HTTP_TIMEOUT = 60  # seconds, any single HTTP call to the server
+RETRIES_409 = 100  # x 50 ms: how long a client keeps retrying a spurious 409 (see CogServer.predict)
 
 
 DEFAULT_PROMPT = "[Round 1]\n\n问：你好\n\n答："
@@ -232,14 +233,25 @@ class CogServer:
 
     # -- predictions -------------------------------------------------------------
     def predict(self, body: Dict, headers: Optional[Dict] = None, timeout: float = HTTP_TIMEOUT,
-                wait_ready: bool = True):
-        """POST /predictions. By default first waits for READY: right after a sync prediction returns,
-        coglet 0.23.1 still answers 409 for about 1 request in 100 (its slot is released a moment later)."""
+                wait_ready: bool = True, retry_409: bool = True):
+        """POST /predictions. By default first waits for READY, and retries a 409 like a client would:
+        coglet 0.23.1 now and then answers 409 although a slot is free (right after READY or after a
+        prediction ends; docs/SERVICE.md). Tests about 409 pass retry_409=False."""
         if wait_ready:
             self.wait_for({"READY"}, timeout=60)
-        return requests.post(self.url + "/predictions", json=body, headers=headers or {}, timeout=timeout)
+        return self._post(body, headers or {}, timeout, retry_409, stream=False)
 
-    def sse(self, body: Dict, on_event=None, timeout: float = HTTP_TIMEOUT, wait_ready: bool = True) -> List[Dict]:
+    def _post(self, body: Dict, headers: Dict, timeout: float, retry_409: bool, stream: bool):
+        for _ in range(RETRIES_409):
+            r = requests.post(self.url + "/predictions", json=body, headers=headers, timeout=timeout, stream=stream)
+            if r.status_code != 409 or not retry_409:
+                return r
+            r.close()
+            time.sleep(0.05)
+        return r
+
+    def sse(self, body: Dict, on_event=None, timeout: float = HTTP_TIMEOUT, wait_ready: bool = True,
+            retry_409: bool = True) -> List[Dict]:
         """POST with Accept: text/event-stream; return parsed events [{'event', 'data'}] in order.
 
         `on_event(event)` is called as each arrives (e.g. to cancel mid-stream).
@@ -247,10 +259,7 @@ class CogServer:
         events: List[Dict] = []
         if wait_ready:
             self.wait_for({"READY"}, timeout=60)  # see predict()
-        with requests.post(
-            self.url + "/predictions", json=body, headers={"Accept": "text/event-stream"},
-            stream=True, timeout=timeout,
-        ) as r:
+        with self._post(body, {"Accept": "text/event-stream"}, timeout, retry_409, stream=True) as r:
             if r.status_code != 200:
                 self.fail(f"SSE request got HTTP {r.status_code}: {r.text[:2000]}")
             assert r.headers.get("content-type", "").startswith("text/event-stream"), r.headers

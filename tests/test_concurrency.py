@@ -70,15 +70,7 @@ def busy_server(app_dir):
 
 
 def post(server: CogServer, inp: dict, retry_409: bool = True) -> requests.Response:
-    """POST a prediction and wait for it. coglet 0.23.1 now and then answers 409 although a slot is
-    free (right after READY or after a prediction ends; docs/SERVICE.md): retried, like a client
-    would, unless the test is about 409s."""
-    for _ in range(100):
-        r = server.predict({"input": inp}, wait_ready=False)
-        if r.status_code != 409 or not retry_409:
-            return r
-        time.sleep(0.05)
-    return r
+    return server.predict({"input": inp}, wait_ready=False, retry_409=retry_409)
 
 
 def test_concurrent_predictions_each_match_their_solo_output(busy_server, engine):

@@ -337,7 +337,7 @@ def test_at_capacity_is_409(server, long_seed):
         while server.health()["status"] != "BUSY":
             assert time.monotonic() < deadline, "server never reported BUSY"
             time.sleep(0.02)
-        r2 = server.predict({"input": {"max_tokens": 2}}, wait_ready=False)
+        r2 = server.predict({"input": {"max_tokens": 2}}, wait_ready=False, retry_409=False)
         assert r2.status_code == 409, r2.text
         assert "capacity" in r2.text.lower()
     finally:
