@@ -354,6 +354,9 @@ def test_int8_activations_exact(mod, isa, N, K, M):
     x = torch.randn(M, K, generator=g)
     x[:, 3] *= 25  # an outlier channel sets the row scale
     x[M // 2] = 0  # an all-zero row (scale 1, output = bias)
+    if M > 2:  # scale exactly 1 and many exact .5 ties: round half to even, not away from zero
+        x[M - 1] = (torch.arange(K) % 9 - 4) + 0.5
+        x[M - 1, 0] = 127
     for b in (bias, None):
         y = mod.int4_linear_i8(x, q, scale, b)
         assert y.dtype == torch.float32 and y.shape == (M, N)

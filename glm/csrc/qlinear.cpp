@@ -164,6 +164,30 @@ inline void prefetch_span(const uint8_t* p) {
   (void)p;
 #endif
 }
+// The tile's next neighbour (rows n0 + R ...) is prefetched while the tile runs. With M > MT the
+// tile runs in np = ceil(M / MT) passes over the same weight rows, and each pass prefetches its
+// 1/np share of the next tile (one span every np-th k-step), so DRAM streams during every pass
+// instead of idling in all but the first (int4 x int8 decode step at M = 8: 235 -> 185 ms).
+struct NextTilePrefetch {
+  const uint8_t* p;
+  int64_t np, phase = 0;
+  NextTilePrefetch(const LinArgs& a, int64_t n0, int64_t m0, int R, int MT)
+      : np((a.M + MT - 1) / MT) {
+    p = a.w + (n0 + R) * a.w_row_bytes + (m0 / MT) * (R * a.w_row_bytes / np);
+  }
+  // Where to prefetch `span` bytes at this k-step, or nullptr on steps without a prefetch.
+  const uint8_t* step(int64_t span) {
+    if (phase != 0) {
+      --phase;
+      return nullptr;
+    }
+    phase = np - 1;
+    const uint8_t* q = p;
+    p += span;
+    return q;
+  }
+};
+
 constexpr int kMaxMT = 8;
 
 struct Plan {
@@ -357,10 +381,10 @@ struct Tile256 {
     const float* xs[2] = {a.x0 + m0 * a.ldx, (NV == 2 ? a.x1 : a.x0) + m0 * a.ldx};
     const int64_t L = a.lanes;
     constexpr int BPL = (FMT == F_F16 || FMT == F_BF16) ? 2 : 1;  // weight bytes per lane
-    const uint8_t* pf = m0 == 0 ? a.w + (n0 + R) * a.w_row_bytes : nullptr;
+    NextTilePrefetch next(a, n0, m0, R, MT);
     int64_t l = 0;
     for (; l + 8 <= L; l += 8) {
-      if (pf) prefetch_span<R * 8 * BPL>(pf + R * BPL * l);
+      if (const uint8_t* pf = next.step(R * 8 * BPL)) prefetch_span<R * 8 * BPL>(pf);
       __m256 w[R][NV];
       for (int r = 0; r < R; ++r) dec256<FMT>(wr[r], l, w[r]);
       for (int m = 0; m < MT; ++m)
@@ -425,10 +449,10 @@ struct Tile512 {
     const int64_t L = a.lanes;
     const int64_t ldx = a.ldx;
     constexpr int BPL = (FMT == F_F16 || FMT == F_BF16) ? 2 : 1;  // weight bytes per lane
-    const uint8_t* pf = m0 == 0 ? a.w + (n0 + R) * a.w_row_bytes : nullptr;
+    NextTilePrefetch next(a, n0, m0, R, MT);
     int64_t l = 0;
     for (; l + 16 <= L; l += 16) {
-      if (pf) prefetch_span<R * 16 * BPL>(pf + R * BPL * l);
+      if (const uint8_t* pf = next.step(R * 16 * BPL)) prefetch_span<R * 16 * BPL>(pf);
       __m512 w[R][NV];
       for (int r = 0; r < R; ++r) dec512<FMT, false>(wr[r], l, 0xFFFF, w[r]);
       for (int m = 0; m < MT; ++m)
@@ -490,12 +514,14 @@ AVX512BF16_FN inline __m512i decbf(const uint8_t* row, int64_t e, int64_t rem, _
   }
 }
 
+// Weight bytes per 32 k-values: int4 16, int8 32, bf16 64.
+template <int FMT>
+constexpr int kBytesPer32 = FMT == F_INT4 ? 16 : (FMT == F_INT8 ? 32 : 64);
+
 template <int FMT, int R, int MT>
 AVX512BF16_FN inline void stepbf(const uint8_t* const* wr, const uint16_t* xb, int64_t ldx, int64_t e,
                                  __m512i lut, const uint8_t* pf, __m512 (&acc)[R][MT]) {
-  // weight bytes per 32 k-values: int4 16, int8 32, bf16 64
-  constexpr int BSTEP = FMT == F_INT4 ? 16 : (FMT == F_INT8 ? 32 : 64);
-  if (pf) prefetch_span<R * BSTEP>(pf + R * (e * BSTEP / 32));
+  if (pf) prefetch_span<R * kBytesPer32<FMT>>(pf);
   __m512i w[R];
   for (int r = 0; r < R; ++r) w[r] = decbf<FMT, false>(wr[r], e, 0, lut);
   for (int m = 0; m < MT; ++m) {
@@ -516,9 +542,9 @@ struct TileBf16 {
     const uint16_t* xb = a.xb + m0 * a.ldx;
     const int64_t ldx = a.ldx;
     const int64_t K = a.K;
-    const uint8_t* pf = m0 == 0 ? a.w + (n0 + R) * a.w_row_bytes : nullptr;
+    NextTilePrefetch next(a, n0, m0, R, MT);
     int64_t e = 0;
-    for (; e + 32 <= K; e += 32) stepbf<FMT, R, MT>(wr, xb, ldx, e, lut, pf, acc);
+    for (; e + 32 <= K; e += 32) stepbf<FMT, R, MT>(wr, xb, ldx, e, lut, next.step(R * kBytesPer32<FMT>), acc);
     if (e < K) {
       const int64_t rem = K - e;
       const __mmask32 mk = static_cast<__mmask32>((1ull << rem) - 1ull);
@@ -543,7 +569,7 @@ template <int R, int MT, bool TAIL>
 AVX512BF16_FN inline void stepbf_i4(const uint8_t* const* wr, const uint16_t* xe, const uint16_t* xo,
                                     int64_t ldx, int64_t j, __mmask32 mk, __m512i lut,
                                     const uint8_t* pf, __m512 (&acc)[R][MT]) {
-  if (pf) prefetch_span<R * 32>(pf + R * j);
+  if (pf) prefetch_span<R * 32>(pf);
   __m512i hi[R], lo[R];
   for (int r = 0; r < R; ++r) {
     const __m256i b = TAIL ? _mm256_maskz_loadu_epi8(mk, wr[r] + j)
@@ -575,10 +601,10 @@ struct TileBf16I4 {
     const uint16_t* xo = a.xb1 + m0 * a.ldx;
     const int64_t ldx = a.ldx;
     const int64_t Kb = a.w_row_bytes;
-    const uint8_t* pf = m0 == 0 ? a.w + (n0 + R) * a.w_row_bytes : nullptr;
+    NextTilePrefetch next(a, n0, m0, R, MT);
     int64_t j = 0;
     for (; j + 32 <= Kb; j += 32)
-      stepbf_i4<R, MT, false>(wr, xe, xo, ldx, j, 0xFFFFFFFFu, lut, pf, acc);
+      stepbf_i4<R, MT, false>(wr, xe, xo, ldx, j, 0xFFFFFFFFu, lut, next.step(R * 32), acc);
     if (j < Kb) {
       const __mmask32 mk = static_cast<__mmask32>((1ull << (Kb - j)) - 1ull);
       stepbf_i4<R, MT, true>(wr, xe, xo, ldx, j, mk, lut, nullptr, acc);
@@ -597,7 +623,7 @@ struct TileBf16I4 {
 template <int R, int MT, bool TAIL>
 AVX512VNNI_FN inline void step_vnni(const uint8_t* const* wr, const int8_t* xe, const int8_t* xo, int64_t ldx,
                                     int64_t j, __mmask64 mk, const uint8_t* pf, __m512i (&acc)[R][MT]) {
-  if (pf) prefetch_span<R * 64>(pf + R * j);
+  if (pf) prefetch_span<R * 64>(pf);
   const __m512i low4 = _mm512_set1_epi8(0x0F), bias8 = _mm512_set1_epi8(0x08);
   __m512i hi[R], lo[R];
   for (int r = 0; r < R; ++r) {
@@ -629,9 +655,9 @@ struct TileVnni {
     const int8_t* xe = a.xq0 + m0 * a.ldx;
     const int8_t* xo = a.xq1 + m0 * a.ldx;
     const int64_t Kb = a.w_row_bytes;
-    const uint8_t* pf = m0 == 0 ? a.w + (n0 + R) * a.w_row_bytes : nullptr;
+    NextTilePrefetch next(a, n0, m0, R, MT);
     int64_t j = 0;
-    for (; j + 64 <= Kb; j += 64) step_vnni<R, MT, false>(wr, xe, xo, a.ldx, j, ~0ull, pf, acc);
+    for (; j + 64 <= Kb; j += 64) step_vnni<R, MT, false>(wr, xe, xo, a.ldx, j, ~0ull, next.step(R * 64), acc);
     if (j < Kb) step_vnni<R, MT, true>(wr, xe, xo, a.ldx, j, (1ull << (Kb - j)) - 1ull, nullptr, acc);
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MT; ++m) store_i8(a, m0 + m, n0 + r, _mm512_reduce_add_epi32(acc[r][m]));
@@ -881,6 +907,67 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   return linear_impl(F_INT8, x, qweight, scale, bias);
 }
 
+// Row quantization for int4_linear_i8: s = max|x| / 127 (1 if the row is 0), q = round-half-even(x / s),
+// split into even and odd columns. The AVX-512 version computes the same bits (IEEE division,
+// the same rounding; max is exact in any order).
+inline int8_t quantize_one(float v, float s) { return static_cast<int8_t>(std::nearbyint(v / s)); }
+
+#ifdef GLM_X86
+AVX512_FN void quantize_row_i8_avx512(const float* r, int64_t Kh, int8_t* xe, int8_t* xo, float& scale,
+                                      int32_t& sum) {
+  const int64_t K = 2 * Kh;
+  __m512 vmax = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(r + k)));
+  float amax = _mm512_reduce_max_ps(vmax);
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(r[k]));
+  const float s = amax > 0.f ? amax / 127.f : 1.f;
+  const __m512 vs = _mm512_set1_ps(s);
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  __m512i vsum = _mm512_setzero_si512();
+  int64_t j = 0;
+  for (; j + 16 <= Kh; j += 16) {
+    const __m512 a = _mm512_loadu_ps(r + 2 * j), b = _mm512_loadu_ps(r + 2 * j + 16);
+    const __m512i e = _mm512_cvtps_epi32(
+        _mm512_roundscale_ps(_mm512_div_ps(_mm512_permutex2var_ps(a, even, b), vs), _MM_FROUND_TO_NEAREST_INT));
+    const __m512i o = _mm512_cvtps_epi32(
+        _mm512_roundscale_ps(_mm512_div_ps(_mm512_permutex2var_ps(a, odd, b), vs), _MM_FROUND_TO_NEAREST_INT));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xe + j), _mm512_cvtepi32_epi8(e));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xo + j), _mm512_cvtepi32_epi8(o));
+    vsum = _mm512_add_epi32(vsum, _mm512_add_epi32(e, o));
+  }
+  int32_t total = _mm512_reduce_add_epi32(vsum);
+  for (; j < Kh; ++j) {
+    xe[j] = quantize_one(r[2 * j], s);
+    xo[j] = quantize_one(r[2 * j + 1], s);
+    total += xe[j] + xo[j];
+  }
+  scale = s;
+  sum = total;
+}
+#endif
+
+void quantize_row_i8(const float* r, int64_t Kh, int8_t* xe, int8_t* xo, float& scale, int32_t& sum) {
+#ifdef GLM_X86
+  if (g_isa.load(std::memory_order_relaxed) >= ISA_AVX512) {
+    quantize_row_i8_avx512(r, Kh, xe, xo, scale, sum);
+    return;
+  }
+#endif
+  float amax = 0.f;
+  for (int64_t k = 0; k < 2 * Kh; ++k) amax = std::max(amax, std::fabs(r[k]));
+  const float s = amax > 0.f ? amax / 127.f : 1.f;
+  int32_t total = 0;
+  for (int64_t j = 0; j < Kh; ++j) {
+    xe[j] = quantize_one(r[2 * j], s);
+    xo[j] = quantize_one(r[2 * j + 1], s);
+    total += xe[j] + xo[j];
+  }
+  scale = s;
+  sum = total;
+}
+
 // y = dequant(x_q) @ dequant(qweight).T + bias with x quantized per row to int8 (symmetric,
 // scale = max|x| / 127, round half to even), integer dot products, one float rescale per output.
 at::Tensor int4_linear_i8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
@@ -906,22 +993,8 @@ at::Tensor int4_linear_i8(const at::Tensor& x, const at::Tensor& w, const at::Te
   float* xsp = xs.data_ptr<float>();
   int32_t* sump = xsum.data_ptr<int32_t>();
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const float* r = src + m * K;
-      float amax = 0.f;
-      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(r[k]));
-      const float s = amax > 0.f ? amax / 127.f : 1.f;
-      int32_t sum = 0;
-      for (int64_t j = 0; j < Kh; ++j) {
-        const int8_t e = static_cast<int8_t>(std::nearbyint(r[2 * j] / s));
-        const int8_t o = static_cast<int8_t>(std::nearbyint(r[2 * j + 1] / s));
-        xe[m * Kh + j] = e;
-        xo[m * Kh + j] = o;
-        sum += e + o;
-      }
-      xsp[m] = s;
-      sump[m] = sum;
-    }
+    for (int64_t m = m0; m < m1; ++m)
+      quantize_row_i8(src + m * K, Kh, xe + m * Kh, xo + m * Kh, xsp[m], sump[m]);
   });
   a.xq0 = xe;
   a.xq1 = xo;
