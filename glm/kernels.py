@@ -1,4 +1,5 @@
-"""Lazy build / load of the fused CPU quantized-linear kernels (glm/csrc/qlinear.cpp).
+"""Lazy build / load of the fused CPU kernels: quantized linears (glm/csrc/qlinear.cpp) and decode
+attention (glm/csrc/attention.cpp), one extension.
 
 ``get()`` returns the compiled extension module, or ``None`` if it cannot be used (no compiler,
 build error, or ``GLM_NO_KERNELS=1``); callers then fall back to pure torch. The build happens once
@@ -12,6 +13,9 @@ fp32 accumulation):
   half_linear(x, weight fp16/bf16 [N, K], bias [N] | None)
   int4_linear_i8(x float32, qweight int8 [N, K/2], scale [N], bias [N] | None)
       (opt-in int8 activations: rows of x quantized to int8, VNNI integer dot products; has_vnni())
+  decode_attention(q [B, heads, hd], k, v [B, groups, hd], k_caches, v_caches, layer, slots, scale)
+      (one decode step of attention for B sequences, each writing its new k, v into its own cache
+       [layers, groups, capacity, hd] at slots[b] and attending over slots 0..slots[b]; fp32 / bf16)
   isa() / max_isa() / set_isa(name)  -- "scalar", "avx2", "avx512", "avx512bf16"
 """
 
@@ -30,7 +34,8 @@ log = logging.getLogger("glm")
 
 NAME = "glm_qlinear"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("qlinear.cpp",)
+SOURCES = ("qlinear.cpp", "attention.cpp")
+HEADERS = ("common.h",)
 # -fopenmp at compile time only: at::parallel_for is inline OpenMP code; the GOMP symbols resolve
 # against the OpenMP runtime torch already loaded (linking a second libgomp is avoided on purpose).
 CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
@@ -47,7 +52,7 @@ def disabled() -> bool:
 
 def build_dir() -> Path:
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update(src.encode())
         h.update((CSRC / src).read_bytes())
     h.update(torch.__version__.encode())
@@ -146,3 +151,10 @@ def int8_linear(x, qweight, scale, bias=None):
 def half_linear(x, weight, bias=None):
     y = get().half_linear(_flat(x), weight, bias)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def decode_attention(q, k, v, k_caches, v_caches, layer: int, slots: list[int], scale: float):
+    """Write each sequence's new k, v ([B, groups, hd]) at its cache slot and attend q ([B, heads, hd])
+    over that cache's slots 0..slot (attention.cpp); returns [B, heads, hd]."""
+    return get().decode_attention(q.contiguous(), k.contiguous(), v.contiguous(), k_caches, v_caches,
+                                  layer, slots, scale)

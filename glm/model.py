@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ChatGLMConfig
 
 
@@ -35,11 +36,15 @@ class KVCache:
     def bytes_per_token(cfg: ChatGLMConfig, dtype: torch.dtype) -> int:
         return 2 * cfg.num_layers * cfg.kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
 
+    def slot(self, start: int, n: int = 1) -> int:
+        """The cache slot of position `start`, checking that n tokens from there fit."""
+        if start + n > self.capacity:
+            raise RuntimeError(f"KV cache overflow: position {start + n} > capacity {self.capacity}")
+        return self.offset + start
+
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v ([groups, T, head_dim]) at positions start.. and return all keys/values so far."""
-        if start + k.shape[1] > self.capacity:
-            raise RuntimeError(f"KV cache overflow: position {start + k.shape[1]} > capacity {self.capacity}")
-        start += self.offset
+        start = self.slot(start, k.shape[1])
         end = start + k.shape[1]
         self.k[layer, :, start:end] = k
         self.v[layer, :, start:end] = v
@@ -118,6 +123,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
     return out[0]
 
 
+def fused_decode_attention(x: torch.Tensor, caches: list[KVCache]) -> bool:
+    """Whether a decode step's attention runs in the CPU kernel (one call for the whole batch)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and kernels.get() is not None
+            and all(c.k.dtype == x.dtype for c in caches))
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ChatGLMConfig):
         super().__init__()
@@ -132,6 +143,11 @@ class SelfAttention(nn.Module):
         q = apply_rotary(q.view(B, T, cfg.num_heads, cfg.head_dim), cos, sin)
         k = apply_rotary(k.view(B, T, cfg.kv_heads, cfg.head_dim), cos, sin)
         v = v.view(B, T, cfg.kv_heads, cfg.head_dim)
+        if T == 1 and fused_decode_attention(x, caches):
+            slots = [c.slot(s) for c, s in zip(caches, starts)]
+            y = kernels.decode_attention(q[:, 0], k[:, 0], v[:, 0], [c.k for c in caches], [c.v for c in caches],
+                                         layer, slots, cfg.head_dim ** -0.5)
+            return self.dense(y.view(B, 1, cfg.q_size))
         # Each sequence attends over its own cache: rows never see each other, and a row's result
         # does not depend on what else is in the batch.
         out = []

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from glm import kernels  # noqa: E402
 from glm.tiny import write_checkpoint  # noqa: E402
 
 
@@ -75,3 +76,32 @@ def long_seed(engine):
         if st.finish_reason == "length":
             return seed
     pytest.fail(f"no seed in 0..39 samples {LONG} tokens without EOS on the tiny checkpoint; cancel tests need one")
+
+
+# The fused CPU kernels (glm.kernels) and every ISA path this CPU has, for the kernel tests.
+ISAS = ["scalar", "avx2", "avx512", "avx512bf16"]
+
+
+@pytest.fixture(scope="session")
+def mod():
+    if kernels.disabled():
+        pytest.skip("GLM_NO_KERNELS is set: fused kernels disabled")
+    m = kernels.get()
+    if m is None:
+        pytest.skip(f"fused kernel extension could not be built: {kernels.error()}")
+    return m
+
+
+def available_isas():
+    m = kernels.get() if not kernels.disabled() else None
+    if m is None:
+        return ["scalar"]
+    return ISAS[: ISAS.index(m.max_isa()) + 1]
+
+
+@pytest.fixture(params=available_isas())
+def isa(request, mod):
+    old = mod.isa()
+    mod.set_isa(request.param)
+    yield request.param
+    mod.set_isa(old)

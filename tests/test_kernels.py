@@ -21,35 +21,8 @@ import shutil
 import pytest
 import torch
 
+from conftest import ISAS
 from glm import kernels
-
-ISAS = ["scalar", "avx2", "avx512", "avx512bf16"]
-
-
-@pytest.fixture(scope="module")
-def mod():
-    if kernels.disabled():
-        pytest.skip("GLM_NO_KERNELS is set: fused kernels disabled")
-    m = kernels.get()
-    if m is None:
-        pytest.skip(f"fused kernel extension could not be built: {kernels.error()}")
-    return m
-
-
-def available_isas():
-    m = kernels.get() if not kernels.disabled() else None
-    if m is None:
-        return ["scalar"]
-    return ISAS[: ISAS.index(m.max_isa()) + 1]
-
-
-@pytest.fixture(params=available_isas())
-def isa(request, mod):
-    old = mod.isa()
-    mod.set_isa(request.param)
-    yield request.param
-    mod.set_isa(old)
-
 
 # ---------------------------------------------------------------------------------------------
 # independent reference

@@ -36,6 +36,8 @@
 // in different instantiations; FMAs are explicit intrinsics.
 
 #include <torch/extension.h>
+
+#include "common.h"
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -1035,6 +1037,10 @@ void set_isa(const std::string& name) {
 
 }  // namespace
 
+namespace glm {
+int current_isa() { return g_isa.load(std::memory_order_relaxed); }
+}  // namespace glm
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU kernels for THUDM ChatGLM int4/int8 weight-only quantized linear layers";
   auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -1048,6 +1054,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_vnni", []() { return g_has_vnni; }, "AVX-512 VNNI available (int4_linear_i8 fast path)");
   m.def("half_linear", &half_linear, "y = x @ weight(fp16/bf16 [N,K]).T + bias", py::arg("x"),
         py::arg("weight"), py::arg("bias") = py::none(), nogil);
+  m.def("decode_attention", &glm::decode_attention,
+        "one decode step of attention for B sequences, each over its own KV cache (attention.cpp)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k_caches"), py::arg("v_caches"), py::arg("layer"),
+        py::arg("slots"), py::arg("scale"), nogil);
   m.def("isa", &get_isa, "ISA path currently used");
   m.def("max_isa", &max_isa, "best ISA path supported by this CPU");
   m.def("set_isa", &set_isa, "force an ISA path (scalar, avx2, avx512, avx512bf16) for testing",

@@ -1,0 +1,241 @@
+// Decode attention for the engine's batched step: every sequence has one new token, which is
+// written into that sequence's KV cache and attends over the cache's first slot + 1 entries.
+// One call per layer for the whole batch replaces ~15 small torch ops per sequence (cache slice
+// and copy, two matmuls, scale, softmax, casts), which cost more than the math at decode.
+//
+//   q [B, heads, hd], k / v [B, groups, hd]: the new token (after rotary), dtype = cache dtype
+//   k_caches[b] / v_caches[b] [layers, groups, capacity, hd], fp32 or bf16, contiguous
+//   slots[b]: cache slot of the new token (P-tuning prefix included)
+//   out [B, heads, hd]: softmax(q . k_j * scale) . v, query head h reading kv group h / (heads / groups)
+//
+// fp32 math throughout: scores, softmax (exp by a Cephes polynomial on AVX-512, std::exp in
+// the scalar path) and the weighted sum of values, normalized by a division at the end. Each
+// (sequence, group) is an independent task computed in a fixed order, so a sequence's result does
+// not depend on the rest of the batch or the thread count (BATCH INVARIANCE, see qlinear.cpp).
+
+#include "common.h"
+
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define GLM_X86 1
+#include <immintrin.h>
+#define AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#endif
+
+namespace {
+
+struct Task {
+  const void* q;  // [hpg, hd] of this group's query heads
+  const void* k;  // cache rows [S, hd] of this group
+  const void* v;
+  void* out;      // [hpg, hd]
+  int64_t S, hd, hpg;
+  float scale;
+};
+
+inline float load1(const float* p) { return *p; }
+inline float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }
+inline void store1(float* p, float v) { *p = v; }
+inline void store1(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }  // round-nearest-even
+
+template <typename T>
+void attend_scalar(const Task& t, std::vector<float>& e) {
+  const T* q = static_cast<const T*>(t.q);
+  const T* k = static_cast<const T*>(t.k);
+  const T* v = static_cast<const T*>(t.v);
+  T* out = static_cast<T*>(t.out);
+  e.resize(t.S);
+  std::vector<float> acc(t.hd);
+  for (int64_t h = 0; h < t.hpg; ++h) {
+    const T* qh = q + h * t.hd;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < t.S; ++j) {
+      float s = 0.f;
+      for (int64_t d = 0; d < t.hd; ++d) s += load1(qh + d) * load1(k + j * t.hd + d);
+      e[j] = s * t.scale;
+      mx = std::max(mx, e[j]);
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j < t.S; ++j) {
+      e[j] = std::exp(e[j] - mx);
+      sum += e[j];
+    }
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t j = 0; j < t.S; ++j)
+      for (int64_t d = 0; d < t.hd; ++d) acc[d] += e[j] * load1(v + j * t.hd + d);
+    for (int64_t d = 0; d < t.hd; ++d) store1(out + h * t.hd + d, acc[d] / sum);
+  }
+}
+
+#ifdef GLM_X86
+AVX512_FN inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+AVX512_FN inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// exp(x) for finite x <= 0 (scores minus their max): x = n ln2 + r, |r| <= ln2 / 2, e^r by the
+// Cephes expf polynomial (about 1 ulp), times 2^n by VSCALEFPS (underflows to 0 correctly).
+AVX512_FN inline __m512 exp_nonpos(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Softmax numerators of one head's scores in place; returns their sum.
+AVX512_FN float exp_scores(float* e, int64_t S) {
+  __m512 vmx = _mm512_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 16 <= S; j += 16) vmx = _mm512_max_ps(vmx, _mm512_loadu_ps(e + j));
+  if (j < S) vmx = _mm512_max_ps(vmx, _mm512_mask_loadu_ps(vmx, (__mmask16)((1u << (S - j)) - 1u), e + j));
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
+  __m512 vsum = _mm512_setzero_ps();
+  for (j = 0; j + 16 <= S; j += 16) {
+    const __m512 p = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(e + j), mx));
+    _mm512_storeu_ps(e + j, p);
+    vsum = _mm512_add_ps(vsum, p);
+  }
+  if (j < S) {
+    const __mmask16 mk = (__mmask16)((1u << (S - j)) - 1u);
+    const __m512 p = exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, e + j), mx));
+    _mm512_mask_storeu_ps(e + j, mk, p);
+    vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(mk, p));
+  }
+  return _mm512_reduce_add_ps(vsum);
+}
+
+// NC = hd / 16 vectors per head row.
+template <typename T, int NC>
+AVX512_FN void attend_avx512(const Task& t, std::vector<float>& e) {
+  const T* q = static_cast<const T*>(t.q);
+  const T* k = static_cast<const T*>(t.k);
+  const T* v = static_cast<const T*>(t.v);
+  T* out = static_cast<T*>(t.out);
+  const int64_t S = t.S, H = t.hpg;
+  constexpr int64_t hd = 16 * NC;
+  e.resize(H * S);
+  std::vector<float> qf(H * hd);
+  for (int64_t i = 0; i < H * hd; ++i) qf[i] = load1(q + i);
+  for (int64_t j = 0; j < S; ++j) {  // scores: each key row is read (and widened) once
+    __m512 kr[NC];
+    for (int c = 0; c < NC; ++c) kr[c] = load16(k + j * hd + 16 * c);
+    for (int64_t h = 0; h < H; ++h) {
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(&qf[h * hd]), kr[0]);
+      for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(&qf[h * hd + 16 * c]), kr[c], acc);
+      e[h * S + j] = _mm512_reduce_add_ps(acc) * t.scale;
+    }
+  }
+  std::vector<float> sums(H);
+  for (int64_t h = 0; h < H; ++h) sums[h] = exp_scores(&e[h * S], S);
+  for (int64_t h0 = 0; h0 < H; h0 += 2) {  // values: two heads share each value row
+    const int64_t nh = std::min<int64_t>(2, H - h0);
+    __m512 acc[2][NC];
+    for (int i = 0; i < 2; ++i)
+      for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < S; ++j) {
+      __m512 vr[NC];
+      for (int c = 0; c < NC; ++c) vr[c] = load16(v + j * hd + 16 * c);
+      for (int64_t i = 0; i < nh; ++i) {
+        const __m512 p = _mm512_set1_ps(e[(h0 + i) * S + j]);
+        for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_fmadd_ps(p, vr[c], acc[i][c]);
+      }
+    }
+    for (int64_t i = 0; i < nh; ++i) {
+      const __m512 sum = _mm512_set1_ps(sums[h0 + i]);
+      alignas(64) float row[hd];
+      for (int c = 0; c < NC; ++c) _mm512_store_ps(row + 16 * c, _mm512_div_ps(acc[i][c], sum));
+      for (int64_t d = 0; d < hd; ++d) store1(out + (h0 + i) * hd + d, row[d]);
+    }
+  }
+}
+#endif
+
+template <typename T>
+void attend(const Task& t, std::vector<float>& e) {
+#ifdef GLM_X86
+  if (glm::current_isa() >= 2) {
+    switch (t.hd) {
+      case 16: return attend_avx512<T, 1>(t, e);
+      case 32: return attend_avx512<T, 2>(t, e);
+      case 64: return attend_avx512<T, 4>(t, e);
+      case 128: return attend_avx512<T, 8>(t, e);
+      default: break;
+    }
+  }
+#endif
+  attend_scalar<T>(t, e);
+}
+
+}  // namespace
+
+namespace glm {
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+                            int64_t layer, const std::vector<int64_t>& slots, double scale) {
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "decode_attention: float32 or bfloat16 only, got ", dt);
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes(), "decode_attention: q [B, heads, hd], k/v [B, groups, hd]");
+  const int64_t B = q.size(0), heads = q.size(1), hd = q.size(2), G = k.size(1);
+  TORCH_CHECK(k.size(0) == B && k.size(2) == hd && G > 0 && heads % G == 0, "decode_attention: q ", q.sizes(),
+              " and k ", k.sizes(), " do not match");
+  TORCH_CHECK(int64_t(k_caches.size()) == B && int64_t(v_caches.size()) == B && int64_t(slots.size()) == B,
+              "decode_attention: one k cache, v cache and slot per sequence");
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dt && t->is_contiguous(),
+                "decode_attention: q, k, v must be contiguous CPU tensors of one dtype");
+  for (int64_t b = 0; b < B; ++b) {
+    for (const auto* c : {&k_caches[b], &v_caches[b]}) {
+      TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == dt && c->is_contiguous() && c->dim() == 4 &&
+                      c->size(1) == G && c->size(3) == hd && layer >= 0 && layer < c->size(0),
+                  "decode_attention: cache ", b, " must be a contiguous [layers, ", G, ", capacity, ", hd,
+                  "] tensor of q's dtype with layer ", layer);
+    }
+    TORCH_CHECK(k_caches[b].sizes() == v_caches[b].sizes(), "decode_attention: k and v caches differ in shape");
+    TORCH_CHECK(slots[b] >= 0 && slots[b] < k_caches[b].size(2), "decode_attention: slot ", slots[b],
+                " outside cache capacity ", k_caches[b].size(2));
+  }
+  at::Tensor out = at::empty_like(q);
+  const int64_t hpg = heads / G, es = q.element_size();
+  const auto* qp = static_cast<const char*>(q.data_ptr());
+  const auto* kp = static_cast<const char*>(k.data_ptr());
+  const auto* vp = static_cast<const char*>(v.data_ptr());
+  auto* op = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, B * G, 1, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> e;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / G, g = t % G, C = k_caches[b].size(2);
+      const int64_t row = ((layer * G + g) * C + slots[b]) * hd;  // the new token's cache row
+      char* kc = static_cast<char*>(k_caches[b].data_ptr());
+      char* vc = static_cast<char*>(v_caches[b].data_ptr());
+      std::memcpy(kc + row * es, kp + (b * G + g) * hd * es, hd * es);
+      std::memcpy(vc + row * es, vp + (b * G + g) * hd * es, hd * es);
+      const int64_t base = (layer * G + g) * C * hd * es;
+      Task task{qp + (b * heads + g * hpg) * hd * es, kc + base, vc + base, op + (b * heads + g * hpg) * hd * es,
+                slots[b] + 1, hd, hpg, static_cast<float>(scale)};
+      if (dt == at::kFloat)
+        attend<float>(task, e);
+      else
+        attend<c10::BFloat16>(task, e);
+    }
+  });
+  return out;
+}
+
+}  // namespace glm
