@@ -206,6 +206,14 @@ class CogServer:
             return "<no log>"
         return data[-tail:].decode("utf-8", "replace")
 
+    def log_count(self, needle: str) -> int:
+        """How many times `needle` occurs in the whole server log so far."""
+        try:
+            with open(self.log_path, "rb") as fh:
+                return fh.read().decode("utf-8", "replace").count(needle)
+        except OSError:
+            return 0
+
     def fail(self, msg: str) -> None:
         raise ServerError(f"{msg}\n--- cog server log ({self.log_path}) ---\n{self.logs()}")
 
