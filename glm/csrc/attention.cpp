@@ -23,12 +23,6 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define GLM_X86 1
-#include <immintrin.h>
-#define AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#endif
-
 namespace {
 
 struct Task {
@@ -77,8 +71,7 @@ void attend_scalar(const Task& t, std::vector<float>& e) {
 #ifdef GLM_X86
 AVX512_FN inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 AVX512_FN inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 // exp(x) for finite x <= 0 (scores minus their max): x = n ln2 + r, |r| <= ln2 / 2, e^r by the

@@ -52,17 +52,6 @@
 #include <utility>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define GLM_X86 1
-#include <cpuid.h>
-#include <immintrin.h>
-#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
-#define AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#define AVX512BF16_FN \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
-#define AVX512VNNI_FN \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
-#endif
 
 namespace {
 
@@ -436,7 +425,7 @@ AVX512_FN inline void dec512(const uint8_t* row, int64_t l, __mmask16 mk, __m512
   } else {
     const __m256i h = TAIL ? _mm256_maskz_loadu_epi16(mk, row + 2 * l)
                            : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * l));
-    w[0] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    w[0] = widen_bf16(h);
   }
 }
 
