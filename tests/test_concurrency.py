@@ -224,7 +224,7 @@ def test_kv_budget_makes_requests_wait_or_fail_clearly(app_dir, engine, long_see
             assert "".join(body["output"]) == expected(engine, inp)
             assert peak_batch(body["logs"]) == 1, body["logs"]
         # ... because the second waited: it was sent while the first ran, and its first token came
-        # only once the first was done (its time to first token spans most of the overlap).
+        # only once the first was done (its time to first token spans at least half the overlap).
         overlap = first_done[0] - second_sent
         assert overlap > 0, "the first request finished before the second was sent"
         ttft = float(re.search(r"time_to_first_token=([0-9.]+)", bodies[1]["logs"]).group(1))
