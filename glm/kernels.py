@@ -13,9 +13,10 @@ fp32 accumulation):
   half_linear(x, weight fp16/bf16 [N, K], bias [N] | None)
   int4_linear_i8(x float32, qweight int8 [N, K/2], scale [N], bias [N] | None)
       (opt-in int8 activations: rows of x quantized to int8, VNNI integer dot products; has_vnni())
-  decode_attention(q [B, heads, hd], k, v [B, groups, hd], k_caches, v_caches, layer, slots, scale)
+  decode_attention(q [B, heads, hd], k, v [B, groups, hd], k_caches, v_caches, layer, slots, scale, cos, sin)
       (one decode step of attention for B sequences, each writing its new k, v into its own cache
-       [layers, groups, capacity, hd] at slots[b] and attending over slots 0..slots[b]; fp32 / bf16)
+       [layers, groups, capacity, hd] at slots[b] and attending over slots 0..slots[b]; fp32 / bf16;
+       optional rotary embedding of q and k with cos, sin [B, P] first)
   isa() / max_isa() / set_isa(name)  -- "scalar", "avx2", "avx512", "avx512bf16"
 """
 
@@ -153,8 +154,10 @@ def half_linear(x, weight, bias=None):
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def decode_attention(q, k, v, k_caches, v_caches, layer: int, slots: list[int], scale: float):
+def decode_attention(q, k, v, k_caches, v_caches, layer: int, slots: list[int], scale: float, cos=None, sin=None):
     """Write each sequence's new k, v ([B, groups, hd]) at its cache slot and attend q ([B, heads, hd])
-    over that cache's slots 0..slot (attention.cpp); returns [B, heads, hd]."""
-    return get().decode_attention(q.contiguous(), k.contiguous(), v.contiguous(), k_caches, v_caches,
-                                  layer, slots, scale)
+    over that cache's slots 0..slot (attention.cpp); returns [B, heads, hd]. With cos, sin ([B, P]
+    float32), q and k get the rotary embedding first, exactly as glm.model.apply_rotary does it.
+    q, k, v may be views into one qkv row per sequence."""
+    q, k, v = (t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous() for t in (q, k, v))
+    return get().decode_attention(q, k, v, k_caches, v_caches, layer, slots, scale, cos, sin)

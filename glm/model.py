@@ -140,14 +140,17 @@ class SelfAttention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         q, k, v = self.query_key_value(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        if T == 1 and fused_decode_attention(x, caches):
+            # One kernel call: rotary, cache writes and attention for the whole batch.
+            slots = [c.slot(s) for c, s in zip(caches, starts)]
+            y = kernels.decode_attention(q.view(B, cfg.num_heads, cfg.head_dim), k.view(B, cfg.kv_heads, cfg.head_dim),
+                                         v.view(B, cfg.kv_heads, cfg.head_dim), [c.k for c in caches],
+                                         [c.v for c in caches], layer, slots, cfg.head_dim ** -0.5,
+                                         cos[:, 0], sin[:, 0])
+            return self.dense(y.view(B, 1, cfg.q_size))
         q = apply_rotary(q.view(B, T, cfg.num_heads, cfg.head_dim), cos, sin)
         k = apply_rotary(k.view(B, T, cfg.kv_heads, cfg.head_dim), cos, sin)
         v = v.view(B, T, cfg.kv_heads, cfg.head_dim)
-        if T == 1 and fused_decode_attention(x, caches):
-            slots = [c.slot(s) for c, s in zip(caches, starts)]
-            y = kernels.decode_attention(q[:, 0], k[:, 0], v[:, 0], [c.k for c in caches], [c.v for c in caches],
-                                         layer, slots, cfg.head_dim ** -0.5)
-            return self.dense(y.view(B, 1, cfg.q_size))
         # Each sequence attends over its own cache: rows never see each other, and a row's result
         # does not depend on what else is in the batch.
         out = []

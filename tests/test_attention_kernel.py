@@ -103,6 +103,33 @@ def test_extreme_scores(mod, isa):
     assert torch.allclose(out[0, 0], v[0, 0], atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,groups,hd", [(32, 2, 128), (4, 2, 16), (4, 1, 24)])
+def test_rotary_in_kernel_is_apply_rotary(mod, isa, dtype, heads, groups, hd):
+    """cos, sin given: the kernel rotates q and k itself, bit for bit as glm.model.apply_rotary, reading
+    q, k, v as views into one qkv row per sequence (as the model passes them)."""
+    from glm.model import apply_rotary, rotary_angles
+
+    slots = [0, 17, 300]
+    B = len(slots)
+    g = torch.Generator().manual_seed(hd)
+    qkv = (torch.randn(B, (heads + 2 * groups) * hd, generator=g) * 3).to(dtype)
+    q, k, v = qkv.split([heads * hd, groups * hd, groups * hd], dim=-1)
+    q, k, v = q.view(B, heads, hd), k.view(B, groups, hd), v.view(B, groups, hd)
+    cfg = ChatGLMConfig(hidden_size=heads * hd, num_heads=heads, kv_heads=groups, head_dim=hd, num_layers=3)
+    cos, sin = rotary_angles(cfg, torch.tensor(slots)[:, None] + 1000)  # [B, 1, hd / 4]
+    assert cos.shape == (B, 1, hd // 4)
+    _, _, _, kc, vc = make(B, heads, groups, hd, slots, dtype, seed=5)
+    kc2, vc2 = [c.clone() for c in kc], [c.clone() for c in vc]
+    fused = kernels.decode_attention(q, k, v, kc, vc, 1, slots, hd ** -0.5, cos[:, 0], sin[:, 0])
+    qr = apply_rotary(q[:, None], cos, sin)[:, 0]
+    kr = apply_rotary(k[:, None], cos, sin)[:, 0]
+    plain = kernels.decode_attention(qr, kr, v, kc2, vc2, 1, slots, hd ** -0.5)
+    assert torch.equal(fused, plain)
+    assert all(torch.equal(a, b) for a, b in zip(kc + vc, kc2 + vc2)), "caches must hold the rotated k, same bits"
+    assert not torch.equal(kr, k), "the rotation must have changed something"
+
+
 def test_input_validation(mod):
     q, k, v, kc, vc = make(2, 4, 2, 16, [3, 4], torch.float32, seed=1, capacity=5)
     with pytest.raises(RuntimeError, match="outside cache capacity"):
@@ -115,6 +142,13 @@ def test_input_validation(mod):
         kernels.decode_attention(q, k, v, kc[:1], vc, 0, [3, 4], 0.25)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         kernels.decode_attention(q.half(), k.half(), v.half(), kc, vc, 0, [3, 4], 0.25)
+    cs = torch.ones(2, 4)
+    with pytest.raises(RuntimeError, match="both cos and sin"):
+        kernels.decode_attention(q, k, v, kc, vc, 0, [3, 4], 0.25, cs, None)
+    with pytest.raises(RuntimeError, match="2 P <= head dim"):
+        kernels.decode_attention(q, k, v, kc, vc, 0, [3, 4], 0.25, torch.ones(2, 9), torch.ones(2, 9))
+    with pytest.raises(RuntimeError, match="float32 \\[B, P\\]"):
+        kernels.decode_attention(q, k, v, kc, vc, 0, [3, 4], 0.25, cs.double(), cs.double())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

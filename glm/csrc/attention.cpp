@@ -3,7 +3,11 @@
 // One call per layer for the whole batch replaces ~15 small torch ops per sequence (cache slice
 // and copy, two matmuls, scale, softmax, casts), which cost more than the math at decode.
 //
-//   q [B, heads, hd], k / v [B, groups, hd]: the new token (after rotary), dtype = cache dtype
+//   q [B, heads, hd], k / v [B, groups, hd]: the new token, dtype = cache dtype; each sequence's
+//     rows contiguous (the batch stride is free, so q, k, v can be views into the qkv output)
+//   cos / sin (optional) fp32 [B, P]: rotary embedding applied here to q and k first: pairs
+//     (x[2i], x[2i+1]), i < P, become (x0 c - x1 s, x1 c + x0 s) in fp32, rounded to the dtype,
+//     the same operations as glm.model.apply_rotary (so the same bits); dims >= 2P are unchanged
 //   k_caches[b] / v_caches[b] [layers, groups, capacity, hd], fp32 or bf16, contiguous
 //   slots[b]: cache slot of the new token (P-tuning prefix included)
 //   out [B, heads, hd]: softmax(q . k_j * scale) . v, query head h reading kv group h / (heads / groups)
@@ -159,6 +163,20 @@ AVX512_FN void attend_avx512(const Task& t, std::vector<float>& e) {
 }
 #endif
 
+// Rotary embedding of `rows` head rows of hd values (see the header comment).
+template <typename T>
+void rotate(const T* src, T* dst, int64_t rows, int64_t hd, const float* cos, const float* sin, int64_t P) {
+  for (int64_t r = 0; r < rows; ++r, src += hd, dst += hd) {
+    for (int64_t i = 0; i < P; ++i) {
+      const float x0 = load1(src + 2 * i), x1 = load1(src + 2 * i + 1);
+      const float a = x0 * cos[i], b = x1 * sin[i], c = x1 * cos[i], d = x0 * sin[i];
+      store1(dst + 2 * i, a - b);
+      store1(dst + 2 * i + 1, c + d);
+    }
+    std::memcpy(dst + 2 * P, src + 2 * P, (hd - 2 * P) * sizeof(T));
+  }
+}
+
 template <typename T>
 void attend(const Task& t, std::vector<float>& e) {
 #ifdef GLM_X86
@@ -181,7 +199,8 @@ namespace glm {
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
-                            int64_t layer, const std::vector<int64_t>& slots, double scale) {
+                            int64_t layer, const std::vector<int64_t>& slots, double scale,
+                            const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin) {
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "decode_attention: float32 or bfloat16 only, got ", dt);
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes(), "decode_attention: q [B, heads, hd], k/v [B, groups, hd]");
@@ -191,8 +210,17 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(int64_t(k_caches.size()) == B && int64_t(v_caches.size()) == B && int64_t(slots.size()) == B,
               "decode_attention: one k cache, v cache and slot per sequence");
   for (const auto* t : {&q, &k, &v})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dt && t->is_contiguous(),
-                "decode_attention: q, k, v must be contiguous CPU tensors of one dtype");
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dt && t->stride(2) == 1 && t->stride(1) == hd,
+                "decode_attention: q, k, v must be CPU tensors of one dtype with each sequence's rows contiguous");
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "decode_attention: give both cos and sin or neither");
+  int64_t P = 0;
+  if (cos) {
+    P = cos->size(-1);
+    for (const auto* t : {&*cos, &*sin})
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                      t->size(0) == B && t->size(1) == P && 2 * P <= hd,
+                  "decode_attention: cos and sin must be contiguous float32 [B, P] with 2 P <= head dim ", hd);
+  }
   for (int64_t b = 0; b < B; ++b) {
     for (const auto* c : {&k_caches[b], &v_caches[b]}) {
       TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == dt && c->is_contiguous() && c->dim() == 4 &&
@@ -204,24 +232,44 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     TORCH_CHECK(slots[b] >= 0 && slots[b] < k_caches[b].size(2), "decode_attention: slot ", slots[b],
                 " outside cache capacity ", k_caches[b].size(2));
   }
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = at::empty({B, heads, hd}, q.options());
   const int64_t hpg = heads / G, es = q.element_size();
   const auto* qp = static_cast<const char*>(q.data_ptr());
   const auto* kp = static_cast<const char*>(k.data_ptr());
   const auto* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t qs = q.stride(0) * es, ks = k.stride(0) * es, vs = v.stride(0) * es;
+  const float* cp = cos ? cos->data_ptr<float>() : nullptr;
+  const float* sp = sin ? sin->data_ptr<float>() : nullptr;
   auto* op = static_cast<char*>(out.data_ptr());
   at::parallel_for(0, B * G, 1, [&](int64_t t0, int64_t t1) {
     thread_local std::vector<float> e;
+    thread_local std::vector<char> qrot;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / G, g = t % G, C = k_caches[b].size(2);
       const int64_t row = ((layer * G + g) * C + slots[b]) * hd;  // the new token's cache row
       char* kc = static_cast<char*>(k_caches[b].data_ptr());
       char* vc = static_cast<char*>(v_caches[b].data_ptr());
-      std::memcpy(kc + row * es, kp + (b * G + g) * hd * es, hd * es);
-      std::memcpy(vc + row * es, vp + (b * G + g) * hd * es, hd * es);
+      const char* qg = qp + b * qs + g * hpg * hd * es;
+      const char* kg = kp + b * ks + g * hd * es;
+      if (cp) {  // rotate k straight into its cache row, q into a scratch copy
+        qrot.resize(hpg * hd * es);
+        if (dt == at::kFloat) {
+          rotate(reinterpret_cast<const float*>(kg), reinterpret_cast<float*>(kc + row * es), 1, hd, cp + b * P, sp + b * P, P);
+          rotate(reinterpret_cast<const float*>(qg), reinterpret_cast<float*>(qrot.data()), hpg, hd, cp + b * P, sp + b * P, P);
+        } else {
+          rotate(reinterpret_cast<const c10::BFloat16*>(kg), reinterpret_cast<c10::BFloat16*>(kc + row * es), 1, hd,
+                 cp + b * P, sp + b * P, P);
+          rotate(reinterpret_cast<const c10::BFloat16*>(qg), reinterpret_cast<c10::BFloat16*>(qrot.data()), hpg, hd,
+                 cp + b * P, sp + b * P, P);
+        }
+        qg = qrot.data();
+      } else {
+        std::memcpy(kc + row * es, kg, hd * es);
+      }
+      std::memcpy(vc + row * es, vp + b * vs + g * hd * es, hd * es);
       const int64_t base = (layer * G + g) * C * hd * es;
-      Task task{qp + (b * heads + g * hpg) * hd * es, kc + base, vc + base, op + (b * heads + g * hpg) * hd * es,
-                slots[b] + 1, hd, hpg, static_cast<float>(scale)};
+      Task task{qg, kc + base, vc + base, op + (b * heads + g * hpg) * hd * es, slots[b] + 1, hd, hpg,
+                static_cast<float>(scale)};
       if (dt == at::kFloat)
         attend<float>(task, e);
       else

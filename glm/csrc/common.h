@@ -31,6 +31,7 @@ int current_isa();
 // attention.cpp: one decode step of attention for a batch of sequences, each over its own cache.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
-                            int64_t layer, const std::vector<int64_t>& slots, double scale);
+                            int64_t layer, const std::vector<int64_t>& slots, double scale,
+                            const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin);
 
 }  // namespace glm

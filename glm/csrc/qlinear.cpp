@@ -1046,7 +1046,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &glm::decode_attention,
         "one decode step of attention for B sequences, each over its own KV cache (attention.cpp)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k_caches"), py::arg("v_caches"), py::arg("layer"),
-        py::arg("slots"), py::arg("scale"), nogil);
+        py::arg("slots"), py::arg("scale"), py::arg("cos") = py::none(), py::arg("sin") = py::none(), nogil);
   m.def("isa", &get_isa, "ISA path currently used");
   m.def("max_isa", &max_isa, "best ISA path supported by this CPU");
   m.def("set_isa", &set_isa, "force an ISA path (scalar, avx2, avx512, avx512bf16) for testing",
