@@ -1,5 +1,5 @@
-"""Lazy build / load of the fused CPU kernels: quantized linears (glm/csrc/qlinear.cpp) and decode
-attention (glm/csrc/attention.cpp), one extension.
+"""Lazy build / load of the fused CPU kernels: quantized linears (glm/csrc/qlinear.cpp), decode
+attention (glm/csrc/attention.cpp) and RMSNorm / SwiGLU (glm/csrc/pointwise.cpp), one extension.
 
 ``get()`` returns the compiled extension module, or ``None`` if it cannot be used (no compiler,
 build error, or ``GLM_NO_KERNELS=1``); callers then fall back to pure torch. The build happens once
@@ -17,6 +17,7 @@ fp32 accumulation):
       (one decode step of attention for B sequences, each writing its new k, v into its own cache
        [layers, groups, capacity, hd] at slots[b] and attending over slots 0..slots[b]; fp32 / bf16;
        optional rotary embedding of q and k with cos, sin [B, P] first)
+  rms_norm(x [..., K], weight [K], eps) / swiglu(h [..., 2F]) -> [..., F]   (fp32 / bf16, fp32 math)
   isa() / max_isa() / set_isa(name)  -- "scalar", "avx2", "avx512", "avx512bf16"
 """
 
@@ -35,7 +36,7 @@ log = logging.getLogger("glm")
 
 NAME = "glm_qlinear"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("qlinear.cpp", "attention.cpp")
+SOURCES = ("qlinear.cpp", "attention.cpp", "pointwise.cpp")
 HEADERS = ("common.h",)
 # -fopenmp at compile time only: at::parallel_for is inline OpenMP code; the GOMP symbols resolve
 # against the OpenMP runtime torch already loaded (linking a second libgomp is avoided on purpose).
@@ -161,3 +162,12 @@ def decode_attention(q, k, v, k_caches, v_caches, layer: int, slots: list[int], 
     q, k, v may be views into one qkv row per sequence."""
     q, k, v = (t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous() for t in (q, k, v))
     return get().decode_attention(q, k, v, k_caches, v_caches, layer, slots, scale, cos, sin)
+
+
+def rms_norm(x, weight, eps: float):
+    return get().rms_norm(x.contiguous(), weight, eps)
+
+
+def swiglu(h):
+    """silu(h[..., :F]) * h[..., F:] (ChatGLM2's MLP activation on the h_to_4h output)."""
+    return get().swiglu(h.contiguous())

@@ -51,6 +51,11 @@ class KVCache:
         return self.k[layer, :, :end], self.v[layer, :, :end]
 
 
+def cpu_kernels(x: torch.Tensor) -> bool:
+    """Whether the CPU kernels (RMSNorm, SwiGLU) take x: one call instead of several small torch ops."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and kernels.get() is not None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -58,6 +63,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels(x):
+            return kernels.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * xf).to(x.dtype)
@@ -125,8 +132,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
 
 def fused_decode_attention(x: torch.Tensor, caches: list[KVCache]) -> bool:
     """Whether a decode step's attention runs in the CPU kernel (one call for the whole batch)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and kernels.get() is not None
-            and all(c.k.dtype == x.dtype for c in caches))
+    return cpu_kernels(x) and all(c.k.dtype == x.dtype for c in caches)
 
 
 class SelfAttention(nn.Module):
@@ -168,7 +174,10 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        h = self.dense_h_to_4h(x)
+        if cpu_kernels(h):
+            return self.dense_4h_to_h(kernels.swiglu(h))
+        gate, up = h.chunk(2, dim=-1)
         return self.dense_4h_to_h(F.silu(gate) * up)
 
 

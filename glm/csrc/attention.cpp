@@ -78,23 +78,6 @@ AVX512_FN inline __m512 load16(const c10::BFloat16* p) {
   return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// exp(x) for finite x <= 0 (scores minus their max): x = n ln2 + r, |r| <= ln2 / 2, e^r by the
-// Cephes expf polynomial (about 1 ulp), times 2^n by VSCALEFPS (underflows to 0 correctly).
-AVX512_FN inline __m512 exp_nonpos(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
 // Softmax numerators of one head's scores in place; returns their sum.
 AVX512_FN float exp_scores(float* e, int64_t S) {
   __m512 vmx = _mm512_set1_ps(-INFINITY);
@@ -104,13 +87,13 @@ AVX512_FN float exp_scores(float* e, int64_t S) {
   const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
   __m512 vsum = _mm512_setzero_ps();
   for (j = 0; j + 16 <= S; j += 16) {
-    const __m512 p = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(e + j), mx));
+    const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(e + j), mx));
     _mm512_storeu_ps(e + j, p);
     vsum = _mm512_add_ps(vsum, p);
   }
   if (j < S) {
     const __mmask16 mk = (__mmask16)((1u << (S - j)) - 1u);
-    const __m512 p = exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, e + j), mx));
+    const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, e + j), mx));
     _mm512_mask_storeu_ps(e + j, mk, p);
     vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(mk, p));
   }

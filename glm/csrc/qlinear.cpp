@@ -1047,6 +1047,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one decode step of attention for B sequences, each over its own KV cache (attention.cpp)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k_caches"), py::arg("v_caches"), py::arg("layer"),
         py::arg("slots"), py::arg("scale"), py::arg("cos") = py::none(), py::arg("sin") = py::none(), nogil);
+  m.def("rms_norm", &glm::rms_norm, "RMSNorm over the last dim, fp32 math (pointwise.cpp)", py::arg("x"),
+        py::arg("weight"), py::arg("eps"), nogil);
+  m.def("swiglu", &glm::swiglu, "silu(h[..., :F]) * h[..., F:] (pointwise.cpp)", py::arg("h"), nogil);
   m.def("isa", &get_isa, "ISA path currently used");
   m.def("max_isa", &max_isa, "best ISA path supported by this CPU");
   m.def("set_isa", &set_isa, "force an ISA path (scalar, avx2, avx512, avx512bf16) for testing",
