@@ -63,6 +63,7 @@ def prefill(c, n, chunk=256):  # as the engine does it
         model(p[:, s:s + chunk], [s], [c], last_only=True)
 
 out = dict(load_s=round(load_s, 2), dtype=args["dtype"], kernels=glm.kernels.get() is not None)
+BATCH_ROUNDS = 3
 with torch.inference_mode():
     c = cache(16 + 128)
     t = time.perf_counter(); prefill(c, 16); out["first_prefill_s"] = round(time.perf_counter() - t, 3)
@@ -74,12 +75,18 @@ with torch.inference_mode():
     t = time.perf_counter(); prefill(c, 512); prefill_s = time.perf_counter() - t
     out["prefill_s"], out["prefill_tok_s"] = round(prefill_s, 2), round(512 / prefill_s, 3)
     out["decode_ctx512_tok_s"] = round(32 / sum(decode([c], 512, 32)), 3)
+    # Batch sizes in interleaved rounds (1, 2, 4, 8, 1, 2, ...), each figure the best of its rounds:
+    # this shared VM's memory bandwidth drifts by +-25% over minutes, and a batch-8 window measured
+    # minutes after the batch-1 one would compare two different machines.
+    for rnd in range(BATCH_ROUNDS):
+        for b in args["batches"]:
+            cs = [cache(16 + 32) for _ in range(b)]
+            for c in cs:
+                prefill(c, 16)
+            times = decode(cs, 16, 32)
+            out.setdefault(f"batch{b}_rounds_tok_s", []).append(round(b * 32 / sum(times), 3))
     for b in args["batches"]:
-        cs = [cache(16 + 32) for _ in range(b)]
-        for c in cs:
-            prefill(c, 16)
-        times = decode(cs, 16, 32)
-        out[f"batch{b}_tok_s"] = round(b * 32 / sum(times), 3)
+        out[f"batch{b}_tok_s"] = max(out[f"batch{b}_rounds_tok_s"])
     # The serving path: b requests arrive together at the engine loop (its thread, as in predict.py);
     # prompts are prefilled one chunk per step between decode steps of the running ones.
     from glm.generate import SamplingParams
