@@ -29,6 +29,13 @@
 
 namespace {
 
+// Per-thread scratch, reused across calls: scores / softmax numerators [heads of the group, S], the
+// group's query rows in fp32, their softmax sums, the rotated query rows.
+struct Scratch {
+  std::vector<float> e, qf, sums;
+  std::vector<char> qrot;
+};
+
 struct Task {
   const void* q;  // [hpg, hd] of this group's query heads
   const void* k;  // cache rows [S, hd] of this group
@@ -44,13 +51,15 @@ inline void store1(float* p, float v) { *p = v; }
 inline void store1(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }  // round-nearest-even
 
 template <typename T>
-void attend_scalar(const Task& t, std::vector<float>& e) {
+void attend_scalar(const Task& t, Scratch& sc) {
+  std::vector<float>& e = sc.e;
   const T* q = static_cast<const T*>(t.q);
   const T* k = static_cast<const T*>(t.k);
   const T* v = static_cast<const T*>(t.v);
   T* out = static_cast<T*>(t.out);
   e.resize(t.S);
-  std::vector<float> acc(t.hd);
+  std::vector<float>& acc = sc.qf;
+  acc.resize(t.hd);
   for (int64_t h = 0; h < t.hpg; ++h) {
     const T* qh = q + h * t.hd;
     float mx = -INFINITY;
@@ -102,7 +111,8 @@ AVX512_FN float exp_scores(float* e, int64_t S) {
 
 // NC = hd / 16 vectors per head row.
 template <typename T, int NC>
-AVX512_FN void attend_avx512(const Task& t, std::vector<float>& e) {
+AVX512_FN void attend_avx512(const Task& t, Scratch& sc) {
+  std::vector<float>& e = sc.e;
   const T* q = static_cast<const T*>(t.q);
   const T* k = static_cast<const T*>(t.k);
   const T* v = static_cast<const T*>(t.v);
@@ -110,7 +120,8 @@ AVX512_FN void attend_avx512(const Task& t, std::vector<float>& e) {
   const int64_t S = t.S, H = t.hpg;
   constexpr int64_t hd = 16 * NC;
   e.resize(H * S);
-  std::vector<float> qf(H * hd);
+  std::vector<float>& qf = sc.qf;
+  qf.resize(H * hd);
   for (int64_t i = 0; i < H * hd; ++i) qf[i] = load1(q + i);
   for (int64_t j = 0; j < S; ++j) {  // scores: each key row is read (and widened) once
     __m512 kr[NC];
@@ -121,7 +132,8 @@ AVX512_FN void attend_avx512(const Task& t, std::vector<float>& e) {
       e[h * S + j] = _mm512_reduce_add_ps(acc) * t.scale;
     }
   }
-  std::vector<float> sums(H);
+  std::vector<float>& sums = sc.sums;
+  sums.resize(H);
   for (int64_t h = 0; h < H; ++h) sums[h] = exp_scores(&e[h * S], S);
   for (int64_t h0 = 0; h0 < H; h0 += 2) {  // values: two heads share each value row
     const int64_t nh = std::min<int64_t>(2, H - h0);
@@ -161,19 +173,19 @@ void rotate(const T* src, T* dst, int64_t rows, int64_t hd, const float* cos, co
 }
 
 template <typename T>
-void attend(const Task& t, std::vector<float>& e) {
+void attend(const Task& t, Scratch& sc) {
 #ifdef GLM_X86
   if (glm::current_isa() >= 2) {
     switch (t.hd) {
-      case 16: return attend_avx512<T, 1>(t, e);
-      case 32: return attend_avx512<T, 2>(t, e);
-      case 64: return attend_avx512<T, 4>(t, e);
-      case 128: return attend_avx512<T, 8>(t, e);
+      case 16: return attend_avx512<T, 1>(t, sc);
+      case 32: return attend_avx512<T, 2>(t, sc);
+      case 64: return attend_avx512<T, 4>(t, sc);
+      case 128: return attend_avx512<T, 8>(t, sc);
       default: break;
     }
   }
 #endif
-  attend_scalar<T>(t, e);
+  attend_scalar<T>(t, sc);
 }
 
 }  // namespace
@@ -225,8 +237,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const float* sp = sin ? sin->data_ptr<float>() : nullptr;
   auto* op = static_cast<char*>(out.data_ptr());
   at::parallel_for(0, B * G, 1, [&](int64_t t0, int64_t t1) {
-    thread_local std::vector<float> e;
-    thread_local std::vector<char> qrot;
+    thread_local Scratch sc;
+    std::vector<char>& qrot = sc.qrot;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / G, g = t % G, C = k_caches[b].size(2);
       const int64_t row = ((layer * G + g) * C + slots[b]) * hd;  // the new token's cache row
@@ -254,9 +266,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       Task task{qg, kc + base, vc + base, op + (b * heads + g * hpg) * hd * es, slots[b] + 1, hd, hpg,
                 static_cast<float>(scale)};
       if (dt == at::kFloat)
-        attend<float>(task, e);
+        attend<float>(task, sc);
       else
-        attend<c10::BFloat16>(task, e);
+        attend<c10::BFloat16>(task, sc);
     }
   });
   return out;
