@@ -252,20 +252,6 @@ class Predictor(BasePredictor):
             log(f"warning: the prompt contains {self.family['other_format']!r}, the other ChatGLM generation's "
                 f"format; this {self.model.config.family} model expects e.g. {self.family['prompt']!r}")
         model = self.model
-        max_context = model.config.max_context
-        prompt_tokens = len(model.tokenizer.encode(prompt))
-        room = max_context - prompt_tokens
-        if room < 1:
-            raise ValueError(
-                f"prompt is too long: {prompt_tokens} tokens, but the model's context is "
-                f"{max_context} tokens (prompt + new tokens); shorten the prompt"
-            )
-        if max_tokens > room:
-            log(
-                f"max_tokens {max_tokens} clamped to {room}: prompt has {prompt_tokens} tokens "
-                f"of the {max_context}-token context"
-            )
-            max_tokens = room
         if seed is None:
             seed = secrets.randbelow(MAX_SEED + 1)
             log(f"seed {seed} (random; pass seed={seed} to reproduce)")
@@ -285,7 +271,13 @@ class Predictor(BasePredictor):
             repetition_penalty=repetition_penalty,
             seed=seed,
             stop=tuple(parse_stop_sequences(stop_sequences)),
+            fit_context=True,
         )
+        if stream.max_new_tokens < max_tokens:
+            log(
+                f"max_tokens {max_tokens} clamped to {stream.max_new_tokens}: prompt has {stream.prompt_tokens} "
+                f"tokens of the {model.config.max_context}-token context"
+            )
         cancelled = threading.Event()
 
         def cancel() -> None:

@@ -52,14 +52,24 @@ class GLM:
 
     def generate(self, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.8,
                  top_p: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, stop=()) -> "Stream":
-        """Stream the reply to a raw prompt (in the model's own format) as text chunks."""
+                 seed: int | None = None, stop=(), fit_context: bool = False) -> "Stream":
+        """Stream the reply to a raw prompt (in the model's own format) as text chunks.
+
+        fit_context: lower max_new_tokens to the room the prompt leaves in the model's context
+        (the Stream's max_new_tokens says what was used) instead of refusing the request.
+        """
         if not isinstance(prompt, str) or not prompt:
             raise InputError("prompt must be a non-empty string")
+        ids = self.tokenizer.encode(prompt)
+        room = self.config.max_context - len(ids)
+        if fit_context:
+            if room < 1:
+                raise InputError(f"prompt is too long: {len(ids)} tokens, but the model's context is "
+                                 f"{self.config.max_context} tokens (prompt + new tokens); shorten the prompt")
+            max_new_tokens = min(max_new_tokens, room)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
                                 stop=(stop,) if isinstance(stop, str) else tuple(stop))
-        ids = self.tokenizer.encode(prompt)
         return Stream(self.engine, self.engine.submit(ids, params))
 
 
@@ -129,6 +139,10 @@ class Stream:
     @property
     def prompt_tokens(self) -> int:
         return len(self.seq.prompt_ids)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.seq.params.max_new_tokens
 
     @property
     def new_tokens(self) -> int:

@@ -84,6 +84,23 @@ def test_context_overflow_is_reported_before_any_work(tiny_model):
     assert len(tiny_model.engine.waiting) == queued
 
 
+def test_fit_context_lowers_max_new_tokens_or_refuses(tiny_model):
+    n = len(tiny_model.tokenizer.encode(PROMPTS[0]))
+    s = tiny_model.generate(PROMPTS[0], max_new_tokens=100_000, temperature=0, fit_context=True)
+    assert (s.prompt_tokens, s.max_new_tokens) == (n, 8192 - n)
+    s.cancel()
+    s = tiny_model.generate(PROMPTS[0], max_new_tokens=5, temperature=0, fit_context=True)
+    list(s)
+    assert s.max_new_tokens == 5 and 1 <= s.new_tokens <= 5
+    long_prompt = "好" * 9000
+    n_long = len(tiny_model.tokenizer.encode(long_prompt))
+    assert n_long > 8192
+    queued = len(tiny_model.engine.waiting)
+    with pytest.raises(glm.InputError, match=rf"prompt is too long: {n_long} tokens, but the model's context is 8192"):
+        tiny_model.generate(long_prompt, max_new_tokens=1, fit_context=True)
+    assert len(tiny_model.engine.waiting) == queued
+
+
 # ---- stops ----
 
 def test_stop_matcher_holds_back_possible_starts():
