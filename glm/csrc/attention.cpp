@@ -45,10 +45,8 @@ struct Task {
   float scale;
 };
 
-inline float load1(const float* p) { return *p; }
-inline float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }
-inline void store1(float* p, float v) { *p = v; }
-inline void store1(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }  // round-nearest-even
+using glm::load1;
+using glm::store1;
 
 template <typename T>
 void attend_scalar(const Task& t, Scratch& sc) {
@@ -228,49 +226,45 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                 " outside cache capacity ", k_caches[b].size(2));
   }
   at::Tensor out = at::empty({B, heads, hd}, q.options());
-  const int64_t hpg = heads / G, es = q.element_size();
-  const auto* qp = static_cast<const char*>(q.data_ptr());
-  const auto* kp = static_cast<const char*>(k.data_ptr());
-  const auto* vp = static_cast<const char*>(v.data_ptr());
-  const int64_t qs = q.stride(0) * es, ks = k.stride(0) * es, vs = v.stride(0) * es;
+  const int64_t hpg = heads / G, qs = q.stride(0), ks = k.stride(0), vs = v.stride(0);
   const float* cp = cos ? cos->data_ptr<float>() : nullptr;
   const float* sp = sin ? sin->data_ptr<float>() : nullptr;
-  auto* op = static_cast<char*>(out.data_ptr());
-  at::parallel_for(0, B * G, 1, [&](int64_t t0, int64_t t1) {
-    thread_local Scratch sc;
-    std::vector<char>& qrot = sc.qrot;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / G, g = t % G, C = k_caches[b].size(2);
-      const int64_t row = ((layer * G + g) * C + slots[b]) * hd;  // the new token's cache row
-      char* kc = static_cast<char*>(k_caches[b].data_ptr());
-      char* vc = static_cast<char*>(v_caches[b].data_ptr());
-      const char* qg = qp + b * qs + g * hpg * hd * es;
-      const char* kg = kp + b * ks + g * hd * es;
-      if (cp) {  // rotate k straight into its cache row, q into a scratch copy
-        qrot.resize(hpg * hd * es);
-        if (dt == at::kFloat) {
-          rotate(reinterpret_cast<const float*>(kg), reinterpret_cast<float*>(kc + row * es), 1, hd, cp + b * P, sp + b * P, P);
-          rotate(reinterpret_cast<const float*>(qg), reinterpret_cast<float*>(qrot.data()), hpg, hd, cp + b * P, sp + b * P, P);
+  auto run = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    const T* qp = static_cast<const T*>(q.data_ptr());
+    const T* kp = static_cast<const T*>(k.data_ptr());
+    const T* vp = static_cast<const T*>(v.data_ptr());
+    T* op = static_cast<T*>(out.data_ptr());
+    at::parallel_for(0, B * G, 1, [&](int64_t t0, int64_t t1) {
+      thread_local Scratch sc;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / G, g = t % G, C = k_caches[b].size(2);
+        const int64_t row = ((layer * G + g) * C + slots[b]) * hd;  // the new token's cache row
+        T* kc = static_cast<T*>(k_caches[b].data_ptr());
+        T* vc = static_cast<T*>(v_caches[b].data_ptr());
+        const T* qg = qp + b * qs + g * hpg * hd;
+        const T* kg = kp + b * ks + g * hd;
+        if (cp) {  // rotate k straight into its cache row, q into a scratch copy
+          sc.qrot.resize(hpg * hd * sizeof(T));
+          T* qr = reinterpret_cast<T*>(sc.qrot.data());
+          rotate(kg, kc + row, 1, hd, cp + b * P, sp + b * P, P);
+          rotate(qg, qr, hpg, hd, cp + b * P, sp + b * P, P);
+          qg = qr;
         } else {
-          rotate(reinterpret_cast<const c10::BFloat16*>(kg), reinterpret_cast<c10::BFloat16*>(kc + row * es), 1, hd,
-                 cp + b * P, sp + b * P, P);
-          rotate(reinterpret_cast<const c10::BFloat16*>(qg), reinterpret_cast<c10::BFloat16*>(qrot.data()), hpg, hd,
-                 cp + b * P, sp + b * P, P);
+          std::memcpy(kc + row, kg, hd * sizeof(T));
         }
-        qg = qrot.data();
-      } else {
-        std::memcpy(kc + row * es, kg, hd * es);
+        std::memcpy(vc + row, vp + b * vs + g * hd, hd * sizeof(T));
+        const int64_t base = (layer * G + g) * C * hd;
+        Task task{qg, kc + base, vc + base, op + (b * heads + g * hpg) * hd, slots[b] + 1, hd, hpg,
+                  static_cast<float>(scale)};
+        attend<T>(task, sc);
       }
-      std::memcpy(vc + row * es, vp + b * vs + g * hd * es, hd * es);
-      const int64_t base = (layer * G + g) * C * hd * es;
-      Task task{qg, kc + base, vc + base, op + (b * heads + g * hpg) * hd * es, slots[b] + 1, hd, hpg,
-                static_cast<float>(scale)};
-      if (dt == at::kFloat)
-        attend<float>(task, sc);
-      else
-        attend<c10::BFloat16>(task, sc);
-    }
-  });
+    });
+  };
+  if (dt == at::kFloat)
+    run(float{});
+  else
+    run(c10::BFloat16{});
   return out;
 }
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <torch/extension.h>
+#include <c10/util/BFloat16.h>
 
 #include <vector>
 
@@ -50,6 +51,12 @@ AVX512_FN inline __m512 exp16(__m512 x) {
 #endif
 
 namespace glm {
+
+// One element of an fp32 / bf16 tensor as fp32, and back (bf16: round to nearest even).
+inline float load1(const float* p) { return *p; }
+inline float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }
+inline void store1(float* p, float v) { *p = v; }
+inline void store1(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }
 
 // ISA path in use: 0 scalar, 1 avx2, 2 avx512, 3 avx512bf16 (qlinear.cpp; set_isa() changes it).
 int current_isa();

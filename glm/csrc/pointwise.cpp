@@ -21,10 +21,8 @@
 
 namespace {
 
-inline float load1(const float* p) { return *p; }
-inline float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }
-inline void store1(float* p, float v) { *p = v; }
-inline void store1(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }  // round-nearest-even
+using glm::load1;
+using glm::store1;
 inline float round_to(float v, const float*) { return v; }
 inline float round_to(float v, const c10::BFloat16*) { return static_cast<float>(c10::BFloat16(v)); }
 
