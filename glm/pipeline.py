@@ -61,8 +61,8 @@ class GLM:
         if not isinstance(prompt, str) or not prompt:
             raise InputError("prompt must be a non-empty string")
         ids = self.tokenizer.encode(prompt)
-        room = self.config.max_context - len(ids)
         if fit_context:
+            room = self.config.max_context - len(ids)
             if room < 1:
                 raise InputError(f"prompt is too long: {len(ids)} tokens, but the model's context is "
                                  f"{self.config.max_context} tokens (prompt + new tokens); shorten the prompt")
