@@ -144,3 +144,30 @@ def test_stream_v2_unchanged_random(tok2):
         chunks = _stream(tok2, ids)
         assert "".join(chunks) == tok2.decode(ids), ids
         assert chunks == _stream_before_v1(tok2, ids), ids
+
+
+# THUDM/chatglm-6b's config.json, the keys that name token ids (and what from_dict needs).
+CHATGLM_6B_CONFIG = {
+    "architectures": ["ChatGLMModel"], "model_type": "chatglm", "vocab_size": 130528, "hidden_size": 4096,
+    "num_layers": 28, "num_attention_heads": 32, "inner_hidden_size": 16384, "max_sequence_length": 2048,
+    "layernorm_epsilon": 1e-05, "position_encoding_2d": True, "quantization_bit": 0,
+    "bos_token_id": 130004, "eos_token_id": 130005, "mask_token_id": 130000, "gmask_token_id": 130001,
+    "pad_token_id": 3,
+}
+
+
+@pytest.mark.parametrize("keys", ["all", "none"])
+def test_config_special_ids_are_the_real_tokenizers(tok, keys):
+    """The v1 config's special ids (as THUDM's config.json gives them, and our defaults when a
+    config.json leaves them out) are the real ice_text.model's pieces."""
+    from glm.config import ChatGLMConfig
+
+    d = dict(CHATGLM_6B_CONFIG)
+    if keys == "none":
+        for k in ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id"):
+            del d[k]
+    cfg = ChatGLMConfig.from_dict(d)
+    assert cfg.family == "chatglm"
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.mask_token_id, cfg.gmask_token_id) == \
+        (tok.sop_id, tok.eos_id, tok.mask_id, tok.gmask_id)
+    assert tok.sp.id_to_piece(cfg.pad_token_id) == "<pad>"
