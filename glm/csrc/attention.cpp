@@ -80,17 +80,13 @@ void attend_scalar(const Task& t, Scratch& sc) {
 }
 
 #ifdef GLM_X86
-AVX512_FN inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-AVX512_FN inline __m512 load16(const c10::BFloat16* p) {
-  return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
 
 // Softmax numerators of one head's scores in place; returns their sum.
 AVX512_FN float exp_scores(float* e, int64_t S) {
   __m512 vmx = _mm512_set1_ps(-INFINITY);
   int64_t j = 0;
   for (; j + 16 <= S; j += 16) vmx = _mm512_max_ps(vmx, _mm512_loadu_ps(e + j));
-  if (j < S) vmx = _mm512_max_ps(vmx, _mm512_mask_loadu_ps(vmx, (__mmask16)((1u << (S - j)) - 1u), e + j));
+  if (j < S) vmx = _mm512_max_ps(vmx, _mm512_mask_loadu_ps(vmx, tail16(S - j), e + j));
   const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
   __m512 vsum = _mm512_setzero_ps();
   for (j = 0; j + 16 <= S; j += 16) {
@@ -99,7 +95,7 @@ AVX512_FN float exp_scores(float* e, int64_t S) {
     vsum = _mm512_add_ps(vsum, p);
   }
   if (j < S) {
-    const __mmask16 mk = (__mmask16)((1u << (S - j)) - 1u);
+    const __mmask16 mk = tail16(S - j);
     const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, e + j), mx));
     _mm512_mask_storeu_ps(e + j, mk, p);
     vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(mk, p));

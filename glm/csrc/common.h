@@ -23,6 +23,21 @@ AVX512_FN inline __m512 widen_bf16(__m256i h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// Mask of the first min(n, 16) lanes (a row's tail).
+AVX512_FN inline __mmask16 tail16(int64_t n) {
+  return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+}
+
+// 16 fp32 / bf16 values as fp32: all of them, or the lanes of mask m (the others 0).
+AVX512_FN inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+AVX512_FN inline __m512 load16(const c10::BFloat16* p) {
+  return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+AVX512_FN inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+AVX512_FN inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  return widen_bf16(_mm256_maskz_loadu_epi16(m, p));
+}
+
 // 16 fp32 -> bf16, round to nearest even, NaN -> 0x7FC0: the bits of c10::BFloat16(float).
 AVX512_FN inline __m256i narrow_bf16(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);

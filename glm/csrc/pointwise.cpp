@@ -43,29 +43,24 @@ void swiglu_row_scalar(const T* g, const T* u, T* y, int64_t F) {
 }
 
 #ifdef GLM_X86
-AVX512_FN inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-AVX512_FN inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
-  return widen_bf16(_mm256_maskz_loadu_epi16(m, p));
-}
 AVX512_FN inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
 AVX512_FN inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, narrow_bf16(v));
 }
 AVX512_FN inline __m512 round16(__m512 v, const float*) { return v; }
 AVX512_FN inline __m512 round16(__m512 v, const c10::BFloat16*) { return widen_bf16(narrow_bf16(v)); }
-AVX512_FN inline __mmask16 tail(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
 template <typename T, typename W>
 AVX512_FN void rms_row_avx512(const T* x, const W* w, T* y, int64_t K, float eps) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
-    const __m512 v = load16(x + k, tail(K - k));
+    const __m512 v = load16(x + k, tail16(K - k));
     acc = _mm512_fmadd_ps(v, v, acc);
   }
   const float r = 1.f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(K) + eps);
   const __m512 vr = _mm512_set1_ps(r);
   for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = tail(K - k);
+    const __mmask16 m = tail16(K - k);
     store16(y + k, _mm512_mul_ps(load16(w + k, m), _mm512_mul_ps(load16(x + k, m), vr)), m);
   }
 }
@@ -74,7 +69,7 @@ template <typename T>
 AVX512_FN void swiglu_row_avx512(const T* g, const T* u, T* y, int64_t F) {
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t f = 0; f < F; f += 16) {
-    const __mmask16 m = tail(F - f);
+    const __mmask16 m = tail16(F - f);
     const __m512 a = load16(g + f, m);
     const __m512 s = round16(_mm512_div_ps(a, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), a)))), g);
     store16(y + f, _mm512_mul_ps(s, load16(u + f, m)), m);
