@@ -21,7 +21,7 @@ import torch
 
 from .errors import InputError
 from .generate import SamplingParams, StopMatcher, sample
-from .model import KVCache
+from .kvpool import ExtentAllocator, KVPool
 from .tokenizer import StreamDecoder
 
 log = logging.getLogger("glm")
@@ -40,7 +40,8 @@ class Sequence:
         self.generator = torch.Generator().manual_seed(params.seed)
         self.decoder = StreamDecoder(tokenizer)
         self.stopper = StopMatcher(params.stop)
-        self.cache: KVCache | None = None
+        self.cache = None               # its KVCache (a view of the engine's pool) while admitted
+        self.extent: int | None = None  # start of its extent in the pool
         self.pos = 0                    # tokens already in the cache
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
@@ -118,6 +119,9 @@ class Engine:
         self.kv_budget_tokens = kv_budget_tokens or max_batch * cfg.max_context
         self.prefill_chunk = prefill_chunk
         self.eos_ids = {cfg.eos_token_id}
+        # The KV memory for the whole budget, allocated once; the allocator is its bookkeeping.
+        self.pool = KVPool(cfg, self.kv_budget_tokens, device, model.dtype)
+        self.extents = ExtentAllocator(self.kv_budget_tokens)
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []
         self._lock = threading.RLock()
@@ -151,7 +155,7 @@ class Engine:
 
     @property
     def reserved_tokens(self) -> int:
-        return sum(s.capacity for s in self.active)
+        return self.kv_budget_tokens - self.extents.free_tokens
 
     # ---- the loop ----
     def step(self) -> bool:
@@ -201,6 +205,9 @@ class Engine:
         for s in self.active:
             if s.cancelled and not s.done:
                 s._finish("canceled", flush=False)
+            if s.done and s.extent is not None:
+                self.extents.free(s.extent, s.capacity)
+                s.extent = None
         self.active = [s for s in self.active if not s.done]
         if any(s.cancelled for s in self.waiting):  # anywhere in the queue, not only at its head
             for s in self.waiting:
@@ -211,10 +218,11 @@ class Engine:
     def _admit(self) -> None:
         while self.waiting and len(self.active) < self.max_batch:
             seq = self.waiting[0]
-            if self.reserved_tokens + seq.capacity > self.kv_budget_tokens:
+            start = self.extents.allocate(seq.capacity)
+            if start is None:
                 break  # waits for memory; first come, first served
             self.waiting.popleft()
-            seq.cache = KVCache(self.cfg, seq.capacity, self.device, self.model.dtype)
+            seq.extent, seq.cache = start, self.pool.cache(start, seq.capacity)
             self.active.append(seq)
 
     def _guarded(self, seqs: list[Sequence], fn) -> None:

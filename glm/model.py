@@ -22,11 +22,15 @@ class KVCache:
     """
 
     def __init__(self, cfg: ChatGLMConfig, capacity: int, device, dtype: torch.dtype,
-                 prefix: torch.Tensor | None = None):
+                 prefix: torch.Tensor | None = None, storage: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """storage: flat (k, v) tensors to view instead of allocating (an extent of a glm.kvpool.KVPool)."""
         self.offset = 0 if prefix is None else prefix.shape[3]
         shape = (cfg.num_layers, cfg.kv_heads, self.offset + capacity, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        if storage is None:
+            self.k = torch.zeros(shape, device=device, dtype=dtype)
+            self.v = torch.zeros(shape, device=device, dtype=dtype)
+        else:
+            self.k, self.v = (t.view(shape) for t in storage)
         if prefix is not None:
             self.k[:, :, :self.offset] = prefix[:, 0]
             self.v[:, :, :self.offset] = prefix[:, 1]

@@ -1,0 +1,92 @@
+"""KV memory for the engine: one pool for the whole KV budget, allocated once.
+
+Each running sequence owns one contiguous extent of the pool (prompt + max_new_tokens tokens), so its
+cache is a contiguous [layers, groups, capacity, head_dim] tensor: kernels that take one cache per
+sequence use it as is, and a kernel launched once for the whole batch addresses every cache from the
+pool's base and each sequence's element offset (`KVPool.element_offset`).
+
+`ExtentAllocator` is the bookkeeping (plain Python, no tensors: the scheduler's view of memory);
+`KVPool` holds the tensors. On CUDA the pool is touched at creation, so a budget that does not fit
+fails at setup, never in the middle of a request; on the CPU pages are committed as they are first
+written.
+"""
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from .config import ChatGLMConfig
+from .model import KVCache
+
+
+class ExtentAllocator:
+    """First-fit allocation of contiguous token ranges in [0, size); freed ranges coalesce."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._free: list[tuple[int, int]] = [(0, size)] if size > 0 else []  # (start, length), sorted
+
+    def allocate(self, n: int) -> int | None:
+        """Start of a free range of n tokens, or None when no free range is that long."""
+        for i, (start, length) in enumerate(self._free):
+            if length >= n:
+                if length == n:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + n, length - n)
+                return start
+        return None
+
+    def free(self, start: int, n: int) -> None:
+        i = bisect.bisect_left(self._free, (start, 0))
+        if (i > 0 and sum(self._free[i - 1]) > start) or (i < len(self._free) and start + n > self._free[i][0]):
+            raise ValueError(f"extent [{start}, {start + n}) is not allocated")
+        self._free.insert(i, (start, n))
+        # Merge with the right neighbour, then the left one.
+        if i + 1 < len(self._free) and start + n == self._free[i + 1][0]:
+            self._free[i] = (start, n + self._free.pop(i + 1)[1])
+        if i > 0 and sum(self._free[i - 1]) == start:
+            prev_start, prev_len = self._free[i - 1]
+            self._free[i - 1] = (prev_start, prev_len + self._free.pop(i)[1])
+
+    @property
+    def free_tokens(self) -> int:
+        return sum(length for _, length in self._free)
+
+    @property
+    def largest_free(self) -> int:
+        return max((length for _, length in self._free), default=0)
+
+
+class KVPool:
+    """Flat k and v storage for `tokens` tokens of every layer's KV groups, in the model's dtype."""
+
+    def __init__(self, cfg: ChatGLMConfig, tokens: int, device, dtype: torch.dtype):
+        self.cfg, self.tokens = cfg, tokens
+        self.token_elements = cfg.num_layers * cfg.kv_heads * cfg.head_dim
+        size = tokens * self.token_elements
+        self.k = torch.empty(size, device=device, dtype=dtype)
+        self.v = torch.empty(size, device=device, dtype=dtype)
+        if self.k.is_cuda:
+            self.k.zero_()
+            self.v.zero_()
+
+    @staticmethod
+    def bytes_per_token(cfg: ChatGLMConfig, dtype: torch.dtype) -> int:
+        return KVCache.bytes_per_token(cfg, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def cache(self, start: int, capacity: int) -> KVCache:
+        """The KVCache viewing tokens [start, start + capacity) of the pool."""
+        if not 0 <= start <= start + capacity <= self.tokens:
+            raise ValueError(f"extent [{start}, {start + capacity}) outside the pool of {self.tokens} tokens")
+        lo, hi = start * self.token_elements, (start + capacity) * self.token_elements
+        return KVCache(self.cfg, capacity, self.k.device, self.k.dtype, storage=(self.k[lo:hi], self.v[lo:hi]))
+
+    def element_offset(self, cache: KVCache) -> int:
+        """Where a cache of this pool starts, in elements from the pool's base."""
+        return (cache.k.data_ptr() - self.k.data_ptr()) // self.k.element_size()
