@@ -127,12 +127,12 @@ def swap_linears(model: nn.Module, cfg: ChatGLMConfig, bits: int, half_linears: 
         setattr(model.get_submodule(parent_name), attr, new)
 
 
-def load(path, device: str | torch.device = "auto", dtype: torch.dtype | None = None,
+def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          quantize: int | None = None, int8_activations: bool = False):
     """Load a ChatGLM checkpoint directory; returns a glm.GLM ready to generate.
 
-    device: "auto" (the GPU in fp16 when torch can use it, else the CPU in float32; a GPU torch
-    cannot use raises glm.DeviceError, see glm.device), "cpu" or "cuda".
+    device: "cpu", "cuda", or "auto" (the GPU in fp16 when torch can use it, else the CPU in
+    float32; an NVIDIA GPU torch cannot use raises glm.DeviceError, see glm.device).
     int8_activations (CPU, int4 checkpoints, float32): opt into the faster int8-activation linears
     (glm.quant.QuantLinear); it changes the numerics, so it is off by default.
     """
