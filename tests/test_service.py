@@ -294,6 +294,8 @@ def test_cancel_stops_generation_and_server_recovers(server, long_seed):
         ({"max_tokens": 1.5}, "max_tokens"),
         ({"temperature": "hot"}, "temperature"),
         ({"prompt": 123}, "prompt"),
+        ({"prompt": None}, "prompt"),
+        ({"temperature": None}, "temperature"),
         ({"prompt": ""}, "prompt"),
         ({"stop_sequences": ["a", "b"]}, "stop_sequences"),
     ],
@@ -307,15 +309,12 @@ def test_invalid_inputs_are_422(server, inp, field):
 
 
 def test_missing_prompt_uses_default(server, engine):
-    """prompt, temperature and top_p are optional: omitted or null, the loaded model's own defaults
-    (ChatGLM2: the round-1 greeting, 0.75, 0.8) are used."""
+    """prompt, temperature and top_p are optional: left out, the loaded model's own defaults
+    (ChatGLM2: the round-1 greeting, 0.75, 0.8) are used. (coglet 0.23.1 answers an explicit null
+    with 422, nullable or not: test_invalid_inputs_are_422.)"""
     assert engine.chat_defaults == {"prompt": DEFAULT_PROMPT, "temperature": 0.75, "top_p": 0.8}
     want, _ = reference(engine, max_tokens=6, seed=2)
     r = server.predict({"input": {"max_tokens": 6, "seed": 2}}).json()
-    assert r["status"] == "succeeded", r
-    assert "".join(r["output"]) == want
-    r = server.predict({"input": {"prompt": None, "temperature": None, "top_p": None, "max_tokens": 6,
-                                  "seed": 2}}).json()
     assert r["status"] == "succeeded", r
     assert "".join(r["output"]) == want
 
@@ -375,7 +374,8 @@ def test_first_generation_chatglm_checkpoint(tmp_path, app_dir):
         body = srv.predict({"input": {"max_tokens": 16, "seed": 5}}).json()
         want, _ = reference(model, prompt="你好", max_tokens=16, temperature=0.95, top_p=0.7, seed=5)
         assert body["status"] == "succeeded" and "".join(body["output"]) == want, body
-        clamp = srv.predict({"input": {"max_tokens": 32768, "seed": 1, "temperature": 0}}).json()
+        # up to 2044 greedy tokens: minutes on a loaded 2-core machine
+        clamp = srv.predict({"input": {"max_tokens": 32768, "seed": 1, "temperature": 0}}, timeout=300).json()
         assert f"prompt has 4 tokens of the {model.config.max_context}-token context" in clamp["logs"], clamp["logs"]
         warn = srv.predict({"input": {"prompt": "[Round 1]\n\n问：你好\n\n答：", "max_tokens": 2}}).json()
         assert warn["status"] == "succeeded", warn
