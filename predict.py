@@ -29,16 +29,21 @@ import cog
 from cog import BasePredictor, ConcatenateIterator, Input
 
 import glm
+from glm import kernels
 
-# Per family: THUDM's chat() defaults, the prompt of a first turn, and a mark of the other family's format.
+# Per family: a mark of the other family's prompt format (warned about in a request). The family's
+# default prompt and sampling values come from the loaded model (glm.GLM.chat_defaults).
 FAMILY = {
-    "chatglm2": dict(prompt="[Round 1]\n\n问：你好\n\n答：", temperature=0.75, top_p=0.8, other_format="[Round 0]\n"),
-    "chatglm": dict(prompt="你好", temperature=0.95, top_p=0.7, other_format="[Round 1]\n\n"),
+    "chatglm2": dict(other_format="[Round 0]\n"),
+    "chatglm": dict(other_format="[Round 1]\n\n"),
 }
 DEFAULT_WEIGHTS_DIR = "weights"
 # The model download-weights fetches by default; preferred when weights/ holds several.
 DEFAULT_MODEL_NAME = "chatglm2-6b-int4"
-MAX_SEED = 2**32 - 1
+# cog builds the image's input schema by reading this file, not by running it: every Input(...)
+# keyword below is a literal (tests/test_static_schema.py reads them by cog's rules), so these
+# constants repeat the bounds the schema gives and a test checks they agree.
+MAX_SEED = 4294967295  # 2**32 - 1
 # Largest context of any supported checkpoint (the -32k variants); the real limit
 # for the loaded checkpoint comes from the engine (model.config.max_context).
 MAX_TOKENS_LIMIT = 32768
@@ -144,40 +149,42 @@ def _on_server_cancel(callback: Callable[[], None]) -> bool:
     return False
 
 
-def checkpoint_family(root: str) -> str:
-    """Family of the checkpoint setup() will load; 'chatglm2' while there is none."""
-    try:
-        return glm.ChatGLMConfig.from_file(os.path.join(find_checkpoint(root), "config.json")).family
-    except (WeightsError, glm.CheckpointError):
-        return "chatglm2"
+def device_setting() -> str:
+    """GLM_DEVICE: auto (default: the GPU when torch can use it), cpu or cuda."""
+    return os.environ.get("GLM_DEVICE", "").strip().lower() or "auto"
 
 
-# Input defaults follow the checkpoint baked into the image (read when the schema is built).
-DEFAULTS = FAMILY[checkpoint_family(weights_root())]
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
-        import torch
-
         path = find_checkpoint(weights_root())
-        if torch.cuda.is_available():
-            device, dtype = "cuda", torch.float16
-        else:
-            device, dtype = "cpu", None
+        # A GPU that torch cannot use, or kernels required but unusable, fail setup with one line
+        # (health SETUP_FAILED) instead of serving at a fraction of the speed.
+        device = glm.device.resolve(device_setting())
+        if device.type == "cpu":
+            if _env_flag("GLM_REQUIRE_KERNELS"):
+                try:
+                    kernels.require()
+                except kernels.KernelError as e:
+                    raise kernels.KernelError(f"{e} (GLM_REQUIRE_KERNELS=1)") from None
+            log(f"kernels: {kernels.status()}")
         # CPU opt-in: activations rounded to int8 in the int4 linears, 2-5x faster prefill and
         # batches (README, Benchmarks); off by default because it changes the numerics.
-        int8_activations = device == "cpu" and os.environ.get("GLM_INT8_ACTIVATIONS", "") == "1"
-        log(f"loading checkpoint {path} on {device}" + (" (fp16)" if dtype is not None else "")
+        int8_activations = device.type == "cpu" and os.environ.get("GLM_INT8_ACTIVATIONS", "") == "1"
+        log(f"loading checkpoint {path} on {device.type}" + (" (fp16)" if device.type == "cuda" else "")
             + (" with int8 activations (GLM_INT8_ACTIVATIONS=1)" if int8_activations else ""))
         t0 = time.monotonic()
         try:
-            self.model = glm.load(path, device=device, dtype=dtype, int8_activations=int8_activations)
+            self.model = glm.load(path, device=device, int8_activations=int8_activations)
         except glm.CheckpointError as e:
             # One clear line in the server's setup logs; no engine traceback chain.
             raise WeightsError(f"cannot load checkpoint {path}: {e}") from None
         cfg = self.model.config
-        self.family = FAMILY[cfg.family]
+        # Inputs left empty take the loaded model's own defaults (prompt, temperature, top_p).
+        self.family = dict(FAMILY[cfg.family], **self.model.chat_defaults)
         log(f"loaded {cfg.family} checkpoint in {time.monotonic() - t0:.1f}s; max_context={cfg.max_context}")
         # One engine thread batches every running prediction; KV cache is reserved per request
         # (prompt + max_tokens) within the budget: a request that does not fit yet waits.
@@ -194,30 +201,26 @@ class Predictor(BasePredictor):
     @cog.streaming
     async def predict(
         self,
-        prompt: str = Input(
-            description="Raw prompt in the model's own format: ChatGLM2 '[Round 1]\\n\\n问：...\\n\\n答：' "
-            "(earlier rounds go before it as '[Round N]\\n\\n问：...\\n\\n答：...\\n\\n'); ChatGLM-6B: the bare "
-            "question, or '[Round 0]\\n问：...\\n答：...\\n' rounds before '[Round N]\\n问：...\\n答：'.",
-            default=DEFAULTS["prompt"],
+        prompt: Optional[str] = Input(
+            description=r"Raw prompt in the model's own format; empty for the loaded model's first-turn greeting. ChatGLM2: '[Round 1]\n\n问：...\n\n答：', earlier rounds before it as '[Round N]\n\n问：...\n\n答：...\n\n'. ChatGLM-6B: the bare question, or '[Round 0]\n问：...\n答：...\n' rounds before '[Round N]\n问：...\n答：'.",
+            default=None,
             min_length=1,
         ),
         max_tokens: int = Input(
-            description="Maximum number of new tokens to generate. Clamped to the context "
-            "left after the prompt (8192 tokens in all for chatglm2-6b-int4).",
+            description="Maximum number of new tokens to generate. Clamped to the context left after the prompt (8192 tokens in all for chatglm2-6b-int4, 2048 for ChatGLM-6B, 32768 for the -32k models).",
             default=2048,
             ge=1,
-            le=MAX_TOKENS_LIMIT,
+            le=32768,
         ),
-        temperature: float = Input(
-            description="Sampling temperature; higher is more random, 0 means greedy decoding.",
-            default=DEFAULTS["temperature"],
+        temperature: Optional[float] = Input(
+            description="Sampling temperature; higher is more random, 0 means greedy decoding. Empty for the loaded model's default: 0.75 for ChatGLM2, 0.95 for ChatGLM-6B.",
+            default=None,
             ge=0.0,
             le=5.0,
         ),
-        top_p: float = Input(
-            description="Nucleus sampling: sample from the smallest set of tokens whose "
-            "probabilities add up to top_p. 0 keeps only the most likely token (greedy).",
-            default=DEFAULTS["top_p"],
+        top_p: Optional[float] = Input(
+            description="Nucleus sampling: sample from the smallest set of tokens whose probabilities add up to top_p; 0 keeps only the most likely token (greedy). Empty for the loaded model's default: 0.8 for ChatGLM2, 0.7 for ChatGLM-6B.",
+            default=None,
             ge=0.0,
             le=1.0,
         ),
@@ -234,18 +237,20 @@ class Predictor(BasePredictor):
             le=2.0,
         ),
         stop_sequences: str = Input(
-            description="Comma-separated strings that end generation when produced "
-            "(not included in the output), e.g. '<end>,问：'. Empty for none.",
+            description="Comma-separated strings that end generation when produced (not included in the output), e.g. '<end>,问：'. Empty for none.",
             default="",
         ),
         seed: Optional[int] = Input(
-            description="Random seed for reproducible sampling. Leave empty for a random "
-            "seed; the seed used is written to the logs.",
+            description="Random seed for reproducible sampling. Leave empty for a random seed; the seed used is written to the logs.",
             default=None,
             ge=0,
-            le=MAX_SEED,
+            le=4294967295,
         ),
     ) -> ConcatenateIterator[str]:
+        defaults = self.family  # the loaded model's own prompt, temperature and top_p
+        prompt = defaults["prompt"] if prompt is None else prompt
+        temperature = defaults["temperature"] if temperature is None else temperature
+        top_p = defaults["top_p"] if top_p is None else top_p
         if not prompt.strip():
             raise ValueError("prompt is empty: give the text to continue, e.g. " + repr(self.family["prompt"]))
         if self.family["other_format"] in prompt:

@@ -6,9 +6,11 @@
         print(chunk, end="")
 """
 from .config import ChatGLMConfig
+from .device import DeviceError
 from .errors import CheckpointError, GLMError, InputError
 from .generate import SamplingParams
 from .loader import load
 from .pipeline import GLM, Stream
 
-__all__ = ["load", "GLM", "Stream", "ChatGLMConfig", "SamplingParams", "GLMError", "CheckpointError", "InputError"]
+__all__ = ["load", "GLM", "Stream", "ChatGLMConfig", "SamplingParams", "GLMError", "CheckpointError", "InputError",
+           "DeviceError"]

@@ -2,9 +2,14 @@
 attention (glm/csrc/attention.cpp) and RMSNorm / SwiGLU (glm/csrc/pointwise.cpp), one extension.
 
 ``get()`` returns the compiled extension module, or ``None`` if it cannot be used (no compiler,
-build error, or ``GLM_NO_KERNELS=1``); callers then fall back to pure torch. The build happens once
+build error, or ``GLM_NO_KERNELS=1``); callers then fall back to pure torch. ``require()`` raises
+instead, and ``status()`` says in one line which path serves and why. The build happens once
 per (source, torch version, flags) into ``$GLM_KERNEL_CACHE`` or ``~/.cache/glm/kernels/<hash>``, so
 a fresh clone builds it on first use (about a minute) and later processes just load it.
+
+Builds are serialized by our own flock on ``<build dir>/glm.lock``, which the kernel releases when
+its holder dies. torch's own ``<build dir>/lock`` file is only ever created under that flock, so one
+found while we hold it was left by a killed build and is removed: torch would wait on it forever.
 
 Extension API (all CPU; x is float32 or bfloat16 [M, K] contiguous; output [M, N] in x's dtype,
 fp32 accumulation):
@@ -23,11 +28,14 @@ fp32 accumulation):
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -41,11 +49,22 @@ HEADERS = ("common.h",)
 # -fopenmp at compile time only: at::parallel_for is inline OpenMP code; the GOMP symbols resolve
 # against the OpenMP runtime torch already loaded (linking a second libgomp is avoided on purpose).
 CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
+# Longest wait for another live process building the same kernels before giving up on them.
+LOCK_TIMEOUT = 600.0
 
 _lock = threading.Lock()
 _module = None
 _tried = False
 _error: str | None = None
+_how: str | None = None  # "built in 54.1s" / "loaded from cache"
+
+
+class KernelError(RuntimeError):
+    """The kernels cannot be used (GLM_REQUIRE_KERNELS=1 turns this into a setup failure)."""
+
+
+class LockTimeout(KernelError):
+    pass
 
 
 def disabled() -> bool:
@@ -69,27 +88,57 @@ def build_dir() -> Path:
     return Path(base) / h.hexdigest()[:16]
 
 
-def load(verbose: bool = False):
+@contextmanager
+def build_lock(d: Path, timeout: float):
+    """Hold the exclusive build lock of build dir `d`, waiting at most `timeout` seconds for it."""
+    fd = os.open(d / "glm.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(f"another process has been building the kernels in {d} "
+                                      f"for over {timeout:.0f}s") from None
+                time.sleep(0.2)
+        stale = d / "lock"
+        if stale.exists():
+            log.warning("glm: removing torch build lock %s left by a killed build", stale)
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def load(verbose: bool = False, lock_timeout: float = LOCK_TIMEOUT):
     """Build (if needed) and import the extension; raises on failure."""
+    global _how
     from torch.utils import cpp_extension
 
     d = build_dir()
     d.mkdir(parents=True, exist_ok=True)
+    cached = (d / f"{NAME}.so").exists()
+    t0 = time.monotonic()
     # torch's own build chatter (compiler-compat banners etc.) stays out of our logs unless verbose
     tlog = logging.getLogger("torch.utils.cpp_extension")
     old = tlog.level
     if not verbose:
         tlog.setLevel(logging.ERROR)
     try:
-        return cpp_extension.load(
-            name=NAME,
-            sources=[str(CSRC / s) for s in SOURCES],
-            extra_cflags=list(CFLAGS),
-            build_directory=str(d),
-            verbose=verbose,
-        )
+        with build_lock(d, lock_timeout):
+            module = cpp_extension.load(
+                name=NAME,
+                sources=[str(CSRC / s) for s in SOURCES],
+                extra_cflags=list(CFLAGS),
+                build_directory=str(d),
+                verbose=verbose,
+            )
     finally:
         tlog.setLevel(old)
+    _how = "loaded from cache" if cached else f"built in {time.monotonic() - t0:.1f}s"
+    return module
 
 
 def _reason(e: BaseException) -> str:
@@ -124,6 +173,26 @@ def get():
 def error() -> str | None:
     """Why the last build failed (None if it did not fail or was not tried)."""
     return _error
+
+
+def require():
+    """The extension module; raises KernelError saying why when it cannot be used."""
+    if disabled():
+        raise KernelError("the CPU kernels are turned off (GLM_NO_KERNELS=1)")
+    module = get()
+    if module is None:
+        raise KernelError(f"the CPU kernels failed to build or load: {_error}")
+    return module
+
+
+def status() -> str:
+    """Which path serves the CPU hot loops, in one line: the kernels' ISA, or the torch fallback and why."""
+    if disabled():
+        return "torch fallback (GLM_NO_KERNELS=1)"
+    module = get()
+    if module is None:
+        return f"torch fallback (kernels unavailable: {_error})"
+    return f"CPU kernels {module.isa()} (max {module.max_isa()}; {_how}; {build_dir()})"
 
 
 def available() -> bool:

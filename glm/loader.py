@@ -16,6 +16,7 @@ from torch import nn
 
 from . import kernels
 from .config import ChatGLMConfig
+from .device import resolve as resolve_device
 from .errors import CheckpointError
 from .quant import HalfLinear, QuantLinear, quantize as quantize_weight
 
@@ -130,6 +131,8 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = N
          quantize: int | None = None, int8_activations: bool = False):
     """Load a ChatGLM checkpoint directory; returns a glm.GLM ready to generate.
 
+    device: "cpu", "cuda", or "auto" (the GPU in fp16 when torch can use it, else the CPU in
+    float32; an NVIDIA GPU torch cannot use raises glm.DeviceError, see glm.device).
     int8_activations (CPU, int4 checkpoints, float32): opt into the faster int8-activation linears
     (glm.quant.QuantLinear); it changes the numerics, so it is off by default.
     """
@@ -139,7 +142,7 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = N
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
-    device = torch.device(device)
+    device = resolve_device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     cfg = ChatGLMConfig.from_file(path / "config.json")
     tokenizer = _load_tokenizer(cfg, path)

@@ -25,6 +25,12 @@ class GLM:
         return self.model.dtype
 
     @property
+    def chat_defaults(self) -> dict:
+        """What a request that leaves them out gets: a first-turn prompt in this model's own format
+        and its family's sampling defaults (keys: prompt, temperature, top_p)."""
+        return dict(prompt=self.tokenizer.build_prompt("你好"), **self.tokenizer.chat_defaults)
+
+    @property
     def engine(self) -> Engine:
         with self._engine_lock:
             if self._engine is None:

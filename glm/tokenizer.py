@@ -26,6 +26,9 @@ def load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
 class ChatGLM2Tokenizer:
     """encode() gives THUDM's ids including the [gMASK] sop prefix; decode() drops every special."""
 
+    # Sampling defaults of a request that gives none.
+    chat_defaults = {"temperature": 0.75, "top_p": 0.8}
+
     def __init__(self, path: str | Path):
         self.sp = load_sentencepiece(Path(path))
         self.n_words = self.sp.vocab_size()

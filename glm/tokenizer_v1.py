@@ -55,6 +55,9 @@ def postprocess(text: str) -> str:
 class ChatGLMTokenizer:
     """encode() gives THUDM's ids ending in [gMASK] <sop>; decode() drops every special."""
 
+    # Sampling defaults of a request that gives none (THUDM's chat() defaults for ChatGLM-6B).
+    chat_defaults = {"temperature": 0.95, "top_p": 0.7}
+
     def __init__(self, path: str | Path):
         path = Path(path)
         self.sp = load_sentencepiece(path)

@@ -3,7 +3,8 @@
 Not a conftest: test modules import what they need from here.
 
 - `make_app_dir()` lays out a throwaway project dir (predict.py, a symlink to glm/,
-  .cog/openapi_schema.json written by script/openapi-schema) so tests never touch
+  .cog/openapi_schema.json written by script/openapi-schema: the Input schema as `cog build`
+  reads it statically, so the tests serve what the image serves) so tests never touch
   the work tree.
 - `CogServer` starts `python -m cog.server.http` on a free port in its own process
   group, with the interpreter's bin dir first on PATH (coglet spawns its worker as a

@@ -73,9 +73,53 @@ def test_requirements_are_exact_pins(name):
 
 def test_runtime_requirements_cover_the_engine():
     names = {r.split("==")[0].lower().replace("_", "-") for r in _requirements("requirements.txt")}
-    assert "torch==2.13.0" in _requirements("requirements.txt")
+    assert "torch" in names
     for needed in ("sentencepiece", "safetensors", "huggingface-hub", "ninja", "numpy"):
         assert needed in names, needed
+
+
+def _pin(name, file):
+    return next(r.split("==")[1] for r in _requirements(file) if r.split("==")[0].lower() == name)
+
+
+def _reference(name):
+    path = os.path.join(REPO, "..", "shared", "reference", "cog", name)
+    if not os.path.isfile(path):
+        pytest.fail(f"missing {path} (see ../shared/reference/README.md)")
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def test_torch_and_cuda_are_a_pair_cog_knows():
+    """cog 0.23.1 picks PyTorch's wheel index (and its prebuilt base image) only for a pair in its
+    table; the tests run the same torch version as the image (requirements.txt has the one pin)."""
+    import torch
+
+    cuda = str(_load_cog_yaml()["build"]["cuda"])
+    pin = _pin("torch", "requirements.txt")
+    assert torch.__version__.split("+")[0] == pin, "the test venv runs another torch than the image"
+    rows = [r for r in _reference("torch_compatibility.json")
+            if r["Torch"].split("+")[0] == pin and r["CUDA"] == cuda]
+    assert rows, f"torch {pin} with CUDA {cuda} is not in cog's table"
+    assert rows[0]["Torch"] == f"{pin}+cu{cuda.replace('.', '')}"
+    assert "3.11" in rows[0]["Pythons"]
+    assert cuda.startswith("12."), "CUDA 13 needs a driver >= 580, which Replicate's hosts may not have"
+
+
+def test_sdk_and_coglet_are_pinned_to_the_tested_versions():
+    """build.sdk_version pins the cog SDK; cog strips cog/coglet from requirements.txt and would take
+    the newest coglet < 1.0, so the README's build commands pin it with COGLET_WHEEL."""
+    assert str(_load_cog_yaml()["build"]["sdk_version"]) == _pin("cog", "requirements-test.txt")
+    runtime = {r.split("==")[0].lower() for r in _requirements("requirements.txt")}
+    assert not runtime & {"cog", "coglet"}
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
+    coglet = _pin("coglet", "requirements-test.txt")
+    for command in ("cog build", "cog push"):
+        lines = [ln for ln in readme.splitlines() if ln.lstrip().startswith(("COGLET_WHEEL", "cog ")) and command in ln]
+        assert lines, f"README shows no `{command}`"
+        for ln in lines:
+            assert ln.lstrip().startswith(f"COGLET_WHEEL=pypi:{coglet} "), ln
 
 
 def test_dockerignore_keeps_tests_out_and_weights_in():

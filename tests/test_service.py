@@ -45,7 +45,8 @@ def test_health_ready_and_setup_logs(server):
     assert h["status"] == "READY"
     assert h["setup"]["status"] == "succeeded"
     logs = h["setup"]["logs"]
-    assert "loading checkpoint weights/chatglm2-6b-int4" in logs  # discovery logs which checkpoint it picked
+    assert "loading checkpoint weights/chatglm2-6b-int4 on cpu" in logs  # discovery logs which checkpoint it picked
+    assert "kernels: CPU kernels " in logs  # which kernel path serves
     # coglet 0.23.1 race (measured): setup's LAST stdout line sometimes reaches the reader after the
     # READY flip and is filed as a worker log ("coglet::user") instead of under setup.logs.
     assert "warm-up done" in logs or "warm-up done" in server.logs(), logs
@@ -64,11 +65,15 @@ def test_openapi_lists_every_input(server):
             assert "default" in p, name
         if p["type"] in ("integer", "number"):
             assert "minimum" in p and "maximum" in p, name
-    assert props["prompt"]["default"] == DEFAULT_PROMPT
+    # the image's schema: cog's static reading of predict.py (tests/test_static_schema.py)
+    from cog_static_schema import input_schema
+
+    with open(os.path.join(REPO, "predict.py"), encoding="utf-8") as fh:
+        assert doc["components"]["schemas"]["Input"] == input_schema(fh.read())
+    for name in ("prompt", "temperature", "top_p"):  # empty: the loaded model's own default
+        assert props[name]["default"] is None and props[name]["nullable"] is True, name
     assert props["max_tokens"]["default"] == 2048
-    assert props["temperature"]["default"] == 0.75
     assert props["temperature"]["minimum"] == 0
-    assert props["top_p"]["default"] == 0.8
     assert props["top_k"]["default"] == 0
     assert props["repetition_penalty"]["default"] == 1.0
     assert props["stop_sequences"]["default"] == ""
@@ -290,6 +295,7 @@ def test_cancel_stops_generation_and_server_recovers(server, long_seed):
         ({"temperature": "hot"}, "temperature"),
         ({"prompt": 123}, "prompt"),
         ({"prompt": None}, "prompt"),
+        ({"temperature": None}, "temperature"),
         ({"prompt": ""}, "prompt"),
         ({"stop_sequences": ["a", "b"]}, "stop_sequences"),
     ],
@@ -303,10 +309,13 @@ def test_invalid_inputs_are_422(server, inp, field):
 
 
 def test_missing_prompt_uses_default(server, engine):
-    """prompt is optional like on Replicate: omitted, the default round-1 greeting is used."""
+    """prompt, temperature and top_p are optional: left out, the loaded model's own defaults
+    (ChatGLM2: the round-1 greeting, 0.75, 0.8) are used. (coglet 0.23.1 answers an explicit null
+    with 422, nullable or not: test_invalid_inputs_are_422.)"""
+    assert engine.chat_defaults == {"prompt": DEFAULT_PROMPT, "temperature": 0.75, "top_p": 0.8}
+    want, _ = reference(engine, max_tokens=6, seed=2)
     r = server.predict({"input": {"max_tokens": 6, "seed": 2}}).json()
     assert r["status"] == "succeeded", r
-    want, _ = reference(engine, max_tokens=6, seed=2)
     assert "".join(r["output"]) == want
 
 
@@ -350,8 +359,6 @@ def test_first_generation_chatglm_checkpoint(tmp_path, app_dir):
     ckpt = make_tiny_checkpoint(str(tmp_path / "chatglm-6b-int8"), "--family", "chatglm")
     model = glm.load(ckpt, device="cpu")
     assert model.config.family == "chatglm"
-    # every sampling input explicit: this schema was built without weights (ChatGLM2 defaults) while
-    # the worker serves v1, whose signature defaults differ (THUDM's v1 chat() defaults)
     inp = {"prompt": "[Round 0]\n问：你好\n答：", "max_tokens": 16, "temperature": 0.8, "top_p": 0.8, "seed": 21}
     with CogServer(app_dir, env={"COG_WEIGHTS": ckpt}, log_path=str(tmp_path / "server.log")) as srv:
         srv.wait_for({"READY"}, timeout=300)
@@ -361,17 +368,18 @@ def test_first_generation_chatglm_checkpoint(tmp_path, app_dir):
         assert "".join(body["output"]) == want
         events = srv.sse({"input": inp})
         assert "".join(e["data"]["chunk"] for e in events if e["event"] == "output") == want
-        # defaults follow the served checkpoint: v1's default prompt is the bare "你好" (4 ids)
-        clamp = srv.predict({"input": {"max_tokens": 32768, "seed": 1, "temperature": 0}}).json()
+        # inputs left empty take the served checkpoint's own defaults: THUDM's v1 chat() values and
+        # the bare "你好" prompt (4 ids)
+        assert model.chat_defaults == {"prompt": "你好", "temperature": 0.95, "top_p": 0.7}
+        body = srv.predict({"input": {"max_tokens": 16, "seed": 5}}).json()
+        want, _ = reference(model, prompt="你好", max_tokens=16, temperature=0.95, top_p=0.7, seed=5)
+        assert body["status"] == "succeeded" and "".join(body["output"]) == want, body
+        # up to 2044 greedy tokens: minutes on a loaded 2-core machine
+        clamp = srv.predict({"input": {"max_tokens": 32768, "seed": 1, "temperature": 0}}, timeout=300).json()
         assert f"prompt has 4 tokens of the {model.config.max_context}-token context" in clamp["logs"], clamp["logs"]
         warn = srv.predict({"input": {"prompt": "[Round 1]\n\n问：你好\n\n答：", "max_tokens": 2}}).json()
         assert warn["status"] == "succeeded", warn
         assert "the other ChatGLM generation's format" in warn["logs"], warn["logs"]
-    # input defaults follow the checkpoint baked into the image: THUDM's v1 chat() defaults
-    import predict
-    assert predict.checkpoint_family(ckpt) == "chatglm"
-    assert predict.FAMILY["chatglm"] == {"prompt": "你好", "temperature": 0.95, "top_p": 0.7,
-                                              "other_format": "[Round 1]\n\n"}
 
 
 # ---------------------------------------------------------------------------- setup failures
@@ -647,12 +655,84 @@ def test_repo_manifest_covers_supported_models():
         assert any(f.startswith("pytorch_model") and f.endswith(".bin") for f in files)
         shards = [f for f in files if f.startswith("pytorch_model-")]
         assert bool(shards) == ("pytorch_model.bin.index.json" in files)
-        rev = entry["revision"]
-        assert rev is None or (len(rev) == 40 and all(c in "0123456789abcdef" for c in rev))
         for meta in files.values():
             assert set(meta) == {"sha256", "size"}
-        if rev is None or any(m["sha256"] is None for m in files.values()):
-            assert entry.get("note"), f"{name}: unpinned values need a note"
+
+
+def test_repo_manifest_is_pinned_from_the_reference():
+    """Every model verifies by default: the Hub revision and each LFS file's sha256 and size are
+    those of ../shared/reference/weights-pins.json; only chatglm-6b-int8's weight size is unknown."""
+    import json
+
+    dw = _dw()
+    pins_path = os.path.join(REPO, "..", "shared", "reference", "weights-pins.json")
+    if not os.path.isfile(pins_path):
+        pytest.fail(f"missing {pins_path} (see ../shared/reference/README.md)")
+    with open(pins_path, encoding="utf-8") as fh:
+        pins = json.load(fh)["repos"]
+    doc = dw.load_manifest(dw.DEFAULT_MANIFEST)
+    unsized = []
+    for name, entry in doc["models"].items():
+        assert dw.missing_pins(entry) == [], name
+        pin = pins[entry["repo"]]
+        assert entry["revision"] == pin["revision"], name
+        lfs = {f: m for f, m in entry["files"].items() if not dw.pinned_by_revision(f)}
+        assert set(lfs) == set(pin["files"]), name
+        for f, meta in lfs.items():
+            assert meta == {"sha256": pin["files"][f]["sha256"], "size": pin["files"][f]["size"]}, (name, f)
+            if meta["size"] is None:
+                unsized.append((name, f))
+        for f, meta in entry["files"].items():
+            if dw.pinned_by_revision(f):
+                assert meta == {"sha256": None, "size": None}, (name, f)
+    assert unsized == [("chatglm-6b-int8", "pytorch_model.bin")]
+    assert doc["models"]["chatglm-6b-int8"].get("note")
+
+
+def _real_shaped_hub(tmp_path, size=True):
+    """A fake hub pinned like weights/manifest.json: LFS files by sha256 (size optional), the small
+    JSON files only by the revision."""
+    import hashlib
+    import json
+
+    hub, manifest, entry = _fake_hub(tmp_path)
+    entry["files"]["config.json"] = {"sha256": None, "size": None}
+    if not size:
+        entry["files"]["pytorch_model.bin"]["size"] = None
+    manifest.write_text(json.dumps({"default": "fake", "models": {"fake": entry}}))
+    return hub, manifest, entry, hashlib.sha256((hub / "config.json").read_bytes()).hexdigest()
+
+
+def test_download_pinned_like_the_repo_manifest(tmp_path, monkeypatch, capsys):
+    import json
+
+    dw = _dw()
+    hub, manifest, entry, config_sha = _real_shaped_hub(tmp_path, size=False)
+    _patch_fetch(monkeypatch, dw, hub)
+    dest = tmp_path / "weights"
+    dw.download("fake", str(manifest), str(dest))  # no flag: a pinned manifest verifies by default
+    prov = json.loads((dest / "fake" / "download.json").read_text())
+    assert prov["verified"] is True and prov["files"]["config.json"]["sha256"] == config_sha
+    err = capsys.readouterr().err
+    assert f"config.json: fixed by revision {REV[:12]}" in err
+    assert "verified pytorch_model.bin (sha256, 8000 bytes)" in err
+    assert "verified tokenizer.model (sha256 and size" in err
+    assert dw.already_complete(str(dest / "fake"), entry)
+
+
+@pytest.mark.parametrize("damage", ["sha256", "size"])
+def test_download_pinned_like_the_repo_manifest_rejects_a_bad_file(tmp_path, monkeypatch, damage):
+    dw = _dw()
+    hub, manifest, _, _ = _real_shaped_hub(tmp_path, size=damage == "size")
+    blob = hub / "pytorch_model.bin"
+    data = blob.read_bytes()
+    blob.write_bytes(bytes([data[0] ^ 1]) + data[1:] if damage == "sha256" else data + b"\0")
+    _patch_fetch(monkeypatch, dw, hub)
+    dest = tmp_path / "weights"
+    with pytest.raises(dw.DownloadError, match=f"pytorch_model.bin: {damage} "):
+        dw.download("fake", str(manifest), str(dest))
+    assert not (dest / "fake").exists()
+    assert os.listdir(dest) == []
 
 
 def test_download_weights_cli_refuses_unverified(tmp_path):
