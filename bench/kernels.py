@@ -194,11 +194,12 @@ def main():
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print("times: min over repeated calls (median in [brackets] where shown)")
 
-    rd_sum, rd_mv, cp = mem_bandwidth()
-    rd = max(rd_sum, rd_mv)
-    print(f"memory bandwidth ({args.threads} threads): sum (read) {rd_sum:.1f} GB/s, "
-          f"fp32 mv (read) {rd_mv:.1f} GB/s, copy (read+write) {cp:.1f} GB/s -> read ref {rd:.1f} GB/s")
-    print()
+    if not args.step_only:  # the bandwidth is the reference of the per-layer table only
+        rd_sum, rd_mv, cp = mem_bandwidth()
+        rd = max(rd_sum, rd_mv)
+        print(f"memory bandwidth ({args.threads} threads): sum (read) {rd_sum:.1f} GB/s, "
+              f"fp32 mv (read) {rd_mv:.1f} GB/s, copy (read+write) {cp:.1f} GB/s -> read ref {rd:.1f} GB/s")
+        print()
 
     widths = [9, 3, 11, 7, 8, 11, 7, 8, 10, 10, 10]
     print("int4_linear: us per call (GB/s of weight bytes); torch options at the same shape")
