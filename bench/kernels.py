@@ -1,4 +1,4 @@
-"""Benchmark of the fused CPU kernels (glm/csrc/qlinear.cpp) at full ChatGLM2-6B shapes.
+"""Benchmark of the fused CPU kernels (glm/csrc/linear.cpp, tiles.cpp) at full ChatGLM2-6B shapes.
 
 Run:  python bench/kernels.py [--threads 2] [--quick]
 
@@ -11,6 +11,10 @@ Prints
   * a whole decode step worth of weights (28 layers x 4 quantized linears + the fp16 output
     layer, distinct weight memory, so nothing is served from cache): ms per token.
 Weights rotate through enough copies (>= 4x L3) that every call streams from DRAM.
+
+--baseline REV builds the kernels of git revision REV as a second extension and times the decode
+step of both in one process, alternating calls, so a kernel change is measured against its
+parent under the same machine load (--layers N shrinks the step where memory is short).
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -138,12 +145,33 @@ def cpu_table(mod, Ms):
     return 0
 
 
+def baseline_module(rev: str):
+    """The kernels of git revision `rev`, built (cached per revision) as a second extension."""
+    from torch.utils import cpp_extension
+
+    root = Path(__file__).resolve().parent.parent
+    sha = subprocess.run(["git", "-C", str(root), "rev-parse", rev], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    src = Path(tempfile.gettempdir()) / f"glm-kernels-{sha[:12]}"
+    names = subprocess.run(["git", "-C", str(root), "ls-tree", "--name-only", sha, "glm/csrc/"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    (src / "build").mkdir(parents=True, exist_ok=True)
+    for name in names:
+        blob = subprocess.run(["git", "-C", str(root), "show", f"{sha}:{name}"], check=True, capture_output=True).stdout
+        (src / Path(name).name).write_bytes(blob)
+    sources = sorted(str(src / Path(n).name) for n in names if n.endswith(".cpp"))
+    return cpp_extension.load(name=f"glm_kernels_{sha[:12]}", sources=sources, extra_cflags=list(kernels.CFLAGS),
+                              build_directory=str(src / "build"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer M values, no torch comparisons")
     ap.add_argument("--ms", default="1,2,4,8,16")
     ap.add_argument("--step-only", action="store_true", help="only the whole decode step")
+    ap.add_argument("--baseline", metavar="REV", help="also time the decode step with git revision REV's kernels")
+    ap.add_argument("--layers", type=int, default=N_LAYERS, help="layers in the decode step")
     ap.add_argument("--cpu", action="store_true",
                     help="only int4_linear CPU time per call (1 thread, thread_time) per layer and M")
     args = ap.parse_args()
@@ -154,6 +182,10 @@ def main():
     if mod is None:
         print("extension unavailable:", kernels.error())
         return 1
+    mods = [("ours", mod)]
+    if args.baseline:
+        mods.append((args.baseline, baseline_module(args.baseline)))
+        mods[1][1].set_isa(mod.isa())
     Ms = [int(m) for m in args.ms.split(",")]
     if args.cpu:
         return cpu_table(mod, Ms)
@@ -162,11 +194,12 @@ def main():
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print("times: min over repeated calls (median in [brackets] where shown)")
 
-    rd_sum, rd_mv, cp = mem_bandwidth()
-    rd = max(rd_sum, rd_mv)
-    print(f"memory bandwidth ({args.threads} threads): sum (read) {rd_sum:.1f} GB/s, "
-          f"fp32 mv (read) {rd_mv:.1f} GB/s, copy (read+write) {cp:.1f} GB/s -> read ref {rd:.1f} GB/s")
-    print()
+    if not args.step_only:  # the bandwidth is the reference of the per-layer table only
+        rd_sum, rd_mv, cp = mem_bandwidth()
+        rd = max(rd_sum, rd_mv)
+        print(f"memory bandwidth ({args.threads} threads): sum (read) {rd_sum:.1f} GB/s, "
+              f"fp32 mv (read) {rd_mv:.1f} GB/s, copy (read+write) {cp:.1f} GB/s -> read ref {rd:.1f} GB/s")
+        print()
 
     widths = [9, 3, 11, 7, 8, 11, 7, 8, 10, 10, 10]
     print("int4_linear: us per call (GB/s of weight bytes); torch options at the same shape")
@@ -233,41 +266,51 @@ def main():
         del out_w, outs
         print()
 
-    # whole decode step over distinct memory: 28 layers x 4 int4 linears + fp16 output layer
-    print("decode step (28 layers of distinct int4 weights + fp16 output layer 65024x4096):")
+    # whole decode step over distinct memory: N layers x 4 int4 linears + fp16 output layer
+    print(f"decode step ({args.layers} layers of distinct int4 weights + fp16 output layer 65024x4096):")
     layer0 = {name: int4_weights(N, K, g) for name, (N, K, _) in LAYERS.items()}
     layers = [layer0] + [{k: (q.clone(), s.clone()) for k, (q, s) in layer0.items()}
-                         for _ in range(N_LAYERS - 1)]
+                         for _ in range(args.layers - 1)]
     qkv_bias = torch.randn(LAYERS["qkv"][0]).half()
     out_w = (torch.randn(*OUT_LAYER, generator=g) * 0.02).half()
     total_bytes = sum(q.numel() for lay in layers for q, _ in lay.values()) + out_w.numel() * 2
-    for xdtype in (torch.float32, torch.bfloat16):
+    # x modes: fp32, bf16, and fp32 with int8 activations (int4_linear_i8, the int8act load option)
+    for xmode in ("float32", "bfloat16", "int8act"):
         for M in (1, 8):
+            xdtype = torch.bfloat16 if xmode == "bfloat16" else torch.float32
             xs = {n: torch.randn(M, K).to(xdtype) for n, (_, K, _) in LAYERS.items()}
 
-            def step():
+            def step(m):
+                linear = m.int4_linear_i8 if xmode == "int8act" else m.int4_linear
                 for lay in layers:
                     for n, (q, s) in lay.items():
-                        mod.int4_linear(xs[n], q, s, qkv_bias if n == "qkv" else None)
-                mod.half_linear(xs["qkv"], out_w, None)
+                        linear(xs[n], q, s, qkv_bias if n == "qkv" else None)
+                m.half_linear(xs["qkv"], out_w, None)
 
-            step()
-            ts, cs = [], []
-            for _ in range(5):
-                c0, t0 = time.thread_time(), time.perf_counter()
-                step()
-                ts.append(time.perf_counter() - t0)
-                cs.append(time.thread_time() - c0)
-            t = min(ts)
-            cpu_note = ""
-            if torch.get_num_threads() == 1:  # CPU time excludes time descheduled by other load
-                cpu_note = f" [CPU time {min(cs) * 1e3:.1f} ms]"
+            ts = {name: [] for name, _ in mods}
+            cs = {name: [] for name, _ in mods}
+            for m in dict(mods).values():
+                step(m)
+            for i in range(5 if len(mods) == 1 else 9):
+                for name, m in mods if i % 2 == 0 else mods[::-1]:  # alternate who goes first
+                    c0, t0 = time.thread_time(), time.perf_counter()
+                    step(m)
+                    ts[name].append(time.perf_counter() - t0)
+                    cs[name].append(time.thread_time() - c0)
             t_out = bench(lambda: mod.half_linear(xs["qkv"], out_w, None), [()])
-            print(f"  x {str(xdtype).replace('torch.', ''):8s} M={M}: {t * 1e3:.1f} ms per step "
-                  f"[median {statistics.median(ts) * 1e3:.1f}]{cpu_note} "
-                  f"({total_bytes / t / 1e9:.1f} GB/s over {total_bytes / 1e9:.2f} GB); "
-                  f"of which output layer {t_out * 1e3:.1f} ms ({out_w.numel() * 2 / t_out / 1e9:.1f} GB/s)",
-                  flush=True)
+            for name, _ in mods:
+                t = min(ts[name])
+                cpu_note = ""
+                if torch.get_num_threads() == 1:  # CPU time excludes time descheduled by other load
+                    cpu_note = f" [CPU time {min(cs[name]) * 1e3:.1f} ms]"
+                label = "" if len(mods) == 1 else f"{name:>8s} "
+                print(f"  {label}x {xmode:8s} M={M}: {t * 1e3:.1f} ms per step "
+                      f"[median {statistics.median(ts[name]) * 1e3:.1f}]{cpu_note} "
+                      f"({total_bytes / t / 1e9:.1f} GB/s over {total_bytes / 1e9:.2f} GB)", flush=True)
+            if len(mods) == 2:
+                (a, ta), (b, tb) = ts.items()
+                print(f"    {a} / {b}: {min(ta) / min(tb):.3f} (min), {statistics.median(ta) / statistics.median(tb):.3f} (median)")
+            print(f"    of which output layer {t_out * 1e3:.1f} ms ({out_w.numel() * 2 / t_out / 1e9:.1f} GB/s)")
     print(f"load average at end {os.getloadavg()[0]:.1f}")
     return 0
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -121,9 +121,6 @@ class ChatGLMConfig:
             return cls.from_dict(d)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _get(d: dict, key: str, typ):

@@ -1,5 +1,6 @@
-"""Lazy build / load of the fused CPU kernels: quantized linears (glm/csrc/qlinear.cpp), decode
-attention (glm/csrc/attention.cpp) and RMSNorm / SwiGLU (glm/csrc/pointwise.cpp), one extension.
+"""Lazy build / load of the fused CPU kernels: quantized linears (glm/csrc/linear.cpp, tiles.cpp),
+decode attention (glm/csrc/attention.cpp) and RMSNorm / SwiGLU (glm/csrc/pointwise.cpp), one
+extension (glm/csrc/module.cpp).
 
 ``get()`` returns the compiled extension module, or ``None`` if it cannot be used (no compiler,
 build error, or ``GLM_NO_KERNELS=1``); callers then fall back to pure torch. ``require()`` raises
@@ -42,10 +43,10 @@ import torch
 
 log = logging.getLogger("glm")
 
-NAME = "glm_qlinear"
+NAME = "glm_cpu_kernels"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("qlinear.cpp", "attention.cpp", "pointwise.cpp")
-HEADERS = ("common.h",)
+SOURCES = ("module.cpp", "linear.cpp", "tiles.cpp", "attention.cpp", "pointwise.cpp")
+HEADERS = ("common.h", "linear.h")
 # -fopenmp at compile time only: at::parallel_for is inline OpenMP code; the GOMP symbols resolve
 # against the OpenMP runtime torch already loaded (linking a second libgomp is avoided on purpose).
 CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
@@ -200,28 +201,9 @@ def available() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Thin wrappers: accept x of shape [..., K], any float dtype handled by the caller's choice of
-# float32 / bfloat16. They assume get() is not None.
+# Wrappers for the kernels the model calls on tensors that may not be laid out as the extension
+# needs. They assume get() is not None.
 # ---------------------------------------------------------------------------------------------
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1]).contiguous()
-
-
-def int4_linear(x, qweight, scale, bias=None):
-    y = get().int4_linear(_flat(x), qweight, scale, bias)
-    return y.view(*x.shape[:-1], y.shape[-1])
-
-
-def int8_linear(x, qweight, scale, bias=None):
-    y = get().int8_linear(_flat(x), qweight, scale, bias)
-    return y.view(*x.shape[:-1], y.shape[-1])
-
-
-def half_linear(x, weight, bias=None):
-    y = get().half_linear(_flat(x), weight, bias)
-    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def decode_attention(q, k, v, k_caches, v_caches, layer: int, slots: list[int], scale: float, cos=None, sin=None):

@@ -147,12 +147,8 @@ class TiedHead(nn.Module):
     so the 1 GB matrix exists once, in the checkpoint's fp16.
     """
 
-    def __init__(self, block_rows: int | None = None):
-        super().__init__()
-        self.block_rows = block_rows
-
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return half_weight_linear(x, weight, block_rows=self.block_rows)
+        return half_weight_linear(x, weight)
 
 
 class ChatGLM(nn.Module):

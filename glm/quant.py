@@ -16,9 +16,9 @@ from torch import nn
 from . import kernels
 
 # Rows of activations per call of a fused kernel. Longer inputs (prefill) go through in chunks of
-# this many rows, so each chunk's activations stay in cache while the weights stream past: measured
-# here, that beats dequantize + dense GEMM at every M for quantized weights (fp32, 256 rows of the
-# 27392x4096 layer: 264 ms vs 427 ms; bf16 165 vs 162 ms) and for fp16 weights with fp32 activations.
+# this many rows, so each chunk's activations stay in cache while the weights stream past; that
+# keeps the fused kernels ahead of dequantize + dense GEMM at every M for quantized weights and for
+# fp16 weights with fp32 activations (bench/kernels.py).
 FUSED_MAX_ROWS = 32
 
 
@@ -74,7 +74,7 @@ class QuantLinear(nn.Module):
     """y = x @ W^T + b with W kept in THUDM's int4/int8 format.
 
     `int8_activations` (opt-in, CPU, int4, fp32 x): x is quantized per row to int8 and multiplied
-    with VNNI integer dot products (int8_activation_linear) -- 2-5x faster when several rows share
+    with VNNI integer dot products (int8_activation_linear) -- faster when several rows share
     the weights (batched decode, prefill), at the cost of rounding the activations to 8 bits.
     """
 
@@ -138,8 +138,7 @@ class HalfLinear(nn.Module):
         return half_weight_linear(x, self.weight, _cast(self.bias, x.dtype))
 
 
-def half_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                       block_rows: int | None = None) -> torch.Tensor:
+def half_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T + b for a weight kept in fp16 whatever x's dtype (HalfLinear, ChatGLM-6B's tied head)."""
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
@@ -147,12 +146,12 @@ def half_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     x2 = x.reshape(-1, shape[-1]).contiguous()
     k = kernels.get()
     # bf16 activations: the fused kernel widens fp16 weights to fp32 math, so past one chunk a bf16
-    # GEMM on bf16-cast weights wins (256 rows of the 65024x4096 output layer: 497 vs 771 ms).
+    # GEMM on bf16-cast weights is faster.
     if (k is not None and x2.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and (x.dtype == torch.float32 or x2.shape[0] <= FUSED_MAX_ROWS)):
         y = fused_rows(k.half_linear, x2, weight, bias)
     else:
-        y = blocked_linear(x2, weight.shape[0], bias, lambda s, e, out: out.copy_(weight[s:e]), block_rows)
+        y = blocked_linear(x2, weight.shape[0], bias, lambda s, e, out: out.copy_(weight[s:e]))
     return y.view(*shape[:-1], weight.shape[0])
 
 
@@ -169,10 +168,9 @@ def fused_rows(kernel, x: torch.Tensor, *args) -> torch.Tensor:
 BLOCK_ROWS = 4096
 
 
-def blocked_linear(x: torch.Tensor, out_features: int, bias: torch.Tensor | None, widen,
-                   block_rows: int | None = None) -> torch.Tensor:
+def blocked_linear(x: torch.Tensor, out_features: int, bias: torch.Tensor | None, widen) -> torch.Tensor:
     """x @ W^T + b, W widened block by block by widen(start, end, out) into one reused buffer."""
-    block_rows = block_rows or BLOCK_ROWS
+    block_rows = BLOCK_ROWS
     y = x.new_empty(x.shape[0], out_features)
     buf = x.new_empty(min(block_rows, out_features), x.shape[1])
     for s in range(0, out_features, block_rows):

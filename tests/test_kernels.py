@@ -1,4 +1,4 @@
-"""Tests of the fused CPU kernels (glm/csrc/qlinear.cpp via glm.kernels).
+"""Tests of the fused CPU kernels (glm/csrc/linear.cpp and tiles.cpp via glm.kernels).
 
 The reference is written independently here: nibbles are unpacked with plain torch integer ops
 following FORMATS.md sections 2-4 (high nibble -> column 2j, low nibble -> column 2j+1, both
@@ -257,14 +257,6 @@ def test_input_validation(mod):
         mod.set_isa("sse9")
 
 
-def test_wrappers_reshape(mod):
-    q, scale, bias, g = make_case(40, 64, 4, seed=5)
-    x = torch.randn(2, 3, 64, generator=g)
-    y = kernels.int4_linear(x, q, scale, bias)
-    assert y.shape == (2, 3, 40)
-    check(y.reshape(6, 40), x.reshape(6, 64), reference(x.reshape(6, 64), q, scale, bias, 4))
-
-
 def _compiler():
     return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
@@ -290,7 +282,7 @@ def test_build_failure_falls_back(monkeypatch, caplog):
     monkeypatch.setattr(kernels, "_error", None)
 
     def boom(*a, **k):
-        raise RuntimeError("Error building extension 'glm_qlinear'\ncompiler not found")
+        raise RuntimeError("Error building extension 'glm_cpu_kernels'\ncompiler not found")
 
     monkeypatch.setattr(kernels, "load", boom)
     with caplog.at_level(logging.WARNING, logger="glm"):

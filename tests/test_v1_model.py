@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import glm
+from glm import quant
 from glm.config import ChatGLMConfig
 from glm.engine import _DONE
 from glm.model import KVCache
@@ -186,14 +187,28 @@ def test_tied_head_has_no_second_copy(model):
     assert model.model.word_embeddings.weight.dtype == torch.float16
 
 
-def test_tied_head_blocks_equal_one_matmul():
+def test_tied_head_equals_one_matmul():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(1000, 64, generator=g).half()
     x = torch.randn(2, 3, 64, generator=g)
     want = x @ w.float().t()
-    tol = 1e-5 * want.abs().max().item()  # fp32 summation order differs between blocks and one matmul
+    tol = 1e-5 * want.abs().max().item()  # fp32 summation order differs between kernels and one matmul
+    assert (TiedHead()(x, w) - want).abs().max().item() <= tol
+
+
+def test_blocked_widening_equals_one_matmul(monkeypatch):
+    """The fp16 head widened BLOCK_ROWS rows at a time (bf16 prefill, or no kernels): any block size,
+    a partial last block included, gives the one-matmul result."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, 64, generator=g).half()
+    bias = torch.randn(1000, generator=g)
+    x = torch.randn(6, 64, generator=g)
+    want = x @ w.float().t() + bias
+    tol = 1e-5 * want.abs().max().item()
     for rows in (7, 256, 4096):
-        assert (TiedHead(rows)(x, w) - want).abs().max().item() <= tol
+        monkeypatch.setattr(quant, "BLOCK_ROWS", rows)
+        y = quant.blocked_linear(x, 1000, bias, lambda s, e, out: out.copy_(w[s:e]))
+        assert y.shape == want.shape and (y - want).abs().max().item() <= tol
 
 
 def test_int8_logits_match_dequantized_fp32(tiny_v1, model):

@@ -15,7 +15,7 @@
 // fp32 math throughout: scores, softmax (exp by a Cephes polynomial on AVX-512, std::exp in
 // the scalar path) and the weighted sum of values, normalized by a division at the end. Each
 // (sequence, group) is an independent task computed in a fixed order, so a sequence's result does
-// not depend on the rest of the batch or the thread count (BATCH INVARIANCE, see qlinear.cpp).
+// not depend on the rest of the batch or the thread count (BATCH INVARIANCE, see tiles.cpp).
 
 #include "common.h"
 
@@ -169,7 +169,7 @@ void rotate(const T* src, T* dst, int64_t rows, int64_t hd, const float* cos, co
 template <typename T>
 void attend(const Task& t, Scratch& sc) {
 #ifdef GLM_X86
-  if (glm::current_isa() >= 2) {
+  if (glm::current_isa() >= glm::kAvx512) {
     switch (t.hd) {
       case 16: return attend_avx512<T, 1>(t, sc);
       case 32: return attend_avx512<T, 2>(t, sc);

@@ -1,4 +1,5 @@
-// Declarations shared by the extension's sources (qlinear.cpp holds the module definition).
+// What the extension's sources share: per-function ISA targets, fp32 / bf16 vector helpers, the
+// instruction-set paths and every entry point the Python module binds (module.cpp).
 #pragma once
 
 #include <torch/extension.h>
@@ -73,8 +74,22 @@ inline float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }
 inline void store1(float* p, float v) { *p = v; }
 inline void store1(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }
 
-// ISA path in use: 0 scalar, 1 avx2, 2 avx512, 3 avx512bf16 (qlinear.cpp; set_isa() changes it).
-int current_isa();
+// Instruction-set paths, each including the ones before it. current_isa() is the path in use: the
+// best this CPU has, or a lower one chosen by GLM_KERNEL_ISA or set_isa() (module.cpp).
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+Isa current_isa();
+// Whether this CPU has AVX-512 VNNI (int4_linear_i8's integer dot products), whatever the path in use.
+bool cpu_has_vnni();
+
+// linear.cpp: y = x @ W^T + bias for THUDM's int4 / int8 weights and for fp16 / bf16 weights.
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& bias);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& bias);
+at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+// The same as int4_linear with each row of x quantized to int8 first (integer dot products).
+at::Tensor int4_linear_i8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                          const c10::optional<at::Tensor>& bias);
 
 // attention.cpp: one decode step of attention for a batch of sequences, each over its own cache.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

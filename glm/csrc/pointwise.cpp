@@ -7,7 +7,7 @@
 // x / h float32 or bfloat16 (y in the same dtype), weight float32 or bfloat16; all math in fp32.
 // bfloat16 rounds where glm.model's torch code rounds: swiglu rounds silu(g) to bf16 before the
 // product, as F.silu(gate) * up does. Each row is computed alone in a fixed order, so a row's result
-// does not depend on the other rows or the thread count (BATCH INVARIANCE, see qlinear.cpp); the
+// does not depend on the other rows or the thread count (BATCH INVARIANCE, see tiles.cpp); the
 // sum of squares runs in 16 lanes on AVX-512 and sequentially in the scalar path.
 
 #include "common.h"
@@ -77,9 +77,9 @@ AVX512_FN void swiglu_row_avx512(const T* g, const T* u, T* y, int64_t F) {
 }
 #endif
 
-bool use_avx512() {
+bool uses_avx512() {
 #ifdef GLM_X86
-  return glm::current_isa() >= 2;
+  return glm::current_isa() >= glm::kAvx512;
 #else
   return false;
 #endif
@@ -90,7 +90,7 @@ int64_t row_grain(int64_t width) { return std::max<int64_t>(1, (int64_t(1) << 16
 
 template <typename T, typename W>
 void rms_norm_rows(const T* x, const W* w, T* y, int64_t rows, int64_t K, float eps) {
-  const bool vec = use_avx512();
+  const bool vec = uses_avx512();
   at::parallel_for(0, rows, row_grain(K), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
 #ifdef GLM_X86
@@ -106,7 +106,7 @@ void rms_norm_rows(const T* x, const W* w, T* y, int64_t rows, int64_t K, float 
 
 template <typename T>
 void swiglu_rows(const T* h, T* y, int64_t rows, int64_t F) {
-  const bool vec = use_avx512();
+  const bool vec = uses_avx512();
   at::parallel_for(0, rows, row_grain(2 * F), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
 #ifdef GLM_X86
