@@ -34,6 +34,7 @@ import glm
 FAMILY = {
     "chatglm2": dict(prompt="[Round 1]\n\n问：你好\n\n答：", temperature=0.75, top_p=0.8, other_format="[Round 0]\n"),
     "chatglm": dict(prompt="你好", temperature=0.95, top_p=0.7, other_format="[Round 1]\n\n"),
+    "chatglm3": dict(prompt="<|user|>\n你好<|assistant|>", temperature=0.8, top_p=0.8, other_format="[Round "),
 }
 DEFAULT_WEIGHTS_DIR = "weights"
 # The model download-weights fetches by default; preferred when weights/ holds several.
