@@ -84,10 +84,12 @@ class StripStage:
             if not text:
                 return ""
             self.started = True
-        text = self.held + text
         body = text.rstrip()
-        self.held = text[len(body):]
-        return body
+        if not body:
+            self.held += text
+            return ""
+        out, self.held = self.held + body, text[len(body):]
+        return out
 
     def flush(self) -> str:
         self.held = ""

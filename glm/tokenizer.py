@@ -8,6 +8,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from .errors import CheckpointError
+from .response import ChatGLM3ResponseFilter
 
 # THUDM's SPTokenizer numbers its specials right after the SentencePiece vocabulary (64789 at full size).
 CHATGLM2_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
@@ -86,17 +87,15 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         parts = _ROLE.split(text)
-        ids = self.sp.encode(parts[0]) if parts[0] else []
+        ids = self.sp.encode(parts[0])
         for role, body in zip(parts[1::2], parts[2::2]):
             metadata, newline, message = body.partition("\n")
-            ids.append(self.special_ids[role])
-            ids += self.sp.encode(metadata + newline) if metadata + newline else []
-            ids += self.sp.encode(message) if message else []
+            ids += [self.special_ids[role]] + self.sp.encode(metadata + newline) + self.sp.encode(message)
         return self.prefix + ids
 
     @staticmethod
-    def response_filter():
-        from .response import ChatGLM3ResponseFilter
+    def response_filter() -> ChatGLM3ResponseFilter:
+        """THUDM's process_response on a stream of decoded text."""
         return ChatGLM3ResponseFilter()
 
     @staticmethod

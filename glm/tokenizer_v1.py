@@ -10,8 +10,8 @@ pre-processing; [gMASK] <sop> end the ids. [gMASK], [sMASK] and </s> are plain t
 Decoding: pad ids are removed, control pieces decode to nothing, <unk> to SentencePiece's " ⁇ ",
 THUDM's whitespace markers turn back into whitespace, and Hugging Face's
 clean_up_tokenization_spaces removes the space before . ? ! , and English contractions. The
-full-width punctuation of a chat reply is not decoding: `ResponseFilter` (THUDM's process_response)
-does it on the stream.
+full-width punctuation of a chat reply is not decoding: glm.response.ChatGLMResponseFilter (THUDM's
+process_response) does it on the stream.
 
 Special tokens are found by their piece in the SentencePiece model, not by number, so the same class
 serves the real ice_text.model (where [gMASK] is 130001) and the tiny one glm.tiny trains.
@@ -174,6 +174,10 @@ class CleanUpStage(BufferedStage):
     def settled(self, text: str) -> int:
         for cut in range(len(text), 0, -1):
             if not self._open(text[cut - 1], text[cut - 2] if cut >= 2 else self.before):
+                return cut
+            # Inside a run of spaces with two more after it: no pattern holds two spaces in a row,
+            # and the future can delete at most the run's last two (" ' " then " 's").
+            if text[cut - 1:cut + 2] == "   ":
                 return cut
         return 0
 

@@ -225,6 +225,16 @@ def test_text_stages_equal_the_whole_text_function(make, whole):
         assert "".join(f.push(c) for c in chunks) + f.flush() == whole(text), (text, chunks)
 
 
+def test_long_whitespace_is_released_as_it_comes():
+    """A run of spaces waits only for its last two (the most the next text can delete), so a reply of
+    blanks streams, and costs no more per token than its own text."""
+    stages = ChatGLMTokenizer.postprocessor()
+    outs = [stages.push("<|blank_80|>") for _ in range(1000)]
+    assert all(len(o) >= 78 for o in outs)
+    text = "".join(outs) + stages.push(" ' s") + stages.flush()
+    assert text == clean_up_spaces(" " * 80000 + " ' s") == " " * 79999 + "'s"
+
+
 def test_stream_v2_unchanged_random(tok2):
     for ids in _random_sequences(tok2, V2_PIECES, 3000, seed=2):
         chunks = _stream(tok2, ids)
