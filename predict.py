@@ -36,6 +36,7 @@ from glm import kernels
 FAMILY = {
     "chatglm2": dict(other_format="[Round 0]\n"),
     "chatglm": dict(other_format="[Round 1]\n\n"),
+    "chatglm3": dict(other_format="[Round "),
 }
 DEFAULT_WEIGHTS_DIR = "weights"
 # The model download-weights fetches by default; preferred when weights/ holds several.

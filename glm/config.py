@@ -15,7 +15,7 @@ CHATGLM2_TRAINED_CONTEXT = 8192
 
 @dataclass(frozen=True)
 class ChatGLMConfig:
-    family: str = "chatglm2"          # "chatglm2" (ChatGLM2/3) or "chatglm" (first generation)
+    family: str = "chatglm2"          # "chatglm2", "chatglm3" (same model, other tokenizer) or "chatglm" (v1)
     num_layers: int = 28
     hidden_size: int = 4096
     num_heads: int = 32
@@ -118,9 +118,38 @@ class ChatGLMConfig:
         if not isinstance(d, dict):
             raise CheckpointError(f"{path}: expected a JSON object")
         try:
-            return cls.from_dict(d)
+            cfg = cls.from_dict(d)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
+        if cfg.family == "chatglm2" and is_chatglm3(path.parent, d):
+            from dataclasses import replace
+            cfg = replace(cfg, family="chatglm3")
+        return cfg
+
+
+def is_chatglm3(directory: Path, config: dict) -> bool:
+    """A ChatGLM3 checkpoint as THUDM publishes it: config.json's or tokenizer_config.json's name is
+    THUDM/chatglm3-*, or its tokenizer files name the <|observation|> role (ChatGLM2's have no roles)."""
+    tok_config = _read_text(directory / "tokenizer_config.json")
+    names = (str(config.get("_name_or_path", "")), _json_name(tok_config))
+    if any("chatglm3" in n.lower() for n in names):
+        return True
+    return "<|observation|>" in tok_config or "<|observation|>" in _read_text(directory / "tokenization_chatglm.py")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _json_name(text: str) -> str:
+    try:
+        d = json.loads(text) if text else {}
+    except ValueError:
+        return ""
+    return str(d.get("name_or_path", "")) if isinstance(d, dict) else ""
 
 
 def _get(d: dict, key: str, typ):

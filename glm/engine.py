@@ -39,6 +39,7 @@ class Sequence:
         self.eos_ids = eos_ids
         self.generator = torch.Generator().manual_seed(params.seed)
         self.decoder = StreamDecoder(tokenizer)
+        self.response = tokenizer.response_filter()  # the model's chat post-processing, or None
         self.stopper = StopMatcher(params.stop)
         self.cache = None               # its KVCache (a view of the engine's pool) while admitted
         self.extent: int | None = None  # start of its extent in the pool
@@ -77,12 +78,17 @@ class Sequence:
             self._finish("eos")
             return
         self.tokens.append(token)
-        text, stopped = self.stopper.feed(self.decoder.push(token))
+        text, stopped = self.stopper.feed(self._reply(self.decoder.push(token)))
         self._emit(text)
         if stopped:
             self._finish("stop")
         elif self.new_tokens >= self.params.max_new_tokens:
             self._finish("length")
+
+    def _reply(self, text: str, final: bool = False) -> str:
+        if self.response is None:
+            return text
+        return self.response.push(text) + (self.response.flush() if final else "")
 
     def fail(self, error: BaseException) -> None:
         self.error = error
@@ -90,7 +96,7 @@ class Sequence:
 
     def _finish(self, reason: str, flush: bool = True) -> None:
         if flush and reason != "stop":
-            text, stopped = self.stopper.feed(self.decoder.flush())
+            text, stopped = self.stopper.feed(self._reply(self.decoder.flush(), final=True))
             self._emit(text)
             if stopped:
                 reason = "stop"
@@ -118,7 +124,7 @@ class Engine:
         self.max_batch = max_batch
         self.kv_budget_tokens = kv_budget_tokens or max_batch * cfg.max_context
         self.prefill_chunk = prefill_chunk
-        self.eos_ids = {cfg.eos_token_id}
+        self.eos_ids = tokenizer.stop_ids
         # The KV memory for the whole budget, allocated once; the allocator is its bookkeeping.
         self.pool = KVPool(cfg, self.kv_budget_tokens, device, model.dtype)
         self.extents = ExtentAllocator(self.kv_budget_tokens)

@@ -26,6 +26,7 @@ PREFIX = "transformer."
 IGNORED = ("rotary_pos_emb.inv_freq", "rotary_emb.inv_freq")  # recomputed buffers
 QUANTIZED_LINEARS = {  # family -> linear layers THUDM quantizes in every block
     "chatglm2": ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    "chatglm3": ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
     "chatglm": ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
 }
 
@@ -102,7 +103,7 @@ def _read_weights(f: Path) -> dict[str, torch.Tensor]:
 
 def build_model(cfg: ChatGLMConfig) -> nn.Module:
     """The family's model on the meta device (no memory), ready for assignment of real tensors."""
-    if cfg.family == "chatglm2":
+    if cfg.family in ("chatglm2", "chatglm3"):
         from .model import ChatGLM2 as Model
     else:
         from .model_v1 import ChatGLM as Model
@@ -182,6 +183,9 @@ def _load_tokenizer(cfg: ChatGLMConfig, path: Path):
     if cfg.family == "chatglm2":
         from .tokenizer import ChatGLM2Tokenizer
         return ChatGLM2Tokenizer(path / "tokenizer.model")
+    if cfg.family == "chatglm3":
+        from .tokenizer import ChatGLM3Tokenizer
+        return ChatGLM3Tokenizer(path / "tokenizer.model")
     from .tokenizer_v1 import ChatGLMTokenizer
     return ChatGLMTokenizer(path / "ice_text.model")
 

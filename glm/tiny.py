@@ -1,6 +1,6 @@
 """Make a small random-weight ChatGLM2 (or ChatGLM-6B) checkpoint in exactly THUDM's on-disk layout.
 
-    python -m glm.tiny OUTDIR [--family chatglm2|chatglm] [--bits 4|8|0] [--layers N] [--full-size]
+    python -m glm.tiny OUTDIR [--family chatglm2|chatglm3|chatglm] [--bits 4|8|0] [--layers N] [--full-size]
 
 Deterministic (fixed seeds, fixed corpus) and written in seconds: config.json, a SentencePiece
 tokenizer.model trained locally on glm/data/tiny_corpus.txt, and pytorch_model.bin with int8-packed
@@ -8,6 +8,9 @@ tokenizer.model trained locally on glm/data/tiny_corpus.txt, and pytorch_model.b
 tests, the demo and CI run on when no real weights are present. `--full-size` writes ChatGLM2-6B's
 shapes with random int4 codes (for benchmarks; speed does not depend on the values) and needs a
 real tokenizer.model via --tokenizer.
+
+`--family chatglm3` writes the same model as ChatGLM3-6B is published: config.json named
+THUDM/chatglm3-6b with its 8K rotary cache, and tokenizer_config.json.
 
 `--family chatglm` writes the first generation instead (int8 by default): a config.json with
 chatglm-6b's keys, an ice_text.model trained the same way with THUDM's special pieces laid out as in
@@ -149,6 +152,7 @@ def random_state_dict_v1(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_co
 
 
 def config_json(shape: dict, vocab: int, bits: int, rope_ratio: float | None = None) -> dict:
+    """chatglm2-6b's config.json keys."""
     cfg = {
         "architectures": ["ChatGLMModel"], "model_type": "chatglm",
         "add_bias_linear": False, "add_qkv_bias": True, "apply_query_key_layer_scaling": True,
@@ -164,6 +168,16 @@ def config_json(shape: dict, vocab: int, bits: int, rope_ratio: float | None = N
     if rope_ratio:
         cfg["rope_ratio"] = rope_ratio
     return cfg
+
+
+def chatglm3_files(cfg: dict) -> dict[str, str]:
+    """What tells a chatglm3-6b checkpoint from chatglm2-6b, as THUDM publishes it: config.json's
+    name and 8K rotary cache, and tokenizer_config.json (name and THUDM's tokenizer class)."""
+    cfg.update({"_name_or_path": "THUDM/chatglm3-6b", "seq_length": 8192})
+    tok_cfg = {"name_or_path": "THUDM/chatglm3-6b", "remove_space": False, "do_lower_case": False,
+               "tokenizer_class": "ChatGLMTokenizer",
+               "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}}
+    return {"tokenizer_config.json": json.dumps(tok_cfg, indent=2) + "\n"}
 
 
 def random_state_dict(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_codes: bool = False) -> dict:
@@ -193,8 +207,9 @@ def random_state_dict(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_codes
 
 
 def write_checkpoint(out: str | Path, *, bits: int = 4, full_size: bool = False, layers: int | None = None,
-                     tokenizer: str | Path | None = None, rope_ratio: float | None = None, seed: int = 0) -> Path:
-    """A ChatGLM2 checkpoint (see write_checkpoint_v1 for the first generation)."""
+                     tokenizer: str | Path | None = None, rope_ratio: float | None = None, seed: int = 0,
+                     chatglm3: bool = False) -> Path:
+    """A ChatGLM2 (or, same model, ChatGLM3) checkpoint (see write_checkpoint_v1 for the first generation)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-"))
@@ -212,6 +227,8 @@ def write_checkpoint(out: str | Path, *, bits: int = 4, full_size: bool = False,
             shape["num_layers"] = layers
         vocab = shape.pop("padded_vocab_size", None) or -(-(n_words + 9) // 64) * 64  # room for the specials
         cfg_dict = config_json(shape, vocab, bits, rope_ratio)
+        for name, text in (chatglm3_files(cfg_dict) if chatglm3 else {}).items():
+            (tmp / name).write_text(text)
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
         cfg = ChatGLMConfig.from_dict(cfg_dict)
         torch.save(random_state_dict(cfg, bits, seed, random_codes=full_size), tmp / "pytorch_model.bin")
@@ -257,8 +274,8 @@ def write_checkpoint_v1(out: str | Path, *, bits: int = 8, full_size: bool = Fal
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m glm.tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("outdir")
-    ap.add_argument("--family", choices=("chatglm2", "chatglm"), default="chatglm2",
-                    help="chatglm2 (ChatGLM2-6B) or chatglm (the first-generation ChatGLM-6B)")
+    ap.add_argument("--family", choices=("chatglm2", "chatglm3", "chatglm"), default="chatglm2",
+                    help="chatglm2 (ChatGLM2-6B), chatglm3 (ChatGLM3-6B) or chatglm (the first-generation ChatGLM-6B)")
     ap.add_argument("--bits", type=int, choices=(0, 4, 8),
                     help="0 = fp16 checkpoint (default 4 for chatglm2, 8 for chatglm)")
     ap.add_argument("--layers", type=int, help="number of layers (default 2, or 28 with --full-size)")
@@ -276,8 +293,9 @@ def main(argv=None) -> None:
         return
     a.bits = 4 if a.bits is None else a.bits
     path = write_checkpoint(a.outdir, bits=a.bits, full_size=a.full_size, layers=a.layers,
-                            tokenizer=a.tokenizer, rope_ratio=a.rope_ratio, seed=a.seed)
-    print(f"wrote {path}/ (config.json, tokenizer.model, pytorch_model.bin)")
+                            tokenizer=a.tokenizer, rope_ratio=a.rope_ratio, seed=a.seed, chatglm3=a.family == "chatglm3")
+    extra = ", tokenizer_config.json" if a.family == "chatglm3" else ""
+    print(f"wrote {path}/ (config.json{extra}, tokenizer.model, pytorch_model.bin)")
 
 
 if __name__ == "__main__":

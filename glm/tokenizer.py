@@ -1,15 +1,20 @@
-"""ChatGLM2's SentencePiece tokenizer with its special tokens, prompt builder and streaming decoder."""
+"""ChatGLM2's and ChatGLM3's SentencePiece tokenizers with their special tokens, prompt builders and
+the streaming decoder."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import sentencepiece as spm
 
 from .errors import CheckpointError
+from .response import ChatGLM3ResponseFilter
 
 # THUDM's SPTokenizer numbers its specials right after the SentencePiece vocabulary (64789 at full size).
 CHATGLM2_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
                      "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")  # the last four: ChatGLM3
+ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+_ROLE = re.compile("(" + "|".join(map(re.escape, ROLES)) + ")")
 
 
 def load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
@@ -38,6 +43,7 @@ class ChatGLM2Tokenizer:
         self.eos_id = self.sp.eos_id()
         # THUDM's decode maps pad/unk, bos and eos to "" as well as the specials.
         self._hidden = {self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()}
+        self.stop_ids = frozenset({self.eos_id})
 
     @property
     def prefix(self) -> list[int]:
@@ -53,19 +59,61 @@ class ChatGLM2Tokenizer:
         return [i for i in ids if 0 <= i < self.n_words and i not in self._hidden]
 
     @staticmethod
+    def response_filter():
+        """No output step: the stream is the decoded text."""
+        return None
+
+    @staticmethod
     def build_prompt(query: str, history: list[tuple[str, str]] = ()) -> str:
         """THUDM's ChatGLM2 chat format: rounds numbered from 1."""
         prompt = "".join(f"[Round {i}]\n\n问：{q}\n\n答：{r}\n\n" for i, (q, r) in enumerate(history, start=1))
         return prompt + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
 
 
+class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
+    """ChatGLM3-6B: ChatGLM2's SentencePiece model and specials, with the role tokens.
+
+    A prompt is text in THUDM's chat format, `<|role|>{metadata}\\n{message}` per message, ending in
+    `<|assistant|>`. encode() gives the ids THUDM's build_chat_input gives for it: each role name
+    becomes its token, and the metadata line (up to and including the first newline) and the message
+    are encoded separately. Text before the first role token is encoded as one piece of text.
+    Generation stops at eos, <|user|> (the next turn) and <|observation|> (a tool call's result).
+    """
+
+    chat_defaults = {"temperature": 0.8, "top_p": 0.8}  # THUDM's chat()
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self.stop_ids = frozenset({self.eos_id, self.special_ids["<|user|>"], self.special_ids["<|observation|>"]})
+
+    def encode(self, text: str) -> list[int]:
+        parts = _ROLE.split(text)
+        ids = self.sp.encode(parts[0])
+        for role, body in zip(parts[1::2], parts[2::2]):
+            metadata, newline, message = body.partition("\n")
+            ids += [self.special_ids[role]] + self.sp.encode(metadata + newline) + self.sp.encode(message)
+        return self.prefix + ids
+
+    @staticmethod
+    def response_filter() -> ChatGLM3ResponseFilter:
+        """THUDM's process_response on a stream of decoded text."""
+        return ChatGLM3ResponseFilter()
+
+    @staticmethod
+    def build_prompt(query: str, history: list[tuple[str, str]] = ()) -> str:
+        """THUDM's ChatGLM3 chat format (build_chat_input) as text."""
+        prompt = "".join(f"<|user|>\n{q}<|assistant|>\n{r}" for q, r in history)
+        return prompt + f"<|user|>\n{query}<|assistant|>"
+
+
 class StreamDecoder:
     """Turns generated ids into text chunks whose concatenation is exactly tokenizer.decode(ids).
 
     Text is released only when it ends in a complete character, so the byte-fallback pieces of one
-    character (emoji, rare CJK) come out together; a tokenizer whose decoding looks ahead (ChatGLM-6B:
-    a half-width ',' becomes '，' if a CJK character follows) names its still-unstable trailing
-    characters with `unstable_suffix(text)`, and those are held back too.
+    character (emoji, rare CJK) come out together. A tokenizer whose decode post-processes the
+    SentencePiece text (ChatGLM-6B: whitespace markers, clean-up of spaces) gives that text as
+    `sp_text(ids)` and the post-processing as a streaming `postprocessor()`, which holds back what
+    the next token may still change.
 
     Each step decodes a short window ids[prefix:] and releases its characters past `sent`. After a
     release the window moves up to the ids of the previous release, when the new window's text is
@@ -75,8 +123,9 @@ class StreamDecoder:
     """
 
     def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.unstable = getattr(tokenizer, "unstable_suffix", None)
+        self.decode = getattr(tokenizer, "sp_text", tokenizer.decode)
+        make_post = getattr(tokenizer, "postprocessor", None)
+        self.post = make_post() if make_post is not None else None
         self.ids: list[int] = []
         self.prefix = 0   # window start
         self.read = 0     # len(ids) at the last release: the next window start
@@ -84,25 +133,30 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        return self._release(final=False)
+        return self._post(self._release(final=False), final=False)
 
     def flush(self) -> str:
         """The rest of the text (a dangling partial character comes out as U+FFFD, as decode gives)."""
-        return self._release(final=True)
+        return self._post(self._release(final=True), final=True)
+
+    def _post(self, text: str, final: bool) -> str:
+        if self.post is None:
+            return text
+        text = self.post.push(text)
+        return text + self.post.flush() if final else text
 
     def _release(self, final: bool) -> str:
-        text = self.tok.decode(self.ids[self.prefix:])
+        text = self.decode(self.ids[self.prefix:])
         if text.endswith("\ufffd") and not final:
             return ""
-        end = len(text) if final or self.unstable is None else len(text) - self.unstable(text)
-        if end <= self.sent:
+        if len(text) <= self.sent:
             return ""
-        out, self.sent = text[self.sent:end], end
+        out, self.sent = text[self.sent:], len(text)
         self._slide(text)
         return out
 
     def _slide(self, text: str) -> None:
-        tail = self.tok.decode(self.ids[self.read:])
+        tail = self.decode(self.ids[self.read:])
         skip = len(text) - len(tail)
         # An empty tail may be leading spaces that a longer window still drops (ice_text.model drops
         # them all, not just the first piece's).

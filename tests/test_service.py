@@ -382,6 +382,32 @@ def test_first_generation_chatglm_checkpoint(tmp_path, app_dir):
         assert "the other ChatGLM generation's format" in warn["logs"], warn["logs"]
 
 
+def test_chatglm3_checkpoint(tmp_path, app_dir):
+    """ChatGLM3-6B (the ChatGLM2 model, its own tokenizer and chat format) through the same service:
+    the role tokens of the prompt are tokens, and the stream is THUDM's process_response text."""
+    from glm.response import process_response_v3
+
+    ckpt = make_tiny_checkpoint(str(tmp_path / "chatglm3-6b"), "--family", "chatglm3")
+    model = glm.load(ckpt, device="cpu")
+    assert model.config.family == "chatglm3"
+    prompt = model.tokenizer.build_prompt("你好")
+    assert prompt == "<|user|>\n你好<|assistant|>"
+    inp = {"prompt": prompt, "max_tokens": 16, "temperature": 0.8, "top_p": 0.8, "seed": 21}
+    with CogServer(app_dir, env={"COG_WEIGHTS": ckpt}, log_path=str(tmp_path / "server.log")) as srv:
+        srv.wait_for({"READY"}, timeout=300)
+        body = srv.predict({"input": inp}).json()
+        assert body["status"] == "succeeded", body
+        want, stream = reference(model, prompt=prompt, max_tokens=16, temperature=0.8, seed=21)
+        prompt_ids = stream.seq.prompt_ids
+        assert prompt_ids[2] == model.tokenizer.special_ids["<|user|>"]
+        assert want == process_response_v3(model.tokenizer.decode(stream.seq.tokens[len(prompt_ids):]))
+        assert "".join(body["output"]) == want
+        events = srv.sse({"input": inp})
+        assert "".join(e["data"]["chunk"] for e in events if e["event"] == "output") == want
+    import predict
+    assert predict.checkpoint_family(ckpt) == "chatglm3"
+
+
 # ---------------------------------------------------------------------------- setup failures
 def _setup_failure(tmp_path, app_dir, weights, expect):
     srv = CogServer(app_dir, env={"COG_WEIGHTS": weights}, log_path=str(tmp_path / "server.log"))
