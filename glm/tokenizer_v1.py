@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from .errors import CheckpointError
-from .tokenizer import load_sentencepiece
+from .tokenizer import load_sentencepiece, longest_piece_chars, min_tokens
 
 MAX_BLANK = 80
 NEWLINE, TAB = "<n>", "<|tab|>"
@@ -71,6 +71,7 @@ class ChatGLMTokenizer:
         hidden = set(self.special_ids.values()) | {unk}
         hidden |= {i for i in (self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()) if i >= 0}
         self._hidden = frozenset(hidden)
+        self.piece_chars = longest_piece_chars(self.sp)
 
     @property
     def suffix(self) -> list[int]:
@@ -78,6 +79,12 @@ class ChatGLMTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(encode_whitespace(text)) + self.suffix
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)) that costs a normalization, not a tokenization: NFKC
+        and whitespace folding can shorten text by any factor (a run of ideographic spaces becomes
+        one), so the bound is taken on the normalized text."""
+        return len(self.suffix) + min_tokens(len(self.sp.normalize(encode_whitespace(text))), self.piece_chars)
 
     def decode(self, ids) -> str:
         return postprocess(self.sp.decode(self.visible(ids)))
