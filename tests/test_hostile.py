@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -410,3 +411,28 @@ def test_upstream_shutdown_needs_credentials(victim):
     requests.post(victim.url + "/shutdown", timeout=10)
     time.sleep(3)
     assert victim.proc.poll() is None, "an anonymous POST /shutdown stopped the server"
+
+
+# ------------------------------------------------------------------------- 6. shutdown
+def test_sigterm_drains_within_its_deadline(app_dir):
+    """coglet waits on SIGTERM for every running prediction; predict.py cancels what is still
+    running GLM_DRAIN_SECONDS after the server stopped accepting connections."""
+    drain = 2
+    with CogServer(app_dir, env={"COG_MAX_CONCURRENCY": "2", "GLM_DRAIN_SECONDS": str(drain)}) as srv:
+        srv.wait_for({"READY"}, timeout=300)
+        with ThreadPoolExecutor(1) as pool:
+            # seed 3 samples all 8000 tokens on the tiny checkpoint: tens of seconds
+            future = pool.submit(_post, srv, {"max_tokens": 8000, "temperature": 1.0, "top_p": 1.0, "seed": 3},
+                                 timeout=300)
+            deadline = time.monotonic() + 60
+            while srv.log_count("[chatglm] seed 3") == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            os.kill(srv.proc.pid, signal.SIGTERM)  # the server only, as `docker stop` does
+            body = future.result().json()
+            srv.proc.wait(timeout=60)
+            took = time.monotonic() - t0
+    assert body["status"] == "canceled", {k: body.get(k) for k in ("status", "error")}
+    assert "running prediction(s) get 2s to end" in srv.logs(200_000)
+    assert took < drain + 15, took
