@@ -111,9 +111,10 @@ def test_soak(soak_server, engine):
     assert_ready(soak_server)
     rss_after = worker_rss_mb(soak_server)
     health = soak_server.health()
+    peak = max(int(re.search(r"peak_batch=(\d+)", b["logs"])[1]) for b in bodies)
     print(f"\nsoak: {REQUESTS} requests in {elapsed:.1f}s, outcomes {counts}, mismatches {len(mismatches)}, "
           f"worker RSS {rss_before:.0f} -> {rss_after:.0f} MB, health {health['status']}, "
-          f"peak_batch of the final 8: {max(int(re.search(r'peak_batch=(\d+)', b['logs'])[1]) for b in bodies)}")
+          f"peak_batch of the final 8: {peak}")
 
     assert not mismatches, mismatches[:3]
     assert counts.get("succeeded", 0) >= REQUESTS // 2, counts
