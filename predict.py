@@ -21,15 +21,21 @@ import concurrent.futures
 import contextvars
 import os
 import secrets
+import socket
 import threading
 import time
 from typing import Callable, Iterator, List, Optional
 
-import cog
-from cog import BasePredictor, ConcatenateIterator, Input
+# OpenMP's default wait policy spins idle threads between parallel regions: beside any busy process
+# on the same cores, a batch then waits for threads that spin instead of the one that works.
+# Read once when torch loads libgomp, so it is set before the first torch import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import glm
-from glm import kernels
+import cog  # noqa: E402
+from cog import BasePredictor, ConcatenateIterator, Input  # noqa: E402
+
+import glm  # noqa: E402
+from glm import kernels  # noqa: E402
 
 # Per family: a mark of the other family's prompt format (warned about in a request). The family's
 # default prompt and sampling values come from the loaded model (glm.GLM.chat_defaults).
@@ -50,6 +56,8 @@ MAX_SEED = 4294967295  # 2**32 - 1
 MAX_TOKENS_LIMIT = 32768
 # Predictions served at once (the server's slots; cog.yaml concurrency.max) = the engine's batch size.
 DEFAULT_CONCURRENCY = 8
+# After the server starts shutting down, running predictions get this long before they are cancelled.
+DEFAULT_DRAIN_SECONDS = 30
 
 
 def log(msg: str) -> None:
@@ -124,6 +132,15 @@ def _env_int(name: str, default: int) -> int:
     return n
 
 
+def _whole_number(name: str, value):
+    """JSON Schema's integer accepts 16.0, and the server passes it on as a float."""
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    return value
+
+
 def _on_server_cancel(callback: Callable[[], None]) -> bool:
     """Call `callback` when the server cancels the prediction whose predict() is running now.
 
@@ -155,8 +172,44 @@ def device_setting() -> str:
     return os.environ.get("GLM_DEVICE", "").strip().lower() or "auto"
 
 
+def _watch_server_shutdown(port: int, on_shutdown: Callable[[], None], interval: float = 0.5) -> bool:
+    """Call `on_shutdown` once the server stops accepting connections on `port`.
+
+    coglet 0.23.1 closes its listener on SIGTERM, then waits for every running prediction with no
+    deadline and tells the worker nothing; a refused connection is the one sign the worker can see.
+    Returns False (nothing watched) when the port does not accept now, e.g. a server bound elsewhere.
+    """
+    def accepting() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                return True
+        except ConnectionRefusedError:
+            return False
+        except OSError:
+            return True  # slow or unreachable is not a shutdown
+
+    if not accepting():
+        return False
+
+    def watch() -> None:
+        refused = 0
+        while refused < 2:  # twice in a row
+            time.sleep(interval)
+            refused = 0 if accepting() else refused + 1
+        on_shutdown()
+
+    threading.Thread(target=watch, name="glm-shutdown-watch", daemon=True).start()
+    return True
+
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _with_seed(error: Exception, seed: int) -> str:
+    """A failed prediction's error: coglet returns no logs with it, so the seed goes in the text."""
+    return f"{error} (seed {seed}; pass seed={seed} to reproduce)"
 
 
 class Predictor(BasePredictor):
@@ -193,11 +246,27 @@ class Predictor(BasePredictor):
         kv_budget = _env_int("GLM_KV_BUDGET_TOKENS", concurrency * cfg.max_context)
         self.model.use_engine(max_batch=concurrency, kv_budget_tokens=kv_budget).start()
         log(f"engine: up to {concurrency} sequences per step, KV budget {kv_budget} tokens")
+        if device == "cpu":
+            torch.set_num_threads(_env_int("GLM_THREADS", torch.get_num_threads()))
+            log(f"cpu: {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+        self._running: dict[int, Callable[[], None]] = {}  # id(stream) -> its cancel
+        self.drain_seconds = float(os.environ.get("GLM_DRAIN_SECONDS") or DEFAULT_DRAIN_SECONDS)
+        if not _watch_server_shutdown(int(os.environ.get("PORT") or 5000), self._drain):
+            log("warning: cannot see the server's port; a shutdown waits for running predictions to end")
         # One-token warm-up so the first request does not pay for lazy init.
         t0 = time.monotonic()
         for _ in self.model.generate(self.family["prompt"], max_new_tokens=1, temperature=0.0, seed=0):
             pass
         log(f"warm-up done in {time.monotonic() - t0:.2f}s")
+
+    def _drain(self) -> None:
+        """The server is shutting down: let running predictions end, cancel what runs past the drain."""
+        log(f"server shutting down: {len(self._running)} running prediction(s) get {self.drain_seconds:g}s to end")
+        deadline = time.monotonic() + self.drain_seconds
+        while self._running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for cancel in list(self._running.values()):
+            cancel()
 
     @cog.streaming
     async def predict(
@@ -252,6 +321,8 @@ class Predictor(BasePredictor):
         prompt = defaults["prompt"] if prompt is None else prompt
         temperature = defaults["temperature"] if temperature is None else temperature
         top_p = defaults["top_p"] if top_p is None else top_p
+        max_tokens, top_k = _whole_number("max_tokens", max_tokens), _whole_number("top_k", top_k)
+        seed = None if seed is None else _whole_number("seed", seed)
         if not prompt.strip():
             raise ValueError("prompt is empty: give the text to continue, e.g. " + repr(self.family["prompt"]))
         if self.family["other_format"] in prompt:
@@ -268,17 +339,20 @@ class Predictor(BasePredictor):
             # takes top_p in (0, 1], so say it as what it means: greedy decoding.
             log("top_p=0: greedy decoding")
             temperature, top_p = 0.0, 1.0
-        stream = model.generate(
-            prompt,
-            max_new_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=tuple(parse_stop_sequences(stop_sequences)),
-            fit_context=True,
-        )
+        try:
+            stream = model.generate(
+                prompt,
+                max_new_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                repetition_penalty=repetition_penalty,
+                seed=seed,
+                stop=tuple(parse_stop_sequences(stop_sequences)),
+                fit_context=True,
+            )
+        except glm.InputError as e:
+            raise ValueError(_with_seed(e, seed)) from None
         if stream.max_new_tokens < max_tokens:
             log(
                 f"max_tokens {max_tokens} clamped to {stream.max_new_tokens}: prompt has {stream.prompt_tokens} "
@@ -292,6 +366,7 @@ class Predictor(BasePredictor):
 
         if not _on_server_cancel(cancel):
             log("warning: this server's cancel cannot reach the engine; a cancelled prediction runs to its end")
+        self._running[id(stream)] = cancel
         # The server iterates the generator on another thread; its log lines reach this
         # prediction's logs only from within predict()'s context (coglet routes them by a ContextVar).
         return self._stream(stream, seed, cancelled, contextvars.copy_context())
@@ -301,7 +376,12 @@ class Predictor(BasePredictor):
             yield from stream
             if cancelled.is_set():
                 raise cog.CancelationException()  # reported as "canceled", not "succeeded"
+        except cog.CancelationException:
+            raise
+        except Exception as e:  # the engine's error for this sequence (its own, never a neighbour's)
+            raise RuntimeError(_with_seed(e, seed)) from e
         finally:
+            self._running.pop(id(stream), None)
             stream.cancel()  # no-op when finished; frees the sequence if the server stopped reading
             elapsed = stream.elapsed
             reason = stream.finish_reason or "canceled"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,17 @@ from .errors import CheckpointError
 # THUDM's chat() uses max_length 8192 (2-series) and 32768 (-32k); config.seq_length is only
 # the length of the rotary cache (32768 for every 2-series model), so it is not the context.
 CHATGLM2_TRAINED_CONTEXT = 8192
+
+# Sane ranges for each size, checked before anything is allocated: a config.json is outside input,
+# and absurd values would otherwise build (or fail late on) a model of that size. The largest
+# ChatGLM has 28 layers, 4096 hidden, 13696 FFN, 130528 vocabulary and a 32768-token context.
+BOUNDS = {
+    "num_layers": (1, 256), "hidden_size": (1, 65536), "num_heads": (1, 1024), "kv_heads": (1, 1024),
+    "head_dim": (1, 1024), "ffn_hidden_size": (1, 262144), "vocab_size": (1, 1 << 20),
+    "seq_length": (1, 1 << 20), "max_context": (1, 1 << 20), "rope_ratio": (1e-3, 1e3),
+    "rope_base": (1.0, 1e9), "norm_eps": (1e-12, 0.1),
+}
+MAX_PARAMETERS = 100e9
 
 
 @dataclass(frozen=True)
@@ -45,8 +57,39 @@ class ChatGLMConfig:
     def kv_size(self) -> int:
         return self.kv_heads * self.head_dim
 
+    @property
+    def parameters(self) -> int:
+        """Roughly how many weights this config describes (attention, MLP, embedding, output)."""
+        attention = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
+        mlp = 3 * self.hidden_size * self.ffn_hidden_size
+        return self.num_layers * (attention + mlp) + 2 * self.vocab_size * self.hidden_size
+
+    def check_bounds(self) -> "ChatGLMConfig":
+        for name, (lo, hi) in BOUNDS.items():
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi):
+                raise CheckpointError(f"config.json: {name} = {value!r} is outside the sane range [{lo}, {hi}]")
+        if self.num_heads % self.kv_heads:
+            raise CheckpointError(f"config.json: {self.num_heads} attention heads cannot be grouped "
+                                  f"over {self.kv_heads} key/value heads")
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id", "mask_token_id", "gmask_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < BOUNDS["vocab_size"][1]:
+                raise CheckpointError(f"config.json: {name} = {value} is not a token id")
+        if self.parameters > MAX_PARAMETERS:
+            raise CheckpointError(f"config.json describes {self.parameters:.3g} parameters, more than "
+                                  f"the {MAX_PARAMETERS:.0e} this engine serves")
+        return self
+
     @classmethod
     def from_dict(cls, d: dict) -> "ChatGLMConfig":
+        try:
+            return cls._parse(d).check_bounds()
+        except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
+            raise CheckpointError(f"config.json: bad value ({e})") from None
+
+    @classmethod
+    def _parse(cls, d: dict) -> "ChatGLMConfig":
         if "multi_query_group_num" in d or "padded_vocab_size" in d:
             return cls._from_chatglm2(d)
         if "inner_hidden_size" in d or d.get("position_encoding_2d"):
@@ -60,6 +103,9 @@ class ChatGLMConfig:
         heads = _get(d, "num_attention_heads", int)
         hidden = _get(d, "hidden_size", int)
         rope_ratio = float(d.get("rope_ratio", 1.0) or 1.0)
+        if not BOUNDS["rope_ratio"][0] <= rope_ratio <= BOUNDS["rope_ratio"][1]:  # before it scales the context
+            raise CheckpointError(f"config.json: rope_ratio = {rope_ratio!r} is outside the sane range "
+                                  f"{list(BOUNDS['rope_ratio'])}")
         seq_length = int(d.get("seq_length", 32768))
         return cls(
             family="chatglm2",

@@ -9,11 +9,21 @@ import torch
 
 from .errors import InputError
 
+# Below this temperature sampling is greedy decoding in all but name: a token whose logit is d below
+# the best keeps probability exp(-d / T), under 1e-30 unless d < 7e-4, finer than the model's own
+# numerical noise (fp16 logits of magnitude 8..16 are spaced 0.008 apart). Dividing by a smaller
+# temperature also overflows float32 (3.4e38) for ordinary logits, which would leave no distribution.
+MIN_TEMPERATURE = 1e-5
+# Each generated token is checked against every stop string; these caps keep that check (and the
+# memory of one request's stops) small whatever a client sends.
+MAX_STOP_STRINGS = 32
+MAX_STOP_CHARS = 128
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256
-    temperature: float = 0.8       # 0 = greedy
+    temperature: float = 0.8       # 0 (or below MIN_TEMPERATURE) = greedy
     top_p: float = 0.8             # 1 = off
     top_k: int = 0                 # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
@@ -42,7 +52,15 @@ class SamplingParams:
             bad("seed", self.seed, "an integer in [0, 2**63)")
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             bad("stop", self.stop, "a sequence of strings")
-        return replace(self, stop=tuple(s for s in self.stop if s))
+        stop = tuple(s for s in self.stop if s)
+        if len(stop) > MAX_STOP_STRINGS:
+            raise InputError(f"too many stop strings: {len(stop)}, at most {MAX_STOP_STRINGS}")
+        longest = max(stop, key=len, default="")
+        if len(longest) > MAX_STOP_CHARS:
+            raise InputError(f"stop string too long: {len(longest)} characters ({longest[:20]!r}...), "
+                             f"at most {MAX_STOP_CHARS}")
+        temperature = self.temperature if self.temperature >= MIN_TEMPERATURE else 0.0
+        return replace(self, stop=stop, temperature=temperature)
 
     def with_seed(self) -> "SamplingParams":
         return self if self.seed is not None else replace(self, seed=secrets.randbits(63))
@@ -77,14 +95,26 @@ def sample(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams, gener
     scores = process_logits(logits, history, p)
     if p.temperature == 0:
         return int(scores.argmax())
-    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+    probs = scores.softmax(-1)
+    if not bool(torch.isfinite(probs).all()):
+        # Scores too large to normalise (validate() keeps temperatures where this cannot happen for
+        # a real model's logits): the most likely token, as the limit of sampling, never an error.
+        return int(process_logits(logits, history, replace(p, temperature=0)).argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class StopMatcher:
-    """Holds back text that could still become one of the stop strings; cuts at the first one."""
+    """Holds back text that could still become one of the stop strings; cuts at the first one.
+
+    Work per fed chunk is bounded by the stops' total length (capped by SamplingParams.validate):
+    pending text never exceeds the longest stop plus the new chunk, and the held-back suffix is
+    found by hashing its candidates against the set of the stops' proper prefixes.
+    """
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops = tuple(s for s in stops if s)
+        self.longest = max(map(len, self.stops), default=0)
+        self.prefixes = {s[:n] for s in self.stops for n in range(1, len(s))}
         self.pending = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
@@ -107,8 +137,7 @@ class StopMatcher:
 
     def _held_suffix(self) -> int:
         text = self.pending
-        for n in range(min(len(text), max(map(len, self.stops)) - 1), 0, -1):
-            tail = text[-n:]
-            if any(s.startswith(tail) for s in self.stops):
+        for n in range(min(len(text), self.longest - 1), 0, -1):
+            if text[-n:] in self.prefixes:
                 return n
         return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import time
 from pathlib import Path
 
@@ -93,12 +94,25 @@ def _read_weights(f: Path) -> dict[str, torch.Tensor]:
             if "mmap" not in str(e):
                 raise
             sd = torch.load(f, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{f}: refused: {_unpickling_reason(e)}; a checkpoint may hold only tensors "
+                              f"and plain containers, and code in it is never run") from None
     except Exception as e:  # torch raises many kinds; the file is what matters to the user
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{f}: cannot read weights ({msg})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{f}: not a state dict of tensors")
     return sd
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """The line of torch's weights-only refusal that names what was refused: its first line only
+    suggests weights_only=False, which is exactly what must not be done with an untrusted file."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if "unsupported" in line.lower() or "weightsunpickler" in line.lower():
+            return line.rstrip(".")
+    return lines[0] if lines else type(e).__name__
 
 
 def build_model(cfg: ChatGLMConfig) -> nn.Module:

@@ -66,6 +66,11 @@ class GLM:
         """
         if not isinstance(prompt, str) or not prompt:
             raise InputError("prompt must be a non-empty string")
+        # Tokenizing takes tens of bytes per token: a prompt that cannot fit is refused before it.
+        if (least := self.tokenizer.min_tokens(prompt)) >= self.config.max_context:
+            raise InputError(f"prompt is too long: {len(prompt)} characters are at least {least} tokens, but the "
+                             f"model's context is {self.config.max_context} tokens (prompt + new tokens); "
+                             f"shorten the prompt")
         ids = self.tokenizer.encode(prompt)
         if fit_context:
             room = self.config.max_context - len(ids)

@@ -28,6 +28,24 @@ def load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
     return sp
 
 
+def longest_piece_chars(sp: spm.SentencePieceProcessor) -> int | None:
+    """Most characters of normalized text one token can cover, or None when there is no such bound.
+
+    Pieces that text can match are the normal and user-defined ones; byte pieces cover one byte
+    at most. Without byte fallback, a run of unknown characters may become a single <unk>.
+    """
+    ids = range(sp.get_piece_size())
+    if not any(sp.is_byte(i) for i in ids):
+        return None
+    return max(len(sp.id_to_piece(i)) for i in ids
+               if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i)))
+
+
+def min_tokens(text_chars: int, piece_chars: int | None) -> int:
+    """A lower bound on the tokens of normalized text of `text_chars` characters."""
+    return 0 if piece_chars is None else -(-text_chars // piece_chars)
+
+
 class ChatGLM2Tokenizer:
     """encode() gives THUDM's ids including the [gMASK] sop prefix; decode() drops every special."""
 
@@ -44,6 +62,7 @@ class ChatGLM2Tokenizer:
         # THUDM's decode maps pad/unk, bos and eos to "" as well as the specials.
         self._hidden = {self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()}
         self.stop_ids = frozenset({self.eos_id})
+        self.piece_chars = longest_piece_chars(self.sp)
 
     @property
     def prefix(self) -> list[int]:
@@ -51,6 +70,12 @@ class ChatGLM2Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.prefix + self.sp.encode(text)
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)), without tokenizing: ChatGLM2's normalizer is the
+        identity (one input character, one normalized character), so no token covers more input
+        characters than the longest piece has."""
+        return len(self.prefix) + min_tokens(len(text), self.piece_chars)
 
     def decode(self, ids) -> str:
         return self.sp.decode(self.visible(ids))

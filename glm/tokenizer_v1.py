@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .errors import CheckpointError
 from .response import BufferedStage, ChatGLMResponseFilter, TextStages
-from .tokenizer import load_sentencepiece
+from .tokenizer import load_sentencepiece, longest_piece_chars, min_tokens
 
 MAX_BLANK = 80
 NEWLINE, TAB = "<n>", "<|tab|>"
@@ -102,6 +102,7 @@ class ChatGLMTokenizer:
         self.special_ids = {p: piece(p) for p in SPECIALS if piece(p) != unk}
         self.hf_special_ids = {name: piece(name) for name in HF_SPECIALS}
         self.stop_ids = frozenset({self.eos_id})
+        self.piece_chars = longest_piece_chars(self.sp)
 
     @property
     def suffix(self) -> list[int]:
@@ -115,6 +116,12 @@ class ChatGLMTokenizer:
             elif part:
                 ids += self.sp.encode(encode_whitespace(part))
         return ids + self.suffix
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)) that costs a normalization, not a tokenization: NFKC
+        and whitespace folding can shorten text by any factor (a run of ideographic spaces becomes
+        one), so the bound is taken on the normalized text."""
+        return len(self.suffix) + min_tokens(len(self.sp.normalize(encode_whitespace(text))), self.piece_chars)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return postprocess(self.sp_text(ids, skip_special_tokens))
