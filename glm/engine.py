@@ -12,6 +12,7 @@ background thread (`start()`, for a server with many concurrent requests).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -22,6 +23,7 @@ import torch
 from .errors import InputError
 from .generate import SamplingParams, StopMatcher, sample
 from .kvpool import ExtentAllocator, KVPool
+from .prefix_cache import PrefixCache
 from .tokenizer import StreamDecoder
 
 log = logging.getLogger("glm")
@@ -43,6 +45,7 @@ class Sequence:
         self.cache = None               # its KVCache (a view of the engine's pool) while admitted
         self.extent: int | None = None  # start of its extent in the pool
         self.pos = 0                    # tokens already in the cache
+        self.cached_tokens = 0          # prompt tokens whose KV came from the prefix cache
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.cancelled = False
@@ -111,9 +114,28 @@ class Sequence:
             self.on_chunk()
 
 
+def prefix_cache_tokens_from_env(default: int) -> int:
+    """GLM_PREFIX_CACHE_TOKENS: most tokens of finished requests' KV kept for reuse (0 = off)."""
+    raw = os.environ.get("GLM_PREFIX_CACHE_TOKENS", "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"GLM_PREFIX_CACHE_TOKENS must be an integer >= 0 (0 turns the prefix cache off), got {raw!r}")
+    return value
+
+
 class Engine:
     def __init__(self, model, tokenizer, cfg, device, *, max_batch: int = 8,
-                 kv_budget_tokens: int | None = None, prefill_chunk: int = 256):
+                 kv_budget_tokens: int | None = None, prefill_chunk: int = 256,
+                 prefix_cache_tokens: int | None = None):
+        """prefix_cache_tokens: cap of the prefix cache (None: GLM_PREFIX_CACHE_TOKENS, else the whole
+        KV budget, since cached entries are evicted whenever a request needs their memory; 0 = off).
+        Off for models whose cached KV would not reproduce a recomputation bit for bit (ChatGLM-6B's
+        context attends both ways; paths without row-invariant kernels)."""
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         self.max_batch = max_batch
         self.kv_budget_tokens = kv_budget_tokens or max_batch * cfg.max_context
@@ -122,6 +144,11 @@ class Engine:
         # The KV memory for the whole budget, allocated once; the allocator is its bookkeeping.
         self.pool = KVPool(cfg, self.kv_budget_tokens, device, model.dtype)
         self.extents = ExtentAllocator(self.kv_budget_tokens)
+        if prefix_cache_tokens is None:
+            prefix_cache_tokens = prefix_cache_tokens_from_env(self.kv_budget_tokens)
+        if not getattr(model, "reuses_kv_exactly", False):
+            prefix_cache_tokens = 0
+        self.prefix_cache = PrefixCache(self.extents, min(prefix_cache_tokens, self.kv_budget_tokens))
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []
         self._lock = threading.RLock()
@@ -155,7 +182,8 @@ class Engine:
 
     @property
     def reserved_tokens(self) -> int:
-        return self.kv_budget_tokens - self.extents.free_tokens
+        """KV tokens held by running sequences (the prefix cache's entries not counted: they yield)."""
+        return self.kv_budget_tokens - self.extents.free_tokens - self.prefix_cache.tokens
 
     # ---- the loop ----
     def step(self) -> bool:
@@ -206,8 +234,7 @@ class Engine:
             if s.cancelled and not s.done:
                 s._finish("canceled", flush=False)
             if s.done and s.extent is not None:
-                self.extents.free(s.extent, s.capacity)
-                s.extent = None
+                self._release(s)
         self.active = [s for s in self.active if not s.done]
         if any(s.cancelled for s in self.waiting):  # anywhere in the queue, not only at its head
             for s in self.waiting:
@@ -215,14 +242,31 @@ class Engine:
                     s._finish("canceled", flush=False)
             self.waiting = deque(s for s in self.waiting if not s.done)
 
+    def _release(self, seq: Sequence) -> None:
+        """Free a finished sequence's extent, or keep its computed KV in the prefix cache."""
+        start, seq.extent = seq.extent, None
+        if self.prefix_cache.max_tokens == 0 or seq.finish_reason == "error" or seq.pos < self.prefix_cache.block:
+            self.extents.free(start, seq.capacity)
+            return
+        # Only the first pos tokens' KV was computed (the last sampled token never went through the model).
+        self.pool.shrink(start, seq.capacity, seq.pos)
+        self.extents.free(start + seq.pos, seq.capacity - seq.pos)
+        self.prefix_cache.insert(seq.tokens[:seq.pos], start)
+
     def _admit(self) -> None:
         while self.waiting and len(self.active) < self.max_batch:
             seq = self.waiting[0]
+            entry, cached = self.prefix_cache.lookup(seq.prompt_ids)  # now the last entry evicted
             start = self.extents.allocate(seq.capacity)
+            while start is None and self.prefix_cache.evict_lru():  # cached KV yields to requests
+                start = self.extents.allocate(seq.capacity)
             if start is None:
                 break  # waits for memory; first come, first served
             self.waiting.popleft()
             seq.extent, seq.cache = start, self.pool.cache(start, seq.capacity)
+            if entry is not None and entry in self.prefix_cache:
+                self.pool.copy_prefix(self.pool.cache(entry.start, entry.size), seq.cache, cached)
+                seq.pos = seq.cached_tokens = cached
             self.active.append(seq)
 
     def _guarded(self, seqs: list[Sequence], fn) -> None:

@@ -141,6 +141,11 @@ class Stream:
         return len(self.seq.prompt_ids)
 
     @property
+    def cached_prompt_tokens(self) -> int:
+        """Prompt tokens whose KV came from the prefix cache instead of being prefilled."""
+        return self.seq.cached_tokens
+
+    @property
     def max_new_tokens(self) -> int:
         return self.seq.params.max_new_tokens
 
