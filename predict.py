@@ -303,8 +303,8 @@ class Predictor(BasePredictor):
             ttft = f"{stream.time_to_first_token:.3f}s" if stream.time_to_first_token is not None else "n/a"
             context.run(
                 log,
-                f"prompt_tokens={stream.prompt_tokens} cached_prompt_tokens={stream.cached_prompt_tokens} "
-                f"new_tokens={stream.new_tokens} "
-                f"time_to_first_token={ttft} tokens_per_s={tps:.2f} peak_batch={stream.peak_batch} seed={seed} "
+                f"prompt_tokens={stream.prompt_tokens} new_tokens={stream.new_tokens} "
+                f"time_to_first_token={ttft} cached_prompt_tokens={stream.cached_prompt_tokens} "
+                f"tokens_per_s={tps:.2f} peak_batch={stream.peak_batch} seed={seed} "
                 f"finish_reason={reason}",
             )

@@ -6,9 +6,9 @@
         print(chunk, end="")
 """
 from .config import ChatGLMConfig
-from .errors import CheckpointError, GLMError, InputError
+from .errors import CheckpointError, EngineError, GLMError, InputError
 from .generate import SamplingParams
 from .loader import load
 from .pipeline import GLM, Stream
 
-__all__ = ["load", "GLM", "Stream", "ChatGLMConfig", "SamplingParams", "GLMError", "CheckpointError", "InputError"]
+__all__ = ["load", "GLM", "Stream", "ChatGLMConfig", "SamplingParams", "GLMError", "CheckpointError", "InputError", "EngineError"]

@@ -110,9 +110,10 @@ class KVPool:
                 piece = src[r, :n]
                 dst[r] = piece.clone() if r * capacity < (r + 1) * n else piece
 
-    def copy_prefix(self, src: KVCache, dst: KVCache, n: int) -> None:
-        """Copy the KV of positions 0..n-1 from one cache to another (a prefix-cache hit)."""
-        if n > min(src.capacity, dst.capacity):
-            raise ValueError(f"cannot copy {n} tokens between caches of {src.capacity} and {dst.capacity}")
-        dst.k[:, :, dst.offset:dst.offset + n] = src.k[:, :, src.offset:src.offset + n]
-        dst.v[:, :, dst.offset:dst.offset + n] = src.v[:, :, src.offset:src.offset + n]
+    def copy_rows(self, src_start: int, src_capacity: int, dst_start: int, dst_capacity: int, n: int) -> None:
+        """Copy the KV of positions 0..n-1 from one extent to another (a prefix-cache hit)."""
+        if n > min(src_capacity, dst_capacity):
+            raise ValueError(f"cannot copy {n} tokens between extents of {src_capacity} and {dst_capacity}")
+        src, dst = self.cache(src_start, src_capacity), self.cache(dst_start, dst_capacity)
+        dst.k[:, :, :n] = src.k[:, :, :n]
+        dst.v[:, :, :n] = src.v[:, :, :n]

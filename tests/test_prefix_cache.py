@@ -160,15 +160,15 @@ def test_shrink_keeps_each_layers_first_tokens_in_the_short_layout():
         assert torch.equal(after.k, want_k) and torch.equal(after.v, want_v)
 
 
-def test_copy_prefix_copies_n_positions_of_every_layer():
+def test_copy_rows_copies_n_positions_of_every_layer():
     cfg = small_cfg()
     pool = KVPool(cfg, 64, "cpu", torch.float32)
     pool.k.normal_()
     pool.v.normal_()
     src, dst = pool.cache(0, 10), pool.cache(10, 30)
     untouched = dst.k[:, :, 6:].clone()
-    pool.copy_prefix(src, dst, 6)
+    pool.copy_rows(0, 10, 10, 30, 6)
     assert torch.equal(dst.k[:, :, :6], src.k[:, :, :6]) and torch.equal(dst.v[:, :, :6], src.v[:, :, :6])
     assert torch.equal(dst.k[:, :, 6:], untouched)
     with pytest.raises(ValueError):
-        pool.copy_prefix(src, dst, 11)
+        pool.copy_rows(0, 10, 10, 30, 11)
