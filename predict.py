@@ -390,6 +390,7 @@ class Predictor(BasePredictor):
             context.run(
                 log,
                 f"prompt_tokens={stream.prompt_tokens} new_tokens={stream.new_tokens} "
-                f"time_to_first_token={ttft} tokens_per_s={tps:.2f} peak_batch={stream.peak_batch} seed={seed} "
+                f"time_to_first_token={ttft} cached_prompt_tokens={stream.cached_prompt_tokens} "
+                f"tokens_per_s={tps:.2f} peak_batch={stream.peak_batch} seed={seed} "
                 f"finish_reason={reason}",
             )

@@ -7,10 +7,10 @@
 """
 from .config import ChatGLMConfig
 from .device import DeviceError
-from .errors import CheckpointError, GLMError, InputError
+from .errors import CheckpointError, EngineError, GLMError, InputError
 from .generate import SamplingParams
 from .loader import load
 from .pipeline import GLM, Stream
 
 __all__ = ["load", "GLM", "Stream", "ChatGLMConfig", "SamplingParams", "GLMError", "CheckpointError", "InputError",
-           "DeviceError"]
+           "EngineError", "DeviceError"]

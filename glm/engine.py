@@ -1,10 +1,16 @@
-"""The generation loop: every step runs one forward pass for all active sequences together.
+"""The generation loop: each step is schedule -> run -> postprocess for all active sequences together.
 
-New sequences join at the next step; their prompt is prefilled in chunks between decode steps so
-running streams keep flowing; finished or cancelled ones leave and free their KV cache. Each
-sequence has its own sampling parameters, seed, stops and cache, and every row of a batched step
-is computed independently of the others (per-sequence attention, row-independent kernels), so a
-sequence produces the same tokens whatever runs beside it.
+- schedule (glm.scheduler): which sequences prefill a prompt chunk or decode a token this step, and
+  who gets KV memory; plain Python, under the engine's lock, which guards only the queues and flags.
+- run (glm.runner): the forward passes and sampling, outside the lock, so `submit` and `cancel`
+  never wait for a step.
+- postprocess (glm.output): detokenize, stop, hand text to each sequence's reader.
+
+Each sequence has its own sampling parameters, seed, stops and KV extent, and every row of a batched
+step is computed independently, so a sequence produces the same tokens whatever runs beside it.
+Failures are contained per sequence. An error that escapes a step is retried a few steps; if the
+loop still cannot go on, every waiting and running request fails at once with the reason and the
+engine reports itself unhealthy.
 
 The loop is driven either by the caller (`step()`, as GLM.generate does for one stream) or by a
 background thread (`start()`, for a server with many concurrent requests).
@@ -12,128 +18,69 @@ background thread (`start()`, for a server with many concurrent requests).
 from __future__ import annotations
 
 import logging
-import queue
+import os
 import threading
-import time
-from collections import deque
 
-import torch
-
-from .errors import InputError
-from .generate import SamplingParams, StopMatcher, sample
-from .kvpool import ExtentAllocator, KVPool
-from .tokenizer import StreamDecoder
+from .errors import EngineError, InputError
+from .generate import SamplingParams
+from .kvpool import KVPool
+from .output import OutputStage
+from .runner import ModelRunner
+from .scheduler import Scheduler
+from .sequence import Sequence
 
 log = logging.getLogger("glm")
 
-_DONE = object()
+# Steps in a row that may fail outside the per-sequence containment before the loop gives up.
+MAX_FAILED_STEPS = 3
 
 
-class Sequence:
-    """One request: its tokens, cache, sampling state and the queue of text it produces."""
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer, eos_ids: set[int]):
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.tokens = list(prompt_ids)
-        self.eos_ids = eos_ids
-        self.generator = torch.Generator().manual_seed(params.seed)
-        self.decoder = StreamDecoder(tokenizer)
-        self.response = tokenizer.response_filter()  # the model's chat post-processing, or None
-        self.stopper = StopMatcher(params.stop)
-        self.cache = None               # its KVCache (a view of the engine's pool) while admitted
-        self.extent: int | None = None  # start of its extent in the pool
-        self.pos = 0                    # tokens already in the cache
-        self.finish_reason: str | None = None
-        self.error: BaseException | None = None
-        self.cancelled = False
-        self.chunks: queue.SimpleQueue = queue.SimpleQueue()
-        self.on_chunk = None            # called (from the engine thread) after each put: wakes async readers
-        self.t_submit = time.perf_counter()
-        self.t_first: float | None = None
-        self.t_done: float | None = None
-        self.peak_batch = 0             # most sequences decoded in one step with this one
-
-    @property
-    def capacity(self) -> int:
-        return len(self.prompt_ids) + self.params.max_new_tokens
-
-    @property
-    def new_tokens(self) -> int:
-        return len(self.tokens) - len(self.prompt_ids)
-
-    @property
-    def prefilling(self) -> bool:
-        return self.pos < len(self.prompt_ids)
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def accept(self, token: int) -> None:
-        """Sample-time bookkeeping for a new token; may finish the sequence."""
-        if self.t_first is None:
-            self.t_first = time.perf_counter()
-        if token in self.eos_ids:
-            self._finish("eos")
-            return
-        self.tokens.append(token)
-        text, stopped = self.stopper.feed(self._reply(self.decoder.push(token)))
-        self._emit(text)
-        if stopped:
-            self._finish("stop")
-        elif self.new_tokens >= self.params.max_new_tokens:
-            self._finish("length")
-
-    def _reply(self, text: str, final: bool = False) -> str:
-        if self.response is None:
-            return text
-        return self.response.push(text) + (self.response.flush() if final else "")
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self._finish("error", flush=False)
-
-    def _finish(self, reason: str, flush: bool = True) -> None:
-        if flush and reason != "stop":
-            text, stopped = self.stopper.feed(self._reply(self.decoder.flush(), final=True))
-            self._emit(text)
-            if stopped:
-                reason = "stop"
-            else:
-                self._emit(self.stopper.flush())
-        self.finish_reason = reason
-        self.t_done = time.perf_counter()
-        self.cache = None
-        self._put(_DONE)
-
-    def _emit(self, text: str) -> None:
-        if text:
-            self._put(text)
-
-    def _put(self, item) -> None:
-        self.chunks.put(item)
-        if self.on_chunk is not None:
-            self.on_chunk()
+def prefix_cache_tokens_from_env(default: int) -> int:
+    """GLM_PREFIX_CACHE_TOKENS: most tokens of finished requests' KV kept for reuse (0 = off)."""
+    raw = os.environ.get("GLM_PREFIX_CACHE_TOKENS", "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"GLM_PREFIX_CACHE_TOKENS must be an integer >= 0 (0 turns the prefix cache off), got {raw!r}")
+    return value
 
 
 class Engine:
     def __init__(self, model, tokenizer, cfg, device, *, max_batch: int = 8,
-                 kv_budget_tokens: int | None = None, prefill_chunk: int = 256):
+                 kv_budget_tokens: int | None = None, prefill_chunk: int = 256,
+                 prefix_cache_tokens: int | None = None):
+        """prefix_cache_tokens: cap of the prefix cache (None: GLM_PREFIX_CACHE_TOKENS, else the whole
+        KV budget, since cached entries yield their memory whenever a request needs it; 0 = off).
+        Off for models whose cached KV would not reproduce a recomputation bit for bit
+        (model.reuses_kv_exactly: ChatGLM-6B's bidirectional context, paths without row-invariant kernels)."""
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         self.max_batch = max_batch
         self.kv_budget_tokens = kv_budget_tokens or max_batch * cfg.max_context
         self.prefill_chunk = prefill_chunk
-        self.eos_ids = tokenizer.stop_ids
-        # The KV memory for the whole budget, allocated once; the allocator is its bookkeeping.
+        # The KV memory for the whole budget, allocated once; the scheduler's allocator is its bookkeeping.
         self.pool = KVPool(cfg, self.kv_budget_tokens, device, model.dtype)
-        self.extents = ExtentAllocator(self.kv_budget_tokens)
-        self.waiting: deque[Sequence] = deque()
-        self.active: list[Sequence] = []
-        self._lock = threading.RLock()
+        if prefix_cache_tokens is None:
+            prefix_cache_tokens = prefix_cache_tokens_from_env(self.kv_budget_tokens)
+        if not getattr(model, "reuses_kv_exactly", False):
+            prefix_cache_tokens = 0
+        self.scheduler = Scheduler(max_batch=max_batch, kv_budget_tokens=self.kv_budget_tokens,
+                                   prefill_chunk=prefill_chunk,
+                                   prefill_whole=getattr(model, "prefill_in_one_pass", False),
+                                   prefix_cache_tokens=min(prefix_cache_tokens, self.kv_budget_tokens),
+                                   kv=self.pool)
+        self.runner = ModelRunner(model, self.pool, device)
+        self.output = OutputStage(tokenizer, cfg)
+        self._lock = threading.Lock()           # the queues and flags; never held over a forward pass
         self._wakeup = threading.Condition(self._lock)
+        self._step_lock = threading.Lock()      # one step at a time
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._failed_steps = 0
+        self.dead: BaseException | None = None  # why the loop stopped for good
 
     # ---- requests ----
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
@@ -145,124 +92,126 @@ class Engine:
         if need > self.kv_budget_tokens:
             raise InputError(f"request needs {need} tokens of KV cache, more than this server's budget of "
                              f"{self.kv_budget_tokens}; lower max_new_tokens or shorten the prompt")
-        seq = Sequence(prompt_ids, params, self.tokenizer, self.eos_ids)
+        seq = Sequence(prompt_ids, params)
+        self.output.open(seq)
         with self._wakeup:
-            self.waiting.append(seq)
+            if self.dead is not None:
+                raise EngineError(f"the engine has stopped: {self.dead!r}")
+            self.scheduler.add(seq)
             self._wakeup.notify()
         return seq
 
     def cancel(self, seq: Sequence) -> None:
-        """The sequence leaves at the next step, or now when no thread runs the loop."""
+        """End the sequence now; its memory is freed at the next step (or now, when none runs)."""
         seq.cancelled = True
         with self._wakeup:
-            if self._thread is None:
-                self._reap()
+            self.scheduler.remove_waiting(seq)
             self._wakeup.notify()
+        seq.finish("canceled")
+        if self._thread is None and self._step_lock.acquire(blocking=False):
+            try:
+                with self._lock:
+                    self.scheduler.release_finished()
+            finally:
+                self._step_lock.release()
+
+    # ---- state ----
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def active(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    @property
+    def extents(self):
+        return self.scheduler.allocator
+
+    @property
+    def prefix_cache(self):
+        return self.scheduler.prefix_cache
 
     @property
     def reserved_tokens(self) -> int:
-        return self.kv_budget_tokens - self.extents.free_tokens
+        """KV tokens held by running sequences (cached entries not counted: they yield to requests)."""
+        return self.kv_budget_tokens - self.scheduler.allocator.free_tokens - self.scheduler.prefix_cache.tokens
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or running."""
+        with self._lock:
+            return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    @property
+    def healthy(self) -> bool:
+        """False once the loop has died (every request then fails at once)."""
+        return self.dead is None and (self._thread is None or self._thread.is_alive() or self._stopping)
+
+    @property
+    def threaded(self) -> bool:
+        return self._thread is not None
 
     # ---- the loop ----
     def step(self) -> bool:
-        """One iteration: admit, prefill one chunk, decode one token for every running sequence."""
-        with self._lock, torch.inference_mode():
-            self._reap()
-            self._admit()
-            if not self.active:
+        """One iteration: schedule, run, postprocess. False when there was nothing to do."""
+        with self._step_lock:
+            with self._lock:
+                batch = self.scheduler.schedule()
+            if not batch:
                 return False
-            prefill = next((s for s in self.active if s.prefilling), None)
-            if prefill is not None:
-                self._guarded([prefill], self._prefill_chunk)
-            running = [s for s in self.active if not s.prefilling and not s.done and not s.cancelled]
-            if running:
-                self._guarded(running, self._decode)
-            self._reap()
+            outcomes = self.runner.run(batch)
+            self.output.postprocess(outcomes)
             return True
 
     def start(self) -> None:
         """Run the loop in a daemon thread until stop()."""
+        if self.dead is not None:
+            raise EngineError(f"the engine has stopped: {self.dead!r}")
         if self._thread is None:
+            self._stopping = False
             self._thread = threading.Thread(target=self._run, name="glm-engine", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
+        """Stop the thread after its current step; queued and running requests stay for the next
+        start() (or for callers that drive step())."""
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-
-    @property
-    def threaded(self) -> bool:
-        return self._thread is not None
+        self._stopping = False
 
     def _run(self) -> None:
-        while True:
-            with self._wakeup:
-                while not self._stopping and not self.waiting and not self.active:
-                    self._wakeup.wait()
-                if self._stopping:
-                    return
-            self.step()
-
-    def _reap(self) -> None:
-        for s in self.active:
-            if s.cancelled and not s.done:
-                s._finish("canceled", flush=False)
-            if s.done and s.extent is not None:
-                self.extents.free(s.extent, s.capacity)
-                s.extent = None
-        self.active = [s for s in self.active if not s.done]
-        if any(s.cancelled for s in self.waiting):  # anywhere in the queue, not only at its head
-            for s in self.waiting:
-                if s.cancelled:
-                    s._finish("canceled", flush=False)
-            self.waiting = deque(s for s in self.waiting if not s.done)
-
-    def _admit(self) -> None:
-        while self.waiting and len(self.active) < self.max_batch:
-            seq = self.waiting[0]
-            start = self.extents.allocate(seq.capacity)
-            if start is None:
-                break  # waits for memory; first come, first served
-            self.waiting.popleft()
-            seq.extent, seq.cache = start, self.pool.cache(start, seq.capacity)
-            self.active.append(seq)
-
-    def _guarded(self, seqs: list[Sequence], fn) -> None:
-        # A failure (out of memory, a bug) fails the requests involved, never the loop.
         try:
-            fn(seqs)
+            while True:
+                with self._wakeup:
+                    while not self._stopping and not self.scheduler.has_work:
+                        self._wakeup.wait()
+                    if self._stopping:
+                        return
+                self._guarded_step()
+        except BaseException as e:  # noqa: BLE001 - the loop cannot go on: say so to every request
+            self._die(e)
+
+    def _guarded_step(self) -> None:
+        try:
+            self.step()
+            self._failed_steps = 0
         except Exception as e:  # noqa: BLE001
-            log.exception("generation step failed for %d sequence(s)", len(seqs))
-            for s in seqs:
-                if not s.done:
-                    s.fail(e)
+            self._failed_steps += 1
+            log.exception("engine step failed (%d in a row)", self._failed_steps)
+            if self._failed_steps >= MAX_FAILED_STEPS:
+                raise
 
-    def _prefill_chunk(self, seqs: list[Sequence]) -> None:
-        (seq,) = seqs
-        # Chunk boundaries depend only on the sequence itself, so results do too. ChatGLM-6B's
-        # context attends in both directions, so its prompt can only be prefilled whole.
-        chunk = len(seq.prompt_ids) if getattr(self.model, "prefill_in_one_pass", False) else self.prefill_chunk
-        end = min(seq.pos + chunk, len(seq.prompt_ids))
-        tokens = torch.tensor([seq.prompt_ids[seq.pos:end]], device=self.device)
-        logits = self.model(tokens, [seq.pos], [seq.cache], last_only=True)
-        seq.pos = end
-        if not seq.prefilling:
-            self._sample([seq], logits[:, -1])
-
-    def _decode(self, seqs: list[Sequence]) -> None:
-        tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
-        logits = self.model(tokens, [s.pos for s in seqs], [s.cache for s in seqs], last_only=True)
-        for s in seqs:
-            s.pos += 1
-            s.peak_batch = max(s.peak_batch, len(seqs))
-        self._sample(seqs, logits[:, -1])
-
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        logits = logits.float().cpu()
-        for s, row in zip(seqs, logits):
-            history = torch.tensor(s.tokens) if s.params.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
-            s.accept(sample(row, history, s.params, s.generator))
+    def _die(self, error: BaseException) -> None:
+        log.critical("the engine loop stopped: %r; failing every queued and running request", error,
+                     exc_info=(type(error), error, error.__traceback__))
+        reason = EngineError(f"the engine stopped: {error!r}")
+        with self._wakeup:
+            self.dead = error
+            seqs = self.scheduler.abort_all()
+        for seq in seqs:
+            seq.fail(reason)

@@ -1,4 +1,4 @@
-"""The two kinds of failure a caller must tell apart."""
+"""The kinds of failure a caller must tell apart."""
 
 
 class GLMError(Exception):
@@ -11,3 +11,7 @@ class CheckpointError(GLMError):
 
 class InputError(GLMError, ValueError):
     """A request cannot be served as given (bad parameter, prompt too long, ...)."""
+
+
+class EngineError(GLMError):
+    """The generation loop has stopped for good; the message says why."""

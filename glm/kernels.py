@@ -23,6 +23,9 @@ fp32 accumulation):
       (one decode step of attention for B sequences, each writing its new k, v into its own cache
        [layers, groups, capacity, hd] at slots[b] and attending over slots 0..slots[b]; fp32 / bf16;
        optional rotary embedding of q and k with cos, sin [B, P] first)
+  prefill_attention(q [T, heads, hd], k_cache, v_cache, layer, first_slot, scale)
+      (causal attention of a prompt chunk's rows over one cache already holding their k, v: row t
+       attends over slots 0..first_slot + t exactly as decode_attention would, same bits)
   rms_norm(x [..., K], weight [K], eps) / swiglu(h [..., 2F]) -> [..., F]   (fp32 / bf16, fp32 math)
   isa() / max_isa() / set_isa(name)  -- "scalar", "avx2", "avx512", "avx512bf16"
 """
@@ -213,6 +216,12 @@ def decode_attention(q, k, v, k_caches, v_caches, layer: int, slots: list[int], 
     q, k, v may be views into one qkv row per sequence."""
     q, k, v = (t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous() for t in (q, k, v))
     return get().decode_attention(q, k, v, k_caches, v_caches, layer, slots, scale, cos, sin)
+
+
+def prefill_attention(q, k_cache, v_cache, layer: int, first_slot: int, scale: float):
+    """Causal attention of q ([T, heads, hd], already rotated) at cache slots first_slot.. over a cache
+    ([layers, groups, capacity, hd]) that holds their keys and values; returns [T, heads, hd]."""
+    return get().prefill_attention(q.contiguous(), k_cache, v_cache, layer, first_slot, scale)
 
 
 def rms_norm(x, weight, eps: float):

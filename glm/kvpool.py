@@ -90,3 +90,30 @@ class KVPool:
     def element_offset(self, cache: KVCache) -> int:
         """Where a cache of this pool starts, in elements from the pool's base."""
         return (cache.k.data_ptr() - self.k.data_ptr()) // self.k.element_size()
+
+    def shrink(self, start: int, capacity: int, n: int) -> None:
+        """Rearrange the extent [start, start + capacity) in place so that its first n tokens form an
+        extent of n tokens (the layout of `cache(start, n)`); the caller frees the rest."""
+        if not 0 <= n <= capacity:
+            raise ValueError(f"cannot keep {n} tokens of a {capacity}-token extent")
+        if n == capacity:
+            return
+        rows = self.cfg.num_layers * self.cfg.kv_heads
+        hd = self.cfg.head_dim
+        lo = start * self.token_elements
+        for flat in (self.k, self.v):
+            src = flat[lo:lo + capacity * self.token_elements].view(rows, capacity, hd)
+            dst = flat[lo:lo + n * self.token_elements].view(rows, n, hd)
+            # Row r moves from r * capacity to r * n (never forward): in order, a row's source is
+            # only overwritten by itself, so a clone is needed exactly when the two overlap.
+            for r in range(1, rows):
+                piece = src[r, :n]
+                dst[r] = piece.clone() if r * capacity < (r + 1) * n else piece
+
+    def copy_rows(self, src_start: int, src_capacity: int, dst_start: int, dst_capacity: int, n: int) -> None:
+        """Copy the KV of positions 0..n-1 from one extent to another (a prefix-cache hit)."""
+        if n > min(src_capacity, dst_capacity):
+            raise ValueError(f"cannot copy {n} tokens between extents of {src_capacity} and {dst_capacity}")
+        src, dst = self.cache(src_start, src_capacity), self.cache(dst_start, dst_capacity)
+        dst.k[:, :, :n] = src.k[:, :, :n]
+        dst.v[:, :, :n] = src.v[:, :, :n]

@@ -164,10 +164,18 @@ class SelfAttention(nn.Module):
         v = v.view(B, T, cfg.kv_heads, cfg.head_dim)
         # Each sequence attends over its own cache: rows never see each other, and a row's result
         # does not depend on what else is in the batch.
+        row_kernel = fused_decode_attention(x, caches)
         out = []
         for b in range(B):
             keys, values = caches[b].update(layer, starts[b], k[b].transpose(0, 1), v[b].transpose(0, 1))
-            out.append(attend(q[b].transpose(0, 1), keys, values, caches[b].offset + starts[b]))
+            if row_kernel:
+                # Every query row through the decode kernel's math: a position's output is the same
+                # whichever chunk (or decode step) computes it, so cached KV can be reused exactly.
+                y = kernels.prefill_attention(q[b], caches[b].k, caches[b].v, layer,
+                                              caches[b].offset + starts[b], cfg.head_dim ** -0.5)
+                out.append(y.transpose(0, 1))
+            else:
+                out.append(attend(q[b].transpose(0, 1), keys, values, caches[b].offset + starts[b]))
         y = torch.stack(out).transpose(1, 2).reshape(B, T, cfg.q_size)
         return self.dense(y)
 
@@ -218,6 +226,20 @@ class ChatGLM2(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.encoder.final_layernorm.weight.dtype
+
+    @property
+    def reuses_kv_exactly(self) -> bool:
+        """Whether cached KV can stand in for a recomputation bit for bit: every row of the forward
+        pass (fused CPU kernels: row-wise linears and norms, per-row attention) is computed the same
+        way in any prefill chunk or decode step, so the engine's prefix cache changes no output."""
+        w = self.encoder.final_layernorm.weight
+        if not cpu_kernels(w):
+            return False
+        # bf16 activations on fp16 dense weights take a bf16 GEMM past one chunk of rows
+        # (quant.half_weight_linear), whose rows depend on how many there are.
+        fp16_dense = any(getattr(m, "weight", None) is not None and m.weight.dtype == torch.float16
+                         for m in self.encoder.layers.modules())
+        return w.dtype == torch.float32 or not fp16_dense
 
     def hidden_states(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache]) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden] for tokens [B, T] at positions starts[b]..; fills the caches."""

@@ -154,6 +154,9 @@ class TiedHead(nn.Module):
 class ChatGLM(nn.Module):
     # The bidirectional context needs the whole prompt in one forward pass (the engine reads this).
     prefill_in_one_pass = True
+    # A prompt token's KV depends on the tokens after it (bidirectional context), so a cached
+    # conversation's KV is not the KV of a longer prompt that starts with it: no prefix cache.
+    reuses_kv_exactly = False
 
     def __init__(self, cfg: ChatGLMConfig):
         super().__init__()

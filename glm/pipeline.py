@@ -8,10 +8,11 @@ import time
 
 import torch
 
-from .engine import _DONE, Engine, Sequence
-from .errors import InputError
+from .engine import Engine
+from .errors import EngineError, InputError
 from .generate import SamplingParams
 from .model import KVCache
+from .sequence import Sequence
 
 
 class GLM:
@@ -85,7 +86,13 @@ class GLM:
 
 
 class Stream:
-    """Iterator of text chunks for one sequence; finish details are set once it is exhausted."""
+    """Iterator of text chunks for one request; finish details and statistics once it is exhausted.
+
+    Never waits forever: while no chunk comes it checks that the engine is alive, and a dead engine
+    ends the stream with the engine's error.
+    """
+
+    POLL_S = 0.5  # how often a waiting reader checks that the engine is still alive
 
     def __init__(self, engine: Engine, seq: Sequence):
         self.engine, self.seq = engine, seq
@@ -96,16 +103,15 @@ class Stream:
     def __next__(self) -> str:
         while True:
             try:
-                item = self.seq.chunks.get_nowait()
+                chunk = self.seq.read(timeout=self.POLL_S if self.engine.threaded else 0)
             except queue.Empty:
-                if self.engine.threaded:
-                    item = self.seq.chunks.get()
-                else:
-                    self.engine.step()
-                    continue
-            if self._ended(item):
+                if not self.engine.threaded:
+                    self.engine.step()  # no loop thread: the reader drives the engine
+                self._check_engine()
+                continue
+            if chunk is None:
                 raise StopIteration
-            return item
+            return chunk
 
     def __aiter__(self):
         """Async iteration for a server whose engine runs in its thread (Engine.start())."""
@@ -113,7 +119,7 @@ class Stream:
             raise RuntimeError("async iteration needs the engine loop running in its thread (Engine.start())")
         loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
-        self.seq.on_chunk = lambda: loop.call_soon_threadsafe(self._ready.set)
+        self.seq.on_output(lambda: loop.call_soon_threadsafe(self._ready.set))
         return self
 
     async def __anext__(self) -> str:
@@ -122,24 +128,29 @@ class Stream:
         await asyncio.sleep(0)
         while True:
             try:
-                item = self.seq.chunks.get_nowait()
+                chunk = self.seq.read(timeout=0)
             except queue.Empty:
                 self._ready.clear()
-                if self.seq.chunks.empty():  # nothing arrived between the check and the clear
-                    await self._ready.wait()
-                continue
-            if self._ended(item):
+                try:  # nothing arrived between the read and the clear, so a wake-up will come
+                    chunk = self.seq.read(timeout=0)
+                except queue.Empty:
+                    try:
+                        await asyncio.wait_for(self._ready.wait(), self.POLL_S)
+                    except asyncio.TimeoutError:
+                        self._check_engine()
+                    continue
+            if chunk is None:
                 raise StopAsyncIteration
-            return item
+            return chunk
 
-    def _ended(self, item) -> bool:
-        """True at the end of the stream; a failed sequence raises its error instead."""
-        if item is _DONE and self.seq.error is not None:
-            raise self.seq.error
-        return item is _DONE
+    def _check_engine(self) -> None:
+        if self.engine.dead is not None and not self.seq.done:
+            self.seq.fail(EngineError(f"the engine stopped: {self.engine.dead!r}"))
 
     def cancel(self) -> None:
-        self.engine.cancel(self.seq)
+        """Stop the request; never waits for the engine. A no-op once it has ended."""
+        if not self.seq.done:
+            self.engine.cancel(self.seq)
 
     close = cancel
 
@@ -147,9 +158,15 @@ class Stream:
         if not self.seq.done:
             self.engine.cancel(self.seq)
 
+    # ---- finish details and statistics ----
     @property
     def prompt_tokens(self) -> int:
         return len(self.seq.prompt_ids)
+
+    @property
+    def cached_prompt_tokens(self) -> int:
+        """Prompt tokens whose KV came from the prefix cache instead of being prefilled."""
+        return self.seq.cached_tokens
 
     @property
     def max_new_tokens(self) -> int:
@@ -160,7 +177,13 @@ class Stream:
         return self.seq.new_tokens
 
     @property
+    def token_ids(self) -> list[int]:
+        """The generated ids (without the prompt)."""
+        return self.seq.tokens[len(self.seq.prompt_ids):]
+
+    @property
     def finish_reason(self) -> str | None:
+        """"eos", "stop", "length", "canceled" or "error"; None while it runs."""
         return self.seq.finish_reason
 
     @property
@@ -174,10 +197,31 @@ class Stream:
 
     @property
     def elapsed(self) -> float:
-        """Seconds from submission to the end of the sequence (or to now while it runs)."""
+        """Seconds from submission to the end of the request (or to now while it runs)."""
         end = self.seq.t_done if self.seq.t_done is not None else time.perf_counter()
         return end - self.seq.t_submit
 
     @property
     def time_to_first_token(self) -> float | None:
         return None if self.seq.t_first is None else self.seq.t_first - self.seq.t_submit
+
+    @property
+    def tokens_per_second(self) -> float:
+        elapsed = self.elapsed
+        return self.new_tokens / elapsed if elapsed > 0 else 0.0
+
+    def metrics(self) -> dict:
+        """What a serving platform records per prediction (Replicate's names)."""
+        out = {"input_token_count": self.prompt_tokens, "output_token_count": self.new_tokens,
+               "tokens_per_second": round(self.tokens_per_second, 3)}
+        if self.time_to_first_token is not None:
+            out["time_to_first_token"] = round(self.time_to_first_token, 4)
+        return out
+
+    def summary(self) -> str:
+        """One log line: sizes, timings, batching, seed and how it ended."""
+        ttft = f"{self.time_to_first_token:.3f}s" if self.time_to_first_token is not None else "n/a"
+        return (f"prompt_tokens={self.prompt_tokens} new_tokens={self.new_tokens} time_to_first_token={ttft} "
+                f"cached_prompt_tokens={self.cached_prompt_tokens} "
+                f"tokens_per_s={self.tokens_per_second:.2f} peak_batch={self.peak_batch} seed={self.seed} "
+                f"finish_reason={self.finish_reason or 'canceled'}")

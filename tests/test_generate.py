@@ -157,7 +157,7 @@ def test_stop_string_is_cut_and_never_streamed(tiny_model, prompt):
 
 def test_eos_ends_generation_without_text(tiny_model, monkeypatch):
     script = iter([100, 200, 2, 300])
-    monkeypatch.setattr("glm.engine.sample", lambda *a: next(script))
+    monkeypatch.setattr("glm.runner.sample", lambda *a: next(script))
     s, chunks = run(tiny_model, PROMPTS[0], max_new_tokens=10)
     assert s.finish_reason == "eos" and s.new_tokens == 2
     assert "".join(chunks) == tiny_model.tokenizer.decode([100, 200])
@@ -190,11 +190,7 @@ def test_batched_sequences_equal_their_solo_runs(tiny_model):
     while engine.step():
         pass
     for seq, (text, ids) in zip(seqs, want):
-        got = []
-        while not seq.chunks.empty():
-            item = seq.chunks.get()
-            if isinstance(item, str):
-                got.append(item)
+        got = list(iter(lambda: seq.read(timeout=0), None))
         assert seq.tokens[len(seq.prompt_ids):] == ids
         assert "".join(got) == text
 

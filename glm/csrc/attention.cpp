@@ -2,6 +2,9 @@
 // written into that sequence's KV cache and attends over the cache's first slot + 1 entries.
 // One call per layer for the whole batch replaces ~15 small torch ops per sequence (cache slice
 // and copy, two matmuls, scale, softmax, casts), which cost more than the math at decode.
+// prefill_attention runs a prompt chunk's query rows through the same per-row task, so a
+// position's attention output has the same bits whether it was computed in a decode step or in
+// any prefill chunk (ROW INVARIANCE: what lets the engine reuse cached KV exactly).
 //
 //   q [B, heads, hd], k / v [B, groups, hd]: the new token, dtype = cache dtype; each sequence's
 //     rows contiguous (the batch stride is free, so q, k, v can be views into the qkv output)
@@ -254,6 +257,50 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         Task task{qg, kc + base, vc + base, op + (b * heads + g * hpg) * hd, slots[b] + 1, hd, hpg,
                   static_cast<float>(scale)};
         attend<T>(task, sc);
+      }
+    });
+  };
+  if (dt == at::kFloat)
+    run(float{});
+  else
+    run(c10::BFloat16{});
+  return out;
+}
+
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             int64_t layer, int64_t first_slot, double scale) {
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "prefill_attention: float32 or bfloat16 only, got ", dt);
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.device().is_cpu(),
+              "prefill_attention: q must be a contiguous CPU tensor [T, heads, hd]");
+  const int64_t T = q.size(0), heads = q.size(1), hd = q.size(2);
+  for (const auto* c : {&k_cache, &v_cache})
+    TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == dt && c->is_contiguous() && c->dim() == 4 &&
+                    c->size(3) == hd && c->sizes() == k_cache.sizes() && layer >= 0 && layer < c->size(0),
+                "prefill_attention: caches must be contiguous [layers, groups, capacity, ", hd,
+                "] tensors of q's dtype with layer ", layer);
+  const int64_t G = k_cache.size(1), C = k_cache.size(2);
+  TORCH_CHECK(G > 0 && heads % G == 0, "prefill_attention: ", heads, " query heads for ", G, " kv groups");
+  TORCH_CHECK(first_slot >= 0 && first_slot + T <= C, "prefill_attention: rows ", first_slot, "..",
+              first_slot + T, " outside cache capacity ", C);
+  at::Tensor out = at::empty({T, heads, hd}, q.options());
+  const int64_t hpg = heads / G;
+  auto run = [&](auto type_tag) {
+    using D = decltype(type_tag);
+    const D* qp = static_cast<const D*>(q.data_ptr());
+    const D* kc = static_cast<const D*>(k_cache.data_ptr());
+    const D* vc = static_cast<const D*>(v_cache.data_ptr());
+    D* op = static_cast<D*>(out.data_ptr());
+    // Row r attends over first_slot + r + 1 keys: rows are taken alternately from both ends so that
+    // the threads' contiguous ranges of tasks carry about the same work.
+    at::parallel_for(0, T * G, 1, [&](int64_t t0, int64_t t1) {
+      thread_local Scratch sc;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t i = t / G, g = t % G, r = (i % 2 == 0) ? i / 2 : T - 1 - i / 2;
+        const int64_t base = (layer * G + g) * C * hd;
+        Task task{qp + (r * heads + g * hpg) * hd, kc + base, vc + base, op + (r * heads + g * hpg) * hd,
+                  first_slot + r + 1, hd, hpg, static_cast<float>(scale)};
+        attend<D>(task, sc);
       }
     });
   };

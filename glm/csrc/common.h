@@ -96,6 +96,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
                             int64_t layer, const std::vector<int64_t>& slots, double scale,
                             const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin);
+// attention.cpp: a prompt chunk's causal attention over one cache, each query row as a decode step.
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             int64_t layer, int64_t first_slot, double scale);
 
 // pointwise.cpp: RMSNorm over the last dim and SwiGLU (silu(first half) * second half), fp32 math.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);

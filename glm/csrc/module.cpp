@@ -95,6 +95,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one decode step of attention for B sequences, each over its own KV cache (attention.cpp)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k_caches"), py::arg("v_caches"), py::arg("layer"),
         py::arg("slots"), py::arg("scale"), py::arg("cos") = py::none(), py::arg("sin") = py::none(), nogil);
+  m.def("prefill_attention", &glm::prefill_attention,
+        "causal attention of rows first_slot.. of a prompt chunk over one KV cache, each row as decode_attention "
+        "computes it (attention.cpp)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("layer"), py::arg("first_slot"),
+        py::arg("scale"), nogil);
   m.def("rms_norm", &glm::rms_norm, "RMSNorm over the last dim, fp32 math (pointwise.cpp)", py::arg("x"),
         py::arg("weight"), py::arg("eps"), nogil);
   m.def("swiglu", &glm::swiglu, "silu(h[..., :F]) * h[..., F:] (pointwise.cpp)", py::arg("h"), nogil);
