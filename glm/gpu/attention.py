@@ -153,3 +153,27 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: 
     if mask is None:
         return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
+
+
+def _decode_spec(shape_class: str, heads: int, groups: int, head_dim: int, rotary: bool):
+    from .compile import KernelSpec
+    ptrs = ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "pool_k_ptr", "pool_v_ptr")
+    signature = {**{p: "*fp16" for p in ptrs}, "cache_offset_ptr": "*i64", "cache_slots_ptr": "*i64",
+                 "slot_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "layer": "i32", "scale": "fp32",
+                 **{s: "i32" for s in ("q_stride_b", "q_stride_h", "k_stride_b", "k_stride_g", "v_stride_b",
+                                       "v_stride_g", "cos_stride_b")},
+                 **{c: "constexpr" for c in ("GROUPS", "HEADS_PER_GROUP", "HEAD_DIM", "ROTARY", "BLOCK_N")}}
+    return KernelSpec(
+        kernel=_decode_attention_kernel, shape_class=shape_class, signature=signature,
+        constexprs={"GROUPS": groups, "HEADS_PER_GROUP": heads // groups, "HEAD_DIM": head_dim,
+                    "ROTARY": rotary, "BLOCK_N": KEY_BLOCK},
+        # every pointer comes from a torch allocation; strides are multiples of head_dim = 128
+        aligned=(*ptrs, "cache_offset_ptr", "cache_slots_ptr", "slot_ptr", "cos_ptr", "sin_ptr",
+                 "q_stride_b", "q_stride_h", "k_stride_b", "k_stride_g", "v_stride_b", "v_stride_g", "cos_stride_b"),
+        no_spills=True)
+
+
+COMPILE_SPECS = [
+    _decode_spec("decode ChatGLM2-6B (32 heads, 2 groups, hd 128, rotary)", 32, 2, 128, True),
+    _decode_spec("decode ChatGLM-6B (32 heads, hd 128, rotated outside)", 32, 32, 128, False),
+]

@@ -52,3 +52,18 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     block = min(SWIGLU_BLOCK, triton.next_power_of_2(n))
     _swiglu_kernel[(h2.shape[0], triton.cdiv(n, block))](h2, out, n, BLOCK=block)
     return out.view(*h.shape[:-1], n)
+
+
+def _specs():
+    from .compile import KernelSpec
+    rms = {"x_ptr": "*fp16", "w_ptr": "*fp16", "out_ptr": "*fp16", "n": "i32", "eps": "fp32", "BLOCK": "constexpr"}
+    swiglu = {"h_ptr": "*fp16", "out_ptr": "*fp16", "n": "i32", "BLOCK": "constexpr"}
+    return [
+        KernelSpec(kernel=_rms_norm_kernel, shape_class="RMSNorm hidden 4096", signature=rms,
+                   constexprs={"BLOCK": 4096}, aligned=("x_ptr", "w_ptr", "out_ptr", "n"), no_spills=True),
+        KernelSpec(kernel=_swiglu_kernel, shape_class="SwiGLU ffn 13696", signature=swiglu,
+                   constexprs={"BLOCK": SWIGLU_BLOCK}, aligned=("h_ptr", "out_ptr", "n"), no_spills=True),
+    ]
+
+
+COMPILE_SPECS = _specs()
