@@ -119,6 +119,9 @@ class Engine:
         self.kv_budget_tokens = kv_budget_tokens or max_batch * cfg.max_context
         self.prefill_chunk = prefill_chunk
         self.eos_ids = {cfg.eos_token_id}
+        if torch.device(device).type == "cuda":  # fail here, with numbers, if the budget cannot fit
+            from .gpu import memory
+            memory.check_device(model, cfg, self.kv_budget_tokens, max_batch, prefill_chunk, device)
         # The KV memory for the whole budget, allocated once; the allocator is its bookkeeping.
         self.pool = KVPool(cfg, self.kv_budget_tokens, device, model.dtype)
         self.extents = ExtentAllocator(self.kv_budget_tokens)

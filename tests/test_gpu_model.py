@@ -13,7 +13,7 @@ import glm
 from glm.config import ChatGLMConfig
 from glm.engine import _DONE
 from glm.errors import CheckpointError
-from glm.gpu import selftest
+from glm.gpu import memory, selftest
 from glm.kvpool import KVPool
 from glm.loader import _set_backend
 from glm.model import ChatGLM2
@@ -186,3 +186,46 @@ def test_failed_selftest_loads_the_torch_backend(tiny_dir, monkeypatch, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "decode_attention: RuntimeError: device kernel image is invalid" in warnings[0]
     assert "".join(model.generate("hello", max_new_tokens=3, temperature=0))
+
+
+# ---- the GPU memory plan (the computation; the device query is torch.cuda.mem_get_info)
+
+def chatglm2_6b_config() -> ChatGLMConfig:
+    from glm.tiny import FULL, config_json
+    return ChatGLMConfig.from_dict(config_json(FULL, 65024, 4))
+
+
+def test_memory_plan_for_chatglm2_6b_int4_on_a_t4():
+    cfg = chatglm2_6b_config()
+    assert cfg.max_context == 8192 and KVPool.bytes_per_token(cfg, torch.float16) == 28 * 2 * 2 * 128 * 2
+    weights = 3_900_000_000  # what the int4 checkpoint puts on the device
+    total = 15 * memory.GiB
+    p = memory.MemoryPlan(weights=weights, kv_pool=8 * 8192 * 28672,
+                          workspace=memory.workspace_bytes(cfg, 8, 256, torch.float16),
+                          free=total - weights - memory.GiB // 4, total=total)
+    assert p.kv_pool == 1_879_048_192 and 0.3 * memory.GiB < p.workspace < 0.6 * memory.GiB
+    assert p.fits
+    memory.check(p, 8 * 8192)
+    too_big = memory.MemoryPlan(weights=weights, kv_pool=400_000 * 28672, workspace=p.workspace,
+                                free=p.free, total=total)
+    with pytest.raises(memory.MemoryPlanError) as e:
+        memory.check(too_big, 400_000)
+    room = (p.free - p.workspace - memory.RESERVE) // 28672
+    assert f"KV budget of 400000 tokens does not fit" in str(e.value) and f"at most {room} tokens fit" in str(e.value)
+    assert 300_000 < room < 400_000
+
+
+def test_memory_plan_from_a_loaded_model(models, monkeypatch, caplog):
+    fast = models["chatglm2-int4"][0]
+    cfg = fast.config
+    weights = memory.model_bytes(fast.model)
+    assert weights == sum(t.nbytes for t in fast.model.state_dict().values())
+    kv = KVPool.bytes_per_token(cfg, torch.float16)
+    monkeypatch.setattr(memory, "device_memory", lambda device: (memory.RESERVE + memory.GiB, 2 * memory.GiB))
+    with caplog.at_level(logging.INFO, logger="glm"):
+        p = memory.check_device(fast.model, cfg, 1000, 8, 256, "cuda")
+    assert p.kv_pool == 1000 * kv and p.weights == weights
+    assert any(r.getMessage().startswith("GPU memory plan: weights") for r in caplog.records)
+    monkeypatch.setattr(memory, "device_memory", lambda device: (memory.RESERVE, 2 * memory.GiB))
+    with pytest.raises(memory.MemoryPlanError, match="at most 0 tokens fit"):
+        memory.check_device(fast.model, cfg, 1000, 8, 256, "cuda")
