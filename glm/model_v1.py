@@ -152,18 +152,14 @@ class TiedHead(nn.Module):
     so the 1 GB matrix exists once, in the checkpoint's fp16.
     """
 
-    backend = "torch"  # "triton": glm.gpu.linear.half_linear (set by the loader)
+    backend = "torch"  # "triton": glm.gpu.linear's kernel (set by the loader)
 
     def __init__(self, block_rows: int | None = None):
         super().__init__()
         self.block_rows = block_rows
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton":
-            from .gpu import linear
-            shape = x.shape
-            return linear.half_linear(x.reshape(-1, shape[-1]), weight, None).view(*shape[:-1], -1)
-        return half_weight_linear(x, weight, block_rows=self.block_rows)
+        return half_weight_linear(x, weight, block_rows=self.block_rows, backend=self.backend)
 
 
 class ChatGLM(nn.Module):

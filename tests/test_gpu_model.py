@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import gpu_support  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
 import pytest
 import torch
 
