@@ -66,8 +66,7 @@ def _decode_attention_kernel(
     denom = tl.exp(m - m)
     acc = v_new.to(tl.float32)
     n = tl.arange(0, BLOCK_N)
-    start = slot * 0
-    while start < slot:  # a loop bound loaded from memory: `while`, which the interpreter also runs
+    for start in range(0, slot, BLOCK_N):
         rows = start + n
         valid = rows < slot
         offs = base + rows[:, None] * HEAD_DIM + d[None, :]
@@ -80,7 +79,6 @@ def _decode_attention_kernel(
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         denom = denom * alpha + tl.sum(p, axis=0)
         m = m_new
-        start += BLOCK_N
     tl.store(out_ptr + (b * GROUPS * HEADS_PER_GROUP + head) * HEAD_DIM + d, (acc / denom).to(dtype))
 
 
