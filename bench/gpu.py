@@ -132,13 +132,20 @@ def run(args) -> dict:
     if cuda:
         out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
         out["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        import resource
+        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     ctx = w["prompt"]
     out["bytes_per_step_batch1"] = step_bytes(m, 1, ctx)
     out["bytes_per_step_batch8"] = step_bytes(m, 8, ctx)
     bandwidth = args.bandwidth_gbs * 1e9
-    out["roofline_fraction_batch1"] = round(out["batch1_decode_tok_s"] * out["bytes_per_step_batch1"] / bandwidth, 4)
-    out["roofline_fraction_batch8"] = round(out["batch8_decode_tok_s"] / 8 * out["bytes_per_step_batch8"] / bandwidth, 4)
+    out["roofline_fraction_batch1"] = _sig(out["batch1_decode_tok_s"] * out["bytes_per_step_batch1"] / bandwidth)
+    out["roofline_fraction_batch8"] = _sig(out["batch8_decode_tok_s"] / 8 * out["bytes_per_step_batch8"] / bandwidth)
     return out
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.3g}")
 
 
 def main(args) -> int:

@@ -228,3 +228,27 @@ def test_memory_plan_from_a_loaded_model(models, monkeypatch, caplog):
     monkeypatch.setattr(memory, "device_memory", lambda device: (memory.RESERVE, 2 * memory.GiB))
     with pytest.raises(memory.MemoryPlanError, match="at most 0 tokens fit"):
         memory.check_device(fast.model, cfg, 1000, 8, 256, "cuda")
+
+
+def test_bench_device_cuda_logic_runs_under_the_interpreter(models, capsys):
+    """`python -m bench --device interpret --tiny`: the GPU benchmark's code path, end to end."""
+    import json
+
+    from bench.__main__ import main
+    assert main(["--device", "interpret", "--tiny", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["backend"] == "triton" and result["layers"] == 2
+    for key in ("prefill_tok_s", "batch1_decode_tok_s", "batch8_decode_tok_s", "ttft_s", "peak_rss_bytes",
+                "roofline_fraction_batch1", "roofline_fraction_batch8"):
+        assert result[key] > 0, key
+    # The bench's checkpoint is tiny_dir's: its stored weights (every linear with its scales, the
+    # fp16 output layer) are read once per step whatever the batch; 8 streams add only activations
+    # and their own KV caches.
+    model = models["chatglm2-int4"][0]
+    weights = sum(t.nbytes for n, t in model.model.state_dict().items()
+                  if "layernorm" not in n and "word_embeddings" not in n)
+    linears = [m for m in model.model.modules() if isinstance(m, (QuantLinear, HalfLinear))]
+    activations = sum(2 * (m.in_features + m.out_features) for m in linears)  # fp16 x in, y out per row
+    kv_per_seq = 12 * KVPool.bytes_per_token(model.config, torch.float16)  # the 12-token prompt's cache
+    assert result["bytes_per_step_batch1"] == weights + activations + kv_per_seq
+    assert result["bytes_per_step_batch8"] == weights + 8 * (activations + kv_per_seq)
