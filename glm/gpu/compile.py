@@ -94,7 +94,7 @@ def compile_spec(spec: KernelSpec, arch: int, module: str = "") -> CompileResult
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = _jit_function(spec.kernel)
+    fn = spec.kernel
     name = fn.__name__
     try:
         names = list(fn.arg_names)
@@ -111,7 +111,7 @@ def compile_spec(spec: KernelSpec, arch: int, module: str = "") -> CompileResult
     result = CompileResult(module, name, spec.shape_class, shared_bytes=compiled.metadata.shared, **usage)
     if spec.no_spills and (result.spill_stores or result.spill_loads):
         return CompileResult(module, name, spec.shape_class, error=(
-            f"spills in a decode kernel ({result.registers} registers, {result.spill_stores} B "
+            f"spills in a kernel that must not spill ({result.registers} registers, {result.spill_stores} B "
             f"stored / {result.spill_loads} B loaded)"))
     return result
 
@@ -147,12 +147,6 @@ def compile_all(arch: int, modules=MODULES, out=print) -> bool:
     failed = sum(not r.ok for r in results)
     out(f"sm_{arch}: {len(results) - failed}/{len(results)} kernels compiled")
     return failed == 0 and bool(results)
-
-
-def _jit_function(kernel):
-    """The JITFunction behind `kernel` (under TRITON_INTERPRET=1, @triton.jit gives an interpreted one)."""
-    from triton.runtime.jit import JITFunction
-    return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
 
 
 def _first_line(e: Exception) -> str:
