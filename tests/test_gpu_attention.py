@@ -94,17 +94,20 @@ def test_decode_attention_is_batch_invariant():
         assert all(torch.equal(ys[0], y) for y in ys[1:]), i
 
 
-def test_pool_addresses():
+def test_pool_views_and_decode_plan():
     cfg = make_cfg()
     pool = random_pool(cfg, 50)
     caches = [pool.cache(10, 20), pool.cache(0, 10)]
-    k, v, offsets, slot_counts = attention.pool_addresses(caches, "cpu")
+    k, v, offsets = attention.pool_views(caches)
     assert k.data_ptr() == pool.k.data_ptr() and v.data_ptr() == pool.v.data_ptr()
-    assert offsets.tolist() == [pool.element_offset(c) for c in caches]
-    assert slot_counts.tolist() == [20, 10]
+    assert k.numel() == pool.k.numel() and offsets == [pool.element_offset(c) for c in caches]
+    plan = decode_plan(caches, [4, 7], "cpu")
+    assert [t.tolist() for t in plan[2:]] == [offsets, [20, 10], [4, 7]]
+    assert [t.tolist() for t in decode_plan(caches, [5, 8], "cpu")[2:]] == [offsets, [20, 10], [5, 8]]
     alone = KVCache(cfg, 8, "cpu", torch.float16)  # its own pool
-    assert attention.pool_addresses([alone], "cpu")[2].tolist() == [0]
-    assert attention.pool_addresses([caches[0], alone], "cpu") is None
+    assert attention.pool_views([alone])[2] == [0]
+    assert attention.pool_views([caches[0], alone]) is None
+    assert decode_plan([caches[0], alone], [1, 1], "cpu") is None
 
 
 @pytest.mark.parametrize("rows,dim", [(1, 64), (3, 96), (2, 4096)])

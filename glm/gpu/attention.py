@@ -109,8 +109,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_k: 
     return out
 
 
-def pool_addresses(caches, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(flat k, flat v, element offsets, slot counts) addressing every cache from one base, or None.
+def pool_views(caches) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
+    """(flat k, flat v, each cache's element offset) addressing every cache from one base, or None.
 
     The engine's caches are views of its KVPool; a cache made on its own (GLM.logits) is its own
     pool. None when the caches do not share one k storage and one v storage.
@@ -129,8 +129,7 @@ def pool_addresses(caches, device) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         offsets.append(off_k)
     flat_k = torch.empty(0, dtype=k0.dtype, device=k0.device).set_(k_store)
     flat_v = torch.empty(0, dtype=v0.dtype, device=v0.device).set_(v_store)
-    slots = [c.k.shape[2] for c in caches]
-    return flat_k, flat_v, torch.tensor(offsets, device=device), torch.tensor(slots, device=device)
+    return flat_k, flat_v, offsets
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,

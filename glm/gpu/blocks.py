@@ -11,24 +11,26 @@ import torch.nn.functional as F
 from . import attention, pointwise
 
 
-class _DecodePlan:
-    """Pool addresses of one decode step's caches, built once per step and reused by every layer."""
-
-    _last: tuple | None = None
-
-    @classmethod
-    def get(cls, caches, slots: list[int], device):
-        key = (tuple((c.k.data_ptr(), c.v.data_ptr(), c.k.shape[2]) for c in caches), tuple(slots), device)
-        if cls._last is None or cls._last[0] != key:
-            pool = attention.pool_addresses(caches, device)
-            plan = None if pool is None else (*pool, torch.tensor(slots, device=device))
-            cls._last = (key, plan)
-        return cls._last[1]
+# The per-sequence tensors of the last decode step, keyed by the values they hold: every layer of a
+# step asks for the same ones, so they are copied to the device once per step. No reference to the
+# pool is kept (a replaced engine's pool is freed). Read and replaced as one tuple: concurrent
+# callers (another model's self-test) at worst rebuild it.
+_last_plan: tuple | None = None
 
 
 def decode_plan(caches, slots: list[int], device):
     """(pool k, pool v, cache offsets, cache slot counts, new-token slots) or None (no shared pool)."""
-    return _DecodePlan.get(caches, slots, device)
+    global _last_plan
+    views = attention.pool_views(caches)
+    if views is None:
+        return None
+    flat_k, flat_v, offsets = views
+    key = (tuple(offsets), tuple(c.k.shape[2] for c in caches), tuple(slots), str(device))
+    last = _last_plan
+    if last is None or last[0] != key:
+        last = (key, tuple(torch.tensor(v, device=device) for v in key[:3]))
+        _last_plan = last
+    return (flat_k, flat_v, *last[1])
 
 
 def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
