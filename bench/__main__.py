@@ -4,6 +4,8 @@
     python -m bench --small          # 4 layers, same widths, a few minutes
     python -m bench --json           # last stdout line is one JSON object
     python -m bench --threads 2
+    python -m bench --device cuda    # the Triton backend on a GPU (bench/gpu.py; --tiny with
+                                     # --device interpret runs it here under the Triton interpreter)
 
 Both sides use random weights of the real shapes (speed does not depend on values).
 The peer side builds chatglm-cpp once (12-18 min, cached in ~/.cache/glm-bench/).
@@ -129,8 +131,17 @@ def main(argv=None) -> int:
                          "activations of glm.load(int8_activations=True))")
     ap.add_argument("--no-chat", action="store_true",
                     help="skip the 4-round chat (time to first token per round with and without the prefix cache)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "interpret"),
+                    help="cuda: the Triton backend on the GPU (bench/gpu.py); interpret: the same on "
+                         "CPU tensors under TRITON_INTERPRET=1 (with --tiny), to check its logic")
+    ap.add_argument("--tiny", action="store_true", help="with --device cuda/interpret: the 2-layer tiny checkpoint")
+    ap.add_argument("--bandwidth-gbs", type=float, default=320.0,
+                    help="with --device cuda/interpret: device bandwidth for the roofline (T4: 320)")
     args = ap.parse_args(argv)
     args.layers = 4 if args.small else 28
+    if args.device != "cpu":
+        from . import gpu
+        return gpu.main(args)
     t_start = time.time()
 
     def log(msg):

@@ -21,6 +21,8 @@ import logging
 import os
 import threading
 
+import torch
+
 from .errors import EngineError, InputError
 from .generate import SamplingParams
 from .kvpool import KVPool
@@ -61,6 +63,9 @@ class Engine:
         self.max_batch = max_batch
         self.kv_budget_tokens = kv_budget_tokens or max_batch * cfg.max_context
         self.prefill_chunk = prefill_chunk
+        if torch.device(device).type == "cuda":  # fail here, with numbers, if the budget cannot fit
+            from .gpu import memory
+            memory.check_device(model, cfg, self.kv_budget_tokens, max_batch, prefill_chunk, device)
         # The KV memory for the whole budget, allocated once; the scheduler's allocator is its bookkeeping.
         self.pool = KVPool(cfg, self.kv_budget_tokens, device, model.dtype)
         if prefix_cache_tokens is None:

@@ -143,13 +143,16 @@ def swap_linears(model: nn.Module, cfg: ChatGLMConfig, bits: int, half_linears: 
 
 
 def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         quantize: int | None = None, int8_activations: bool = False):
+         quantize: int | None = None, int8_activations: bool = False, backend: str | None = None):
     """Load a ChatGLM checkpoint directory; returns a glm.GLM ready to generate.
 
     device: "cpu", "cuda", or "auto" (the GPU in fp16 when torch can use it, else the CPU in
     float32; an NVIDIA GPU torch cannot use raises glm.DeviceError, see glm.device).
     int8_activations (CPU, int4 checkpoints, float32): opt into the faster int8-activation linears
     (glm.quant.QuantLinear); it changes the numerics, so it is off by default.
+    backend: "torch" or "triton" (glm.gpu's kernels, fp16); None picks "triton" on CUDA when its
+    self-test passes, else "torch". On the CPU "triton" needs TRITON_INTERPRET=1 and builds exactly
+    the model CUDA would.
     """
     from .pipeline import GLM
 
@@ -158,13 +161,21 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = N
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     device = resolve_device(device)
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    backend = _backend(device, backend)
+    if backend == "triton":
+        if dtype not in (None, torch.float16):
+            raise CheckpointError(f"backend 'triton' computes in float16, got dtype {dtype}")
+        if int8_activations:
+            raise CheckpointError("int8_activations is a CPU-kernel option; backend 'triton' does not use it")
+    dtype = dtype or (torch.float16 if device.type == "cuda" or backend == "triton" else torch.float32)
     cfg = ChatGLMConfig.from_file(path / "config.json")
     tokenizer = _load_tokenizer(cfg, path)
     ckpt = Checkpoint(path)
     bits = _target_bits(cfg, quantize)
-    # fp16 linears stay fp16 where the CPU kernels can read them; elsewhere they are cast once.
-    half_linears = device.type == "cpu" and kernels.get() is not None and dtype != torch.float16
+    # fp16 linears stay fp16 where a kernel reads them (the CPU kernels, glm.gpu.linear);
+    # elsewhere they are cast once.
+    half_linears = backend == "triton" or (device.type == "cpu" and kernels.get() is not None
+                                           and dtype != torch.float16)
     model = build_model(cfg)
     swap_linears(model, cfg, bits, half_linears)
     convert = _Converter(ckpt, cfg, bits, device, dtype)
@@ -174,11 +185,43 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = N
     model.requires_grad_(False).eval()
     if int8_activations:
         _use_int8_activations(model, bits, device, dtype)
+    _set_backend(model, backend)
     if cfg.quantization_bit == 0 and bits:
         cfg = _with_bits(cfg, bits)
-    log.info("loaded %s (%s, %s, %s) in %.1fs", path, cfg.family, f"int{bits}" if bits else "fp16",
-             f"{device.type}/{str(dtype).removeprefix('torch.')}", time.perf_counter() - t0)
+    log.info("loaded %s (%s, %s, %s, backend %s) in %.1fs", path, cfg.family, f"int{bits}" if bits else "fp16",
+             f"{device.type}/{str(dtype).removeprefix('torch.')}", backend, time.perf_counter() - t0)
     return GLM(cfg, tokenizer, model, device)
+
+
+BACKENDS = ("torch", "triton")
+
+
+def _backend(device: torch.device, requested: str | None) -> str:
+    """The backend to build: the requested one, or on CUDA "triton" when triton imports; "triton"
+    only if its self-test passes on the device (else one log line and "torch")."""
+    if requested not in (None, *BACKENDS):
+        raise CheckpointError(f"backend must be one of {', '.join(BACKENDS)} (or None for automatic), got {requested!r}")
+    if requested == "torch" or (requested is None and device.type != "cuda"):
+        return "torch"
+    from . import gpu
+    if not gpu.triton_available():
+        if requested is None:
+            return "torch"
+        raise CheckpointError("backend 'triton' needs the triton package (pip install triton)")
+    if device.type == "cpu" and not gpu.interpreting():
+        raise CheckpointError("backend 'triton' on the CPU runs only under the Triton interpreter: "
+                              "set TRITON_INTERPRET=1 before starting Python")
+    if device.type not in ("cuda", "cpu"):
+        raise CheckpointError(f"backend 'triton' needs a CUDA device, got {device}")
+    from .gpu import selftest
+    return "triton" if selftest.passes(device) else "torch"
+
+
+def _set_backend(model: nn.Module, backend: str) -> None:
+    """Every module with a backend switch (linears, norms, attention, MLP, tied head) computes on it."""
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, HalfLinear)) or hasattr(m, "backend"):
+            m.backend = backend
 
 
 def _use_int8_activations(model: nn.Module, bits: int, device: torch.device, dtype: torch.dtype) -> None:

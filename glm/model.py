@@ -62,12 +62,17 @@ def cpu_kernels(x: torch.Tensor) -> bool:
 
 
 class RMSNorm(nn.Module):
+    backend = "torch"  # "triton": glm.gpu.blocks computes the layer (set by the loader)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            from .gpu import blocks
+            return blocks.rms_norm(self, x)
         if cpu_kernels(x):
             return kernels.rms_norm(x, self.weight, self.eps)
         xf = x.float()
@@ -141,6 +146,8 @@ def fused_decode_attention(x: torch.Tensor, caches: list[KVCache]) -> bool:
 
 
 class SelfAttention(nn.Module):
+    backend = "torch"
+
     def __init__(self, cfg: ChatGLMConfig):
         super().__init__()
         self.cfg = cfg
@@ -148,6 +155,9 @@ class SelfAttention(nn.Module):
         self.dense = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, layer: int, starts: list[int], caches: list[KVCache]) -> torch.Tensor:
+        if self.backend == "triton":
+            from .gpu import blocks
+            return blocks.chatglm2_attention(self, x, cos, sin, layer, starts, caches)
         cfg = self.cfg
         B, T, _ = x.shape
         q, k, v = self.query_key_value(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
@@ -181,12 +191,17 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    backend = "torch"
+
     def __init__(self, cfg: ChatGLMConfig):
         super().__init__()
         self.dense_h_to_4h = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=False)
         self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            from .gpu import blocks
+            return blocks.mlp(self, x)
         h = self.dense_h_to_4h(x)
         if cpu_kernels(h):
             return self.dense_4h_to_h(kernels.swiglu(h))

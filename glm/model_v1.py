@@ -89,6 +89,8 @@ class LayerNorm(nn.LayerNorm):
 
 
 class SelfAttention(nn.Module):
+    backend = "torch"  # "triton": glm.gpu.blocks computes the layer (set by the loader)
+
     def __init__(self, cfg: ChatGLMConfig):
         super().__init__()
         self.cfg = cfg
@@ -96,6 +98,9 @@ class SelfAttention(nn.Module):
         self.dense = nn.Linear(cfg.q_size, cfg.hidden_size)
 
     def forward(self, x, cos, sin, masks, layer: int, starts: list[int], caches: list[KVCache]) -> torch.Tensor:
+        if self.backend == "triton":
+            from .gpu import blocks
+            return blocks.chatglm_attention(self, x, cos, sin, masks, layer, starts, caches)
         cfg = self.cfg
         B, T, _ = x.shape
         # Interleaved per head: each head's block of the output is [q | k | v].
@@ -147,8 +152,10 @@ class TiedHead(nn.Module):
     so the 1 GB matrix exists once, in the checkpoint's fp16.
     """
 
+    backend = "torch"  # "triton": glm.gpu.linear's kernel (set by the loader)
+
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return half_weight_linear(x, weight)
+        return half_weight_linear(x, weight, backend=self.backend)
 
 
 class ChatGLM(nn.Module):

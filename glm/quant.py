@@ -79,6 +79,7 @@ class QuantLinear(nn.Module):
     """
 
     int8_activations = False
+    backend = "torch"  # "triton": glm.gpu.linear's kernels (fp16 activations); set by the loader
 
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False):
         super().__init__()
@@ -91,7 +92,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x.is_cuda:
+        if self.backend == "triton":
+            y = _gpu_linear().quant_linear(x2, self.weight, self.weight_scale, self.bias, self.bits)
+        elif x.is_cuda:
             y = F.linear(x2, self._dequantize_cuda(x.dtype), _cast(self.bias, x.dtype))
         else:
             y = self._forward_cpu(x2)
@@ -128,6 +131,8 @@ class HalfLinear(nn.Module):
     the loader gives a plain nn.Linear in the compute dtype instead.
     """
 
+    backend = "torch"  # "triton": glm.gpu.linear's kernels (fp16 activations); set by the loader
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -135,11 +140,16 @@ class HalfLinear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return half_weight_linear(x, self.weight, _cast(self.bias, x.dtype))
+        return half_weight_linear(x, self.weight, _cast(self.bias, x.dtype), backend=self.backend)
 
 
-def half_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def half_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                       backend: str = "torch") -> torch.Tensor:
     """x @ W^T + b for a weight kept in fp16 whatever x's dtype (HalfLinear, ChatGLM-6B's tied head)."""
+    if backend == "triton":
+        shape = x.shape
+        y = _gpu_linear().half_linear(x.reshape(-1, shape[-1]), weight, bias)
+        return y.view(*shape[:-1], weight.shape[0])
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     shape = x.shape
@@ -179,6 +189,12 @@ def blocked_linear(x: torch.Tensor, out_features: int, bias: torch.Tensor | None
     if bias is not None:
         y += bias
     return y
+
+
+def _gpu_linear():
+    # Imported on first use: it imports triton, which the CPU path never needs.
+    from .gpu import linear
+    return linear
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

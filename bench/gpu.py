@@ -1,0 +1,166 @@
+"""``python -m bench --device cuda``: the Triton backend on a GPU (the T4 is the target).
+
+    python -m bench --device cuda            # full ChatGLM2-6B shapes, random int4 weights
+    python -m bench --device cuda --small    # 4 layers, same widths
+    python -m bench --device interpret --tiny   # the same code on CPU tensors under TRITON_INTERPRET=1,
+                                                # the 2-layer tiny checkpoint: checks the logic here
+
+Measures decode tok/s at batch 1 and 8 (one engine-style forward per step over caches in one KV pool),
+prefill tok/s, time to first token through the engine, peak device memory, and the roofline
+fraction: decode tok/s x bytes moved per step (from glm.gpu.linear.bytes_moved, the kernels' own
+count, plus the KV cache read) / the device's bandwidth (320 GB/s for a T4).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+T4_BANDWIDTH = 320e9
+
+# (prompt tokens, decode steps) per size: the tiny workload keeps the interpreter under minutes.
+WORKLOADS = {"full": dict(prompt=512, decode=128, batch_decode=32, ttft_prompt=512),
+             "tiny": dict(prompt=12, decode=4, batch_decode=2, ttft_prompt=12)}
+
+
+def checkpoint(args) -> Path:
+    from glm.tiny import write_checkpoint
+    if args.tiny:
+        path = Path(tempfile.mkdtemp(prefix="glm-bench-tiny-"))
+        return write_checkpoint(path, bits=4)
+    from .ours import ensure_checkpoint
+    return ensure_checkpoint(args.layers)
+
+
+def step_bytes(model, batch: int, context: int) -> int:
+    """DRAM bytes of one decode step of `batch` sequences at `context` tokens each, from the kernels'
+    own counts: every linear (weights once for all rows) and each sequence's KV cache read once."""
+    from glm.gpu.linear import bytes_moved
+    from glm.kvpool import KVPool
+    from glm.quant import HalfLinear, QuantLinear
+    total = 0
+    for m in model.model.modules():
+        if isinstance(m, QuantLinear):
+            total += bytes_moved(batch, m.out_features, m.in_features, m.bits, m.bias is not None)
+        elif isinstance(m, HalfLinear):
+            total += bytes_moved(batch, m.out_features, m.in_features, 16, m.bias is not None)
+    if model.config.family == "chatglm":  # the tied head reads the embeddings
+        total += bytes_moved(batch, model.config.vocab_size, model.config.hidden_size, 16)
+    return total + batch * context * KVPool.bytes_per_token(model.config, model.dtype)
+
+
+def run(args) -> dict:
+    import torch
+
+    import glm
+    from glm.generate import SamplingParams
+    from glm.kvpool import KVPool
+    from glm.pipeline import Stream
+
+    device = torch.device("cuda" if args.device == "cuda" else "cpu")
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    w = WORKLOADS["tiny" if args.tiny else "full"]
+    path = checkpoint(args)
+    t = time.perf_counter()
+    m = glm.load(path, device=device, backend="triton")
+    sync()
+    out = dict(device=args.device, load_s=round(time.perf_counter() - t, 2), layers=m.config.num_layers,
+               backend=next(mod.backend for mod in m.model.modules() if hasattr(mod, "backend")))
+    if out["backend"] != "triton":
+        raise RuntimeError("the Triton self-test failed on this device (see the log); nothing to measure")
+    model, cfg = m.model, m.config
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n, b=1):
+        return torch.randint(0, cfg.vocab_size, (b, n), generator=g).to(device)
+
+    pool = KVPool(cfg, 8 * (w["prompt"] + w["decode"]), device, m.dtype)
+
+    def caches(b):
+        n = w["prompt"] + w["decode"]
+        return [pool.cache(i * n, n) for i in range(b)]
+
+    def prefill(cs, n):
+        for c in cs:
+            model(ids(n), [0], [c], last_only=True)
+
+    def decode(cs, start, steps):
+        tok = ids(1, len(cs))
+        times = []
+        for i in range(steps):
+            sync()
+            t = time.perf_counter()
+            tok = model(tok, [start + i] * len(cs), cs, last_only=True)[:, -1].argmax(-1, keepdim=True)
+            sync()
+            times.append(time.perf_counter() - t)
+        return times
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        cs = caches(1)
+        prefill(cs, w["prompt"])  # warm-up: compiles the prefill kernels
+        sync()
+        t = time.perf_counter()
+        prefill(cs, w["prompt"])
+        sync()
+        out["prefill_tok_s"] = round(w["prompt"] / (time.perf_counter() - t), 2)
+        decode(cs, w["prompt"], 1)  # warm-up: compiles the decode kernels for batch 1
+        times = decode(cs, w["prompt"], w["decode"])
+        out["batch1_decode_tok_s"] = round(len(times) / sum(times), 2)
+        out["batch1_decode_ms_median"] = round(1000 * statistics.median(times), 2)
+        cs = caches(8)
+        prefill(cs, w["prompt"])
+        decode(cs, w["prompt"], 1)
+        times = decode(cs, w["prompt"] + 1, w["batch_decode"])
+        out["batch8_decode_tok_s"] = round(8 * len(times) / sum(times), 2)
+    # Time to first token through the engine (queue, prefill, first sample), one request.
+    eng = m.use_engine(max_batch=1, kv_budget_tokens=w["ttft_prompt"] + 8)
+    stream = Stream(eng, eng.submit(ids(w["ttft_prompt"])[0].tolist(), SamplingParams(max_new_tokens=2, temperature=0)))
+    for _ in stream:
+        pass
+    out["ttft_s"] = round(stream.time_to_first_token, 3)
+    if cuda:
+        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        import resource
+        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ctx = w["prompt"]
+    out["bytes_per_step_batch1"] = step_bytes(m, 1, ctx)
+    out["bytes_per_step_batch8"] = step_bytes(m, 8, ctx)
+    bandwidth = args.bandwidth_gbs * 1e9
+    out["roofline_fraction_batch1"] = _sig(out["batch1_decode_tok_s"] * out["bytes_per_step_batch1"] / bandwidth)
+    out["roofline_fraction_batch8"] = _sig(out["batch8_decode_tok_s"] / 8 * out["bytes_per_step_batch8"] / bandwidth)
+    return out
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
+def main(args) -> int:
+    if args.device == "interpret":
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+        if not args.tiny:
+            print("--device interpret runs only the --tiny model (the interpreter is slow)", file=sys.stderr)
+            return 2
+    elif args.device != "cuda":
+        print(f"unknown device {args.device!r}", file=sys.stderr)
+        return 2
+    result = run(args)
+    width = max(map(len, result))
+    for k, v in result.items():
+        print(f"{k.ljust(width)}  {v}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
