@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import logging
 import os
 import secrets
+import sys
 import threading
 import time
 from typing import Callable, Iterator, List, Optional
@@ -49,6 +51,33 @@ DEFAULT_CONCURRENCY = 8
 def log(msg: str) -> None:
     """One log line; coglet captures stdout into the prediction's / setup's logs."""
     print(f"[chatglm] {msg}", flush=True)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at each record: coglet's writer, which files a line under
+    the setup or the prediction whose context it is written from."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def route_glm_logs() -> None:
+    """The `glm` logger's lines (engine, loader, kernels) into the server's logs."""
+    logger = logging.getLogger("glm")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("[glm] %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # one copy of each line, whatever the root logger has
 
 
 class WeightsError(RuntimeError):
@@ -160,6 +189,7 @@ class Predictor(BasePredictor):
     def setup(self) -> None:
         import torch
 
+        route_glm_logs()
         path = find_checkpoint(weights_root())
         if torch.cuda.is_available():
             device, dtype = "cuda", torch.float16
@@ -262,48 +292,74 @@ class Predictor(BasePredictor):
             # takes top_p in (0, 1], so say it as what it means: greedy decoding.
             log("top_p=0: greedy decoding")
             temperature, top_p = 0.0, 1.0
-        stream = model.generate(
-            prompt,
-            max_new_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=tuple(parse_stop_sequences(stop_sequences)),
-            fit_context=True,
-        )
+        # The cancel hook is in place before the request is queued, so no cancel falls in between.
+        cancel = _CancelLink()
+        if not _on_server_cancel(cancel):
+            log("warning: this server's cancel cannot reach the engine; a cancelled prediction runs to its end")
+
+        def submit():
+            stream = model.generate(
+                prompt,
+                max_new_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                repetition_penalty=repetition_penalty,
+                seed=seed,
+                stop=tuple(parse_stop_sequences(stop_sequences)),
+                fit_context=True,
+            )
+            cancel.attach(stream)  # here, not after the await: a cancelled await never returns it
+            return stream
+
+        # Tokenizing a long prompt is CPU work: off the server's event loop.
+        stream = await asyncio.to_thread(submit)
         if stream.max_new_tokens < max_tokens:
             log(
                 f"max_tokens {max_tokens} clamped to {stream.max_new_tokens}: prompt has {stream.prompt_tokens} "
                 f"tokens of the {model.config.max_context}-token context"
             )
-        cancelled = threading.Event()
+        # The server iterates the generator on another thread; its log lines and metrics reach this
+        # prediction only from within predict()'s context (coglet routes them by a ContextVar).
+        return self._stream(stream, contextvars.copy_context())
 
-        def cancel() -> None:
-            cancelled.set()
-            stream.cancel()  # the engine drops the sequence at its next step
+    def healthcheck(self) -> bool:
+        """coglet's user health check: False (server status UNHEALTHY) once the engine loop has died."""
+        return self.model.engine.healthy
 
-        if not _on_server_cancel(cancel):
-            log("warning: this server's cancel cannot reach the engine; a cancelled prediction runs to its end")
-        # The server iterates the generator on another thread; its log lines reach this
-        # prediction's logs only from within predict()'s context (coglet routes them by a ContextVar).
-        return self._stream(stream, seed, cancelled, contextvars.copy_context())
-
-    def _stream(self, stream, seed: int, cancelled: threading.Event, context: contextvars.Context) -> Iterator[str]:
+    def _stream(self, stream, context: contextvars.Context) -> Iterator[str]:
         try:
             yield from stream
-            if cancelled.is_set():
+            if stream.finish_reason == "canceled":
                 raise cog.CancelationException()  # reported as "canceled", not "succeeded"
         finally:
             stream.cancel()  # no-op when finished; frees the sequence if the server stopped reading
-            elapsed = stream.elapsed
-            reason = stream.finish_reason or "canceled"
-            tps = stream.new_tokens / elapsed if elapsed > 0 else 0.0
-            ttft = f"{stream.time_to_first_token:.3f}s" if stream.time_to_first_token is not None else "n/a"
-            context.run(
-                log,
-                f"prompt_tokens={stream.prompt_tokens} new_tokens={stream.new_tokens} "
-                f"time_to_first_token={ttft} tokens_per_s={tps:.2f} peak_batch={stream.peak_batch} seed={seed} "
-                f"finish_reason={reason}",
-            )
+            context.run(_report, stream)
+
+
+class _CancelLink:
+    """The server's cancel for one prediction, callable before its stream exists."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._requested = False
+        self._stream = None
+
+    def __call__(self) -> None:
+        with self._lock:
+            self._requested, stream = True, self._stream
+        if stream is not None:
+            stream.cancel()
+
+    def attach(self, stream) -> None:
+        with self._lock:
+            self._stream, requested = stream, self._requested
+        if requested:
+            stream.cancel()
+
+
+def _report(stream) -> None:
+    """The prediction's stats line and metrics (run in the prediction's context)."""
+    log(stream.summary())
+    for name, value in stream.metrics().items():
+        cog.current_scope().record_metric(name, value)
