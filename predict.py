@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import logging
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 from typing import Callable, Iterator, List, Optional
@@ -36,6 +38,7 @@ from cog import BasePredictor, ConcatenateIterator, Input  # noqa: E402
 
 import glm  # noqa: E402
 from glm import kernels  # noqa: E402
+import torch  # noqa: E402
 
 # Per family: a mark of the other family's prompt format (warned about in a request). The family's
 # default prompt and sampling values come from the loaded model (glm.GLM.chat_defaults).
@@ -63,6 +66,33 @@ DEFAULT_DRAIN_SECONDS = 30
 def log(msg: str) -> None:
     """One log line; coglet captures stdout into the prediction's / setup's logs."""
     print(f"[chatglm] {msg}", flush=True)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at each record: coglet's writer, which files a line under
+    the setup or the prediction whose context it is written from."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def route_glm_logs() -> None:
+    """The `glm` logger's lines (engine, loader, kernels) into the server's logs."""
+    logger = logging.getLogger("glm")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("[glm] %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # one copy of each line, whatever the root logger has
 
 
 class WeightsError(RuntimeError):
@@ -214,6 +244,7 @@ def _with_seed(error: Exception, seed: int) -> str:
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
+        route_glm_logs()
         path = find_checkpoint(weights_root())
         # A GPU that torch cannot use, or kernels required but unusable, fail setup with one line
         # (health SETUP_FAILED) instead of serving at a fraction of the speed.
@@ -246,7 +277,7 @@ class Predictor(BasePredictor):
         kv_budget = _env_int("GLM_KV_BUDGET_TOKENS", concurrency * cfg.max_context)
         self.model.use_engine(max_batch=concurrency, kv_budget_tokens=kv_budget).start()
         log(f"engine: up to {concurrency} sequences per step, KV budget {kv_budget} tokens")
-        if device == "cpu":
+        if device.type == "cpu":
             torch.set_num_threads(_env_int("GLM_THREADS", torch.get_num_threads()))
             log(f"cpu: {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
         self._running: dict[int, Callable[[], None]] = {}  # id(stream) -> its cancel
@@ -339,7 +370,12 @@ class Predictor(BasePredictor):
             # takes top_p in (0, 1], so say it as what it means: greedy decoding.
             log("top_p=0: greedy decoding")
             temperature, top_p = 0.0, 1.0
-        try:
+        # The cancel hook is in place before the request is queued, so no cancel falls in between.
+        cancel = _CancelLink()
+        if not _on_server_cancel(cancel):
+            log("warning: this server's cancel cannot reach the engine; a cancelled prediction runs to its end")
+
+        def submit():
             stream = model.generate(
                 prompt,
                 max_new_tokens=max_tokens,
@@ -351,6 +387,12 @@ class Predictor(BasePredictor):
                 stop=tuple(parse_stop_sequences(stop_sequences)),
                 fit_context=True,
             )
+            cancel.attach(stream)  # here, not after the await: a cancelled await never returns it
+            return stream
+
+        # Tokenizing a long prompt is CPU work: off the server's event loop.
+        try:
+            stream = await asyncio.to_thread(submit)
         except glm.InputError as e:
             raise ValueError(_with_seed(e, seed)) from None
         if stream.max_new_tokens < max_tokens:
@@ -358,23 +400,19 @@ class Predictor(BasePredictor):
                 f"max_tokens {max_tokens} clamped to {stream.max_new_tokens}: prompt has {stream.prompt_tokens} "
                 f"tokens of the {model.config.max_context}-token context"
             )
-        cancelled = threading.Event()
-
-        def cancel() -> None:
-            cancelled.set()
-            stream.cancel()  # the engine drops the sequence at its next step
-
-        if not _on_server_cancel(cancel):
-            log("warning: this server's cancel cannot reach the engine; a cancelled prediction runs to its end")
+        # The server iterates the generator on another thread; its log lines and metrics reach this
+        # prediction only from within predict()'s context (coglet routes them by a ContextVar).
         self._running[id(stream)] = cancel
-        # The server iterates the generator on another thread; its log lines reach this
-        # prediction's logs only from within predict()'s context (coglet routes them by a ContextVar).
-        return self._stream(stream, seed, cancelled, contextvars.copy_context())
+        return self._stream(stream, seed, contextvars.copy_context())
 
-    def _stream(self, stream, seed: int, cancelled: threading.Event, context: contextvars.Context) -> Iterator[str]:
+    def healthcheck(self) -> bool:
+        """coglet's user health check: False (server status UNHEALTHY) once the engine loop has died."""
+        return self.model.engine.healthy
+
+    def _stream(self, stream, seed: int, context: contextvars.Context) -> Iterator[str]:
         try:
             yield from stream
-            if cancelled.is_set():
+            if stream.finish_reason == "canceled":
                 raise cog.CancelationException()  # reported as "canceled", not "succeeded"
         except cog.CancelationException:
             raise
@@ -383,14 +421,32 @@ class Predictor(BasePredictor):
         finally:
             self._running.pop(id(stream), None)
             stream.cancel()  # no-op when finished; frees the sequence if the server stopped reading
-            elapsed = stream.elapsed
-            reason = stream.finish_reason or "canceled"
-            tps = stream.new_tokens / elapsed if elapsed > 0 else 0.0
-            ttft = f"{stream.time_to_first_token:.3f}s" if stream.time_to_first_token is not None else "n/a"
-            context.run(
-                log,
-                f"prompt_tokens={stream.prompt_tokens} new_tokens={stream.new_tokens} "
-                f"time_to_first_token={ttft} cached_prompt_tokens={stream.cached_prompt_tokens} "
-                f"tokens_per_s={tps:.2f} peak_batch={stream.peak_batch} seed={seed} "
-                f"finish_reason={reason}",
-            )
+            context.run(_report, stream)
+
+
+class _CancelLink:
+    """The server's cancel for one prediction, callable before its stream exists."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._requested = False
+        self._stream = None
+
+    def __call__(self) -> None:
+        with self._lock:
+            self._requested, stream = True, self._stream
+        if stream is not None:
+            stream.cancel()
+
+    def attach(self, stream) -> None:
+        with self._lock:
+            self._stream, requested = stream, self._requested
+        if requested:
+            stream.cancel()
+
+
+def _report(stream) -> None:
+    """The prediction's stats line and metrics (run in the prediction's context)."""
+    log(stream.summary())
+    for name, value in stream.metrics().items():
+        cog.current_scope().record_metric(name, value)

@@ -205,7 +205,7 @@ class Engine:
         try:
             self.step()
             self._failed_steps = 0
-        except Exception as e:  # noqa: BLE001
+        except Exception:  # noqa: BLE001
             self._failed_steps += 1
             log.exception("engine step failed (%d in a row)", self._failed_steps)
             if self._failed_steps >= MAX_FAILED_STEPS:

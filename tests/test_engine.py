@@ -380,3 +380,32 @@ def test_stream_metrics_and_summary(tiny_model):
     line = s.summary()
     assert f"prompt_tokens={m['input_token_count']} new_tokens={s.new_tokens} " in line
     assert f"seed=11 finish_reason={s.finish_reason}" in line
+
+
+def test_predictor_health_follows_the_engine(tiny_model, monkeypatch):
+    """predict.Predictor.healthcheck is coglet's user health check: False (UNHEALTHY) once the loop died."""
+    import predict
+
+    p = predict.Predictor()
+    p.model = tiny_model
+    engine = tiny_model.use_engine(max_batch=2)
+    engine.start()
+    try:
+        assert p.healthcheck() is True
+        monkeypatch.setattr(engine.scheduler, "schedule", lambda: 1 / 0)
+        s = submit(tiny_model, engine)
+        assert isinstance(drain(s, timeout=5)[1], glm.EngineError)
+        assert p.healthcheck() is False
+    finally:
+        tiny_model.use_engine()
+
+
+def test_server_cancel_before_the_stream_exists_cancels_it_when_it_is_attached(tiny_model):
+    import predict
+
+    engine = make_engine(tiny_model)
+    link = predict._CancelLink()
+    link()  # the server cancels while the request is still being submitted
+    stream = submit(tiny_model, engine, max_new_tokens=50)
+    link.attach(stream)
+    assert stream.finish_reason == "canceled" and not engine.waiting and not engine.active

@@ -99,6 +99,10 @@ def test_sync_prediction_matches_in_process(server, engine):
         assert key in logs, (key, logs)
     assert f"finish_reason={st.finish_reason}" in logs
     assert f"new_tokens={st.new_tokens}" in logs
+    # What Replicate shows and bills from: the prediction's metrics.
+    m = body["metrics"]
+    assert (m["input_token_count"], m["output_token_count"]) == (st.prompt_tokens, st.new_tokens), m
+    assert 0 < m["time_to_first_token"] < m["predict_time"] and m["tokens_per_second"] > 0, m
 
 
 def test_greedy_and_default_prompt(server, engine):
