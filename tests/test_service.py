@@ -94,7 +94,7 @@ def test_sync_prediction_matches_in_process(server, engine):
                          top_k=40, repetition_penalty=1.1, seed=1234)
     assert "".join(body["output"]) == want
     logs = body["logs"]
-    for key in ("prompt_tokens=", "new_tokens=", "time_to_first_token=", "tokens_per_s=",
+    for key in ("prompt_tokens=", "cached_prompt_tokens=", "new_tokens=", "time_to_first_token=", "tokens_per_s=",
                 "seed=1234", "finish_reason="):
         assert key in logs, (key, logs)
     assert f"finish_reason={st.finish_reason}" in logs
