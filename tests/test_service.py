@@ -408,8 +408,10 @@ def test_chatglm3_checkpoint(tmp_path, app_dir):
         assert "".join(body["output"]) == want
         events = srv.sse({"input": inp})
         assert "".join(e["data"]["chunk"] for e in events if e["event"] == "output") == want
-    import predict
-    assert predict.checkpoint_family(ckpt) == "chatglm3"
+        # Inputs left out take ChatGLM3's own defaults (THUDM's chat(): its greeting, 0.8, 0.8).
+        body = srv.predict({"input": {"max_tokens": 16, "seed": 21}}).json()
+        assert body["status"] == "succeeded", body
+        assert "".join(body["output"]) == want
 
 
 # ---------------------------------------------------------------------------- setup failures
