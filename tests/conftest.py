@@ -1,5 +1,5 @@
 """Shared fixtures: small checkpoints made by glm.tiny, once per test session, and what the
-service tests (test_service.py, test_concurrency.py) share."""
+service tests (test_service_http.py, test_concurrency.py) share."""
 from __future__ import annotations
 
 import os

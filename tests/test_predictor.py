@@ -1,0 +1,54 @@
+"""Unit tests of predict.py's own helpers, in-process (no server): weights discovery and
+stop-sequence parsing."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def _predict_module():
+    import importlib
+
+    return importlib.import_module("predict")
+
+
+def _ckpt(path):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        fh.write("{}")
+    return str(path)
+
+
+def test_find_checkpoint_layouts(tmp_path):
+    p = _predict_module()
+    direct = _ckpt(tmp_path / "direct")
+    assert p.find_checkpoint(direct) == direct
+    one = tmp_path / "one"
+    _ckpt(one / "chatglm2-6b")
+    (one / ".tmp-chatglm2-6b-int4-x").mkdir()
+    _ckpt(one / ".tmp-chatglm2-6b-int4-y")  # hidden (in-progress download): never picked
+    assert p.find_checkpoint(str(one)) == str(one / "chatglm2-6b")
+    many = tmp_path / "many"
+    _ckpt(many / "chatglm-6b")
+    _ckpt(many / "chatglm2-6b-int4")
+    _ckpt(many / "aaa")
+    assert p.find_checkpoint(str(many)) == str(many / "chatglm2-6b-int4")
+    nodefault = tmp_path / "nodefault"
+    _ckpt(nodefault / "zeta")
+    _ckpt(nodefault / "alpha")
+    assert p.find_checkpoint(str(nodefault)) == str(nodefault / "alpha")
+    with pytest.raises(p.WeightsError, match="does not exist"):
+        p.find_checkpoint(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(p.WeightsError, match="no checkpoint"):
+        p.find_checkpoint(str(tmp_path / "empty"))
+    with pytest.raises(p.WeightsError, match="URL"):
+        p.find_checkpoint("https://example.invalid/weights.tar")
+
+
+def test_parse_stop_sequences():
+    p = _predict_module()
+    assert p.parse_stop_sequences("") == []
+    assert p.parse_stop_sequences("<end>,问：") == ["<end>", "问："]
+    assert p.parse_stop_sequences(" a , b,,") == ["a", "b"]
