@@ -48,7 +48,7 @@ def tiny_model(tiny_dir):
 # ---- service tests: the checkpoint as `python -m glm.tiny` writes it, the app dir, the in-process reference
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
-    from cogserver import make_tiny_checkpoint
+    from script.cogserver import make_tiny_checkpoint
 
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "chatglm2-6b-int4"))
 
@@ -56,7 +56,7 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def app_dir(tmp_path_factory, tiny_ckpt):
     """Project dir as `cog build` lays it out, weights in weights/<name>/ (no COG_WEIGHTS)."""
-    from cogserver import make_app_dir
+    from script.cogserver import make_app_dir
 
     d = make_app_dir(str(tmp_path_factory.mktemp("app") / "src"))
     os.makedirs(os.path.join(d, "weights"))
@@ -75,7 +75,7 @@ def engine(tiny_ckpt):
 @pytest.fixture(scope="session")
 def long_seed(engine):
     """A seed whose sampled output runs to LONG tokens (no early EOS) at temperature 1."""
-    from cogserver import LONG, reference
+    from service_helpers import LONG, reference
 
     for seed in range(40):
         _, st = reference(engine, max_tokens=LONG, temperature=1.0, top_p=1.0, seed=seed)

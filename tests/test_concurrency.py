@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cogserver import LONG, PYTHON, REPO, CogServer, assert_ready, reference  # noqa: E402
+from service_helpers import LONG, assert_ready, reference  # noqa: E402
+from script.cogserver import PYTHON, REPO, CogServer  # noqa: E402
 
 CONCURRENCY = 8
 

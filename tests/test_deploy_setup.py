@@ -7,13 +7,11 @@ import fcntl
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cogserver import PYTHON, REPO, CogServer  # noqa: E402
+from script.cogserver import PYTHON, REPO, CogServer  # noqa: E402
 
 from glm import device, kernels  # noqa: E402
 

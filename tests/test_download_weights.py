@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cogserver import REPO
+from script.cogserver import REPO
 
 
 def _dw():

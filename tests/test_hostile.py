@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +27,8 @@ import requests
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cogserver import DEFAULT_PROMPT, CogServer, assert_ready, reference  # noqa: E402
+from service_helpers import DEFAULT_PROMPT, assert_ready, reference  # noqa: E402
+from script.cogserver import CogServer  # noqa: E402
 
 import glm  # noqa: E402
 from glm.generate import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, StopMatcher, sample  # noqa: E402

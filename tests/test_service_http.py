@@ -9,21 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cogserver import (  # noqa: E402
-    DEFAULT_PROMPT, LONG, REPO, CogServer, WebhookReceiver, assert_ready, make_tiny_checkpoint,
-    reference,
-)
+from script.cogserver import REPO, CogServer, make_tiny_checkpoint
+from service_helpers import DEFAULT_PROMPT, LONG, WebhookReceiver, assert_ready, reference
 
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import glm  # noqa: E402
+import glm
 
 INPUT_NAMES = [
     "prompt", "max_tokens", "temperature", "top_p", "top_k",
@@ -457,7 +450,7 @@ def test_corrupt_weights_setup_failed(tmp_path, app_dir, tiny_ckpt):
 # ---------------------------------------------------------------------------- the harness itself
 def test_hung_server_fails_with_logs_and_is_killed(tmp_path):
     """A server whose setup never finishes must fail the wait (with its log), not hang the suite."""
-    from cogserver import ServerError, live_group_members
+    from script.cogserver import ServerError, live_group_members
 
     app = tmp_path / "hung"
     app.mkdir()

@@ -6,10 +6,8 @@ prefix of it; afterwards all 8 slots serve at once again and the worker's memory
 """
 from __future__ import annotations
 
-import os
 import random
 import re
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cogserver import CogServer, assert_ready, reference  # noqa: E402
+from service_helpers import assert_ready, reference  # noqa: E402
+from script.cogserver import CogServer  # noqa: E402
 from test_concurrency import PROMPTS  # noqa: E402
 from test_hostile import worker_rss_mb  # noqa: E402
 

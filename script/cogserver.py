@@ -1,7 +1,7 @@
-"""Run the real Cog prediction server (cog/coglet from PyPI) as a subprocess for tests.
+"""Run the real Cog prediction server (cog/coglet from PyPI) on this checkout as a subprocess:
+the launcher the service tests and script/demo.py share.
 
-Not a conftest: test modules import what they need from here.
-
+- `make_tiny_checkpoint()` writes the small random-weight checkpoint (`python -m glm.tiny`).
 - `make_app_dir()` lays out a throwaway project dir (predict.py, a symlink to glm/,
   .cog/openapi_schema.json written by script/openapi-schema: the Input schema as `cog build`
   reads it statically, so the tests serve what the image serves) so tests never touch
@@ -10,7 +10,7 @@ Not a conftest: test modules import what they need from here.
   group, with the interpreter's bin dir first on PATH (coglet spawns its worker as a
   bare `python`), waits with a deadline for a health status, and always kills the
   whole group on stop (and at exit; and, on Linux, the kernel kills the server if the
-  test process dies first). Every wait has a timeout; a failure carries the server log.
+  parent process dies first). Every wait has a timeout; a failure carries the server log.
 """
 from __future__ import annotations
 
@@ -21,9 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, Iterable, List, Optional
 
 import requests
@@ -32,27 +30,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 HTTP_TIMEOUT = 60  # seconds, any single HTTP call to the server
 RETRIES_409 = 100  # x 50 ms: how long a client keeps retrying a spurious 409 (see CogServer.predict)
-
-
-DEFAULT_PROMPT = "[Round 1]\n\n问：你好\n\n答："
-# Long enough to still be generating when a cancel arrives (~400 tokens/s on the tiny checkpoint).
-LONG = 400
-
-
-def reference(engine, prompt=DEFAULT_PROMPT, max_tokens=2048, temperature=0.75, top_p=0.8,
-              top_k=0, repetition_penalty=1.0, stop=(), seed=None):
-    """What glm generates in-process for the same inputs (same clamp as the service): (text, stream)."""
-    stream = engine.generate(
-        prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-        top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop), fit_context=True,
-    )
-    chunks = list(stream)
-    return "".join(chunks), stream
-
-
-def assert_ready(server: "CogServer") -> None:
-    h = server.wait_for({"READY"}, timeout=60)
-    assert h["status"] == "READY"
 
 
 class ServerError(AssertionError):
@@ -294,47 +271,3 @@ class CogServer:
 
     def cancel(self, prediction_id: str):
         return requests.post(f"{self.url}/predictions/{prediction_id}/cancel", timeout=10)
-
-
-class WebhookReceiver:
-    """A tiny local HTTP server collecting webhook POST bodies, in arrival order."""
-
-    def __init__(self):
-        received = self.received = []
-        cond = self.cond = threading.Condition()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                n = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(n) or b"null")
-                with cond:
-                    received.append(body)
-                    cond.notify_all()
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/webhook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "WebhookReceiver":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def wait_for_status(self, statuses: Iterable[str], timeout: float = HTTP_TIMEOUT) -> List[Dict]:
-        want = set(statuses)
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not any(b and b.get("status") in want for b in self.received):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"no webhook with status in {want}; got {self.received!r}")
-                self.cond.wait(left)
-            return list(self.received)
