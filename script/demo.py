@@ -1,4 +1,7 @@
-"""The main job end to end: start the real Cog server on this project and stream a prediction (SSE)."""
+"""The main job end to end: start the real Cog server on this project and stream a prediction (SSE).
+
+Run from the checkout as a module (script/demo does): `python -m script.demo [PROMPT] ...`.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,29 +11,25 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
+import requests
 
-import requests  # noqa: E402
+from predict import WeightsError, find_checkpoint, weights_root
+from script.cogserver import REPO, CogServer, make_tiny_checkpoint
 
-from cogserver import CogServer, make_tiny_checkpoint  # noqa: E402
-
-TINY = REPO / ".cache" / "tiny-chatglm2-int4"
-
-
-def has_checkpoint(root: Path) -> bool:
-    return (root / "config.json").is_file() or any((d / "config.json").is_file() for d in root.glob("[!.]*"))
+TINY = Path(REPO) / ".cache" / "tiny-chatglm2-int4"
 
 
 def pick_weights() -> str:
-    root = Path(os.environ.get("COG_WEIGHTS") or REPO / "weights")
-    if has_checkpoint(root):
-        print(f"demo: real weights found in {root}")
-        return str(root)
-    print(f"demo: NO REAL WEIGHTS in {root}/ -> using the project's own small RANDOM-WEIGHT checkpoint\n"
-          f"      ({TINY.relative_to(REPO)}, made by `python -m glm.tiny`): the reply is random tokens, not\n"
-          f"      ChatGLM's answer. For the real model: script/download-weights, then run this again.")
+    """The checkpoint the server will find (predict.find_checkpoint), else the tiny random one."""
+    try:
+        path = find_checkpoint(weights_root())
+        print(f"demo: real weights found in {path}")
+        return path
+    except WeightsError as e:
+        print(f"demo: NO REAL WEIGHTS ({e})\n"
+              f"      -> using the project's own small RANDOM-WEIGHT checkpoint\n"
+              f"      ({TINY.relative_to(REPO)}, made by `python -m glm.tiny`): the reply is random tokens, not\n"
+              f"      ChatGLM's answer. For the real model: script/download-weights, then run this again.")
     make_tiny_checkpoint(str(TINY))  # a few seconds; always in step with glm.tiny
     return str(TINY)
 
@@ -43,12 +42,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     a = ap.parse_args()
 
-    weights = pick_weights()
+    os.chdir(REPO)  # weights/ and .cog/ are the checkout's
+    weights = os.path.abspath(pick_weights())
     subprocess_env = {"COG_WEIGHTS": weights}
-    os.chdir(REPO)
     os.system(f"{sys.executable} script/openapi-schema >/dev/null")
-    server = CogServer(str(REPO), env=subprocess_env, log_path=str(REPO / ".cache" / "demo-server.log"))
-    os.makedirs(REPO / ".cache", exist_ok=True)
+    server = CogServer(REPO, env=subprocess_env, log_path=os.path.join(REPO, ".cache", "demo-server.log"))
+    os.makedirs(os.path.join(REPO, ".cache"), exist_ok=True)
     with server:
         print(f"demo: starting the Cog server (python -m cog.server.http) on {server.url} ...")
         t0 = time.monotonic()
