@@ -25,7 +25,7 @@ from glm.tiny import write_checkpoint  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    """The int4 tiny checkpoint (the one the demo and the service tests use)."""
+    """The int4 tiny checkpoint: what `python -m glm.tiny DIR` writes (the demo's), served by the service tests."""
     return write_checkpoint(tmp_path_factory.mktemp("tiny-int4"), bits=4)
 
 
@@ -45,31 +45,24 @@ def tiny_model(tiny_dir):
     return glm.load(tiny_dir)
 
 
-# ---- service tests: the checkpoint as `python -m glm.tiny` writes it, the app dir, the in-process reference
+# ---- service tests: the app dir, the in-process reference
 @pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    from script.cogserver import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "chatglm2-6b-int4"))
-
-
-@pytest.fixture(scope="session")
-def app_dir(tmp_path_factory, tiny_ckpt):
+def app_dir(tmp_path_factory, tiny_dir):
     """Project dir as `cog build` lays it out, weights in weights/<name>/ (no COG_WEIGHTS)."""
     from script.cogserver import make_app_dir
 
     d = make_app_dir(str(tmp_path_factory.mktemp("app") / "src"))
     os.makedirs(os.path.join(d, "weights"))
-    shutil.copytree(tiny_ckpt, os.path.join(d, "weights", "chatglm2-6b-int4"))
+    shutil.copytree(tiny_dir, os.path.join(d, "weights", "chatglm2-6b-int4"))
     return d
 
 
 @pytest.fixture(scope="session")
-def engine(tiny_ckpt):
+def engine(tiny_dir):
     """The same checkpoint loaded in-process: what a request's output must equal."""
     import glm
 
-    return glm.load(tiny_ckpt, device="cpu")
+    return glm.load(tiny_dir, device="cpu")
 
 
 @pytest.fixture(scope="session")

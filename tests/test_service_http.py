@@ -25,7 +25,7 @@ INPUT_NAMES = [
 
 
 # ---------------------------------------------------------------------------- fixtures
-# tiny_ckpt, app_dir, engine and long_seed are in conftest.py (shared with test_concurrency.py).
+# tiny_dir, app_dir, engine and long_seed are in conftest.py (shared with test_concurrency.py).
 @pytest.fixture(scope="session")
 def server(app_dir):
     with CogServer(app_dir) as srv:
@@ -435,9 +435,9 @@ def test_empty_weights_dir_setup_failed(tmp_path, app_dir):
     _setup_failure(tmp_path, app_dir, str(empty), ["no checkpoint in", "download-weights"])
 
 
-def test_corrupt_weights_setup_failed(tmp_path, app_dir, tiny_ckpt):
+def test_corrupt_weights_setup_failed(tmp_path, app_dir, tiny_dir):
     bad = tmp_path / "bad"
-    shutil.copytree(tiny_ckpt, bad)
+    shutil.copytree(tiny_dir, bad)
     bins = sorted(p for p in os.listdir(bad) if p.endswith(".bin"))
     assert bins, os.listdir(bad)
     target = bad / bins[0]
