@@ -47,7 +47,8 @@ from pathlib import Path
 
 VERSION = "0.4.2"
 CACHE_DIR = Path(os.environ.get("GLM_BENCH_CACHE", "~/.cache/glm-bench")).expanduser()
-DEFAULT_TOKENIZER = Path("/work/shared/reference/tokenizers/chatglm2/tokenizer.model")
+# The shared reference beside the checkout (../shared); measure() and convert() take another path.
+DEFAULT_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "tokenizers" / "chatglm2" / "tokenizer.model"
 
 # ggml_type values (ggml.h)
 GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q8_0 = 0, 1, 2, 8

@@ -11,11 +11,8 @@ import jsonschema
 import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCHEMA_CANDIDATES = [
-    os.path.join(REPO, "..", "shared", "reference", "cog", "config_schema_v1.0.json"),
-    os.path.join(REPO, "shared", "reference", "cog", "config_schema_v1.0.json"),
-    "/work/shared/reference/cog/config_schema_v1.0.json",
-]
+# The shared reference beside the checkout.
+SCHEMA = os.path.join(REPO, "..", "shared", "reference", "cog", "config_schema_v1.0.json")
 
 
 def _load_cog_yaml():
@@ -34,11 +31,10 @@ def _requirements(name):
 
 
 def test_cog_yaml_matches_config_schema():
-    path = next((p for p in SCHEMA_CANDIDATES if os.path.isfile(p)), None)
-    if path is None:
+    if not os.path.isfile(SCHEMA):
         pytest.fail("Cog's config schema is missing: expected ../shared/reference/cog/config_schema_v1.0.json "
                     "beside the checkout (see ../shared/reference/README.md)")
-    with open(path, encoding="utf-8") as fh:
+    with open(SCHEMA, encoding="utf-8") as fh:
         schema = json.load(fh)
     jsonschema.validate(_load_cog_yaml(), schema)
 

@@ -160,19 +160,20 @@ def test_truncated_weights_file(tiny_dir, tmp_path):
 
 
 class Evil:
+    def __init__(self, mark):
+        self.mark = mark
+
     def __reduce__(self):
         import os
-        return (os.system, ("touch /tmp/glm-pwned",))
+        return (os.system, (f"touch {self.mark}",))
 
 
 def test_pickle_that_runs_code_is_refused(tiny_dir, tmp_path):
-    import os
     d = copy_ckpt(tiny_dir, tmp_path / "c")
-    torch.save({"x": Evil()}, d / "pytorch_model.bin")
-    if os.path.exists("/tmp/glm-pwned"):
-        os.remove("/tmp/glm-pwned")
+    mark = tmp_path / "pwned"
+    torch.save({"x": Evil(mark)}, d / "pytorch_model.bin")
     expect_error(d, r"pytorch_model.bin: refused: .*posix.system")
-    assert not os.path.exists("/tmp/glm-pwned")
+    assert not mark.exists()
 
 
 def test_bad_config_json(tiny_dir, tmp_path):
