@@ -74,6 +74,19 @@ def test_runtime_requirements_cover_the_engine():
         assert needed in names, needed
 
 
+def test_development_tools_stay_out_of_the_image():
+    """protobuf serves glm.tiny only (SentencePiece model protos), which the service never imports."""
+    runtime = {r.split("==")[0].lower() for r in _requirements("requirements.txt")}
+    assert "protobuf" not in runtime
+    assert _pin("protobuf", "requirements-test.txt")
+    service = [os.path.join(REPO, "predict.py")] + [
+        os.path.join(REPO, "glm", f) for f in os.listdir(os.path.join(REPO, "glm")) if f.endswith(".py") and f != "tiny.py"]
+    for path in service:
+        with open(path, encoding="utf-8") as fh:
+            src = fh.read()
+        assert not re.search(r"\bimport tiny\b|from \.tiny |from glm\.tiny |import glm\.tiny|_pb2\b", src), path
+
+
 def _pin(name, file):
     return next(r.split("==")[1] for r in _requirements(file) if r.split("==")[0].lower() == name)
 
