@@ -203,6 +203,13 @@ def available() -> bool:
     return get() is not None
 
 
+def used_for(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether tensors on `device` in `dtype` are computed by the CPU kernels: the CPU, float32 or
+    bfloat16 (what every kernel takes), and the extension loaded. The loader's choice of fp16
+    linears, the quantized linears and the model's fused layers all ask this one question."""
+    return torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16) and get() is not None
+
+
 # ---------------------------------------------------------------------------------------------
 # Wrappers for the kernels the model calls on tensors that may not be laid out as the extension
 # needs. They assume get() is not None.

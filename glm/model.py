@@ -58,7 +58,7 @@ class KVCache:
 def cpu_kernels(x: torch.Tensor) -> bool:
     """Whether x goes through the fused CPU kernels (RMSNorm, SwiGLU, decode attention): one call
     instead of several small torch ops."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and kernels.get() is not None
+    return kernels.used_for(x.device, x.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from .config import ChatGLMConfig
+from .loader import QUANTIZED_LINEARS
 from .quant import quantize
 
 CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
-QUANTIZED = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, multi_query_group_num=2, kv_channels=16,
             ffn_hidden_size=160, seq_length=32768)  # as the real config: rotary cache 32K, context 8K
@@ -132,8 +132,9 @@ def random_state_dict_v1(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_co
     h, p = cfg.hidden_size, "transformer.layers"
     sd = {"transformer.word_embeddings.weight": normal(cfg.vocab_size, h, std=0.5)}
     half = cfg.head_dim // 2
-    shapes = {"attention.query_key_value": (3 * cfg.q_size, h), "attention.dense": (h, cfg.q_size),
-              "mlp.dense_h_to_4h": (cfg.ffn_hidden_size, h), "mlp.dense_4h_to_h": (h, cfg.ffn_hidden_size)}
+    # [out, in] of each quantized linear (query_key_value, dense, dense_h_to_4h, dense_4h_to_h)
+    shapes = dict(zip(QUANTIZED_LINEARS["chatglm"], [(3 * cfg.q_size, h), (h, cfg.q_size),
+                                                     (cfg.ffn_hidden_size, h), (h, cfg.ffn_hidden_size)]))
     for i in range(cfg.num_layers):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             sd[f"{p}.{i}.{norm}.weight"] = (1 + normal(h, std=0.1).float()).half()
@@ -191,16 +192,16 @@ def random_state_dict(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_codes
     sd = {"transformer.embedding.word_embeddings.weight": normal(cfg.vocab_size, h, std=1.0)}
     rot = cfg.head_dim // 2
     sd["transformer.rotary_pos_emb.inv_freq"] = (1.0 / 10000 ** (torch.arange(0, rot, 2).float() / rot)).half()
-    shapes = {"self_attention.query_key_value": (cfg.q_size + 2 * cfg.kv_size, h),
-              "self_attention.dense": (h, cfg.q_size),
-              "mlp.dense_h_to_4h": (2 * cfg.ffn_hidden_size, h),
-              "mlp.dense_4h_to_h": (h, cfg.ffn_hidden_size)}
+    # [out, in] of each quantized linear (query_key_value, dense, dense_h_to_4h, dense_4h_to_h)
+    qkv, *_ = names = QUANTIZED_LINEARS["chatglm2"]
+    shapes = dict(zip(names, [(cfg.q_size + 2 * cfg.kv_size, h), (h, cfg.q_size),
+                              (2 * cfg.ffn_hidden_size, h), (h, cfg.ffn_hidden_size)]))
     for i in range(cfg.num_layers):
         sd[f"{p}.{i}.input_layernorm.weight"] = (1 + normal(h, std=0.1).float()).half()
         sd[f"{p}.{i}.post_attention_layernorm.weight"] = (1 + normal(h, std=0.1).float()).half()
         for name, (n, k) in shapes.items():
             sd |= random_linear(f"{p}.{i}.{name}", n, k, bits, g, random_codes)
-        sd[f"{p}.{i}.self_attention.query_key_value.bias"] = normal(shapes[QUANTIZED[0]][0], std=0.1)
+        sd[f"{p}.{i}.self_attention.query_key_value.bias"] = normal(shapes[qkv][0], std=0.1)
     sd["transformer.encoder.final_layernorm.weight"] = (1 + normal(h, std=0.1).float()).half()
     sd["transformer.output_layer.weight"] = normal(cfg.vocab_size, h, std=1.0 / h ** 0.5 * 4)
     return sd
