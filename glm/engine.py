@@ -120,6 +120,11 @@ class Engine:
             finally:
                 self._step_lock.release()
 
+    def fail_if_stopped(self, seq: Sequence) -> None:
+        """End `seq` with the reason if the loop has died: its reader would otherwise wait forever."""
+        if self.dead is not None:
+            seq.fail(EngineError(f"the engine stopped: {self.dead!r}"))
+
     # ---- state ----
     @property
     def waiting(self):

@@ -9,7 +9,7 @@ import time
 import torch
 
 from .engine import Engine
-from .errors import EngineError, InputError
+from .errors import InputError
 from .generate import SamplingParams
 from .model import KVCache
 from .sequence import Sequence
@@ -144,8 +144,7 @@ class Stream:
             return chunk
 
     def _check_engine(self) -> None:
-        if self.engine.dead is not None and not self.seq.done:
-            self.seq.fail(EngineError(f"the engine stopped: {self.engine.dead!r}"))
+        self.engine.fail_if_stopped(self.seq)
 
     def cancel(self) -> None:
         """Stop the request; never waits for the engine. A no-op once it has ended."""

@@ -10,7 +10,6 @@ import torch
 
 import glm
 from glm.config import ChatGLMConfig
-from glm.engine import _DONE
 from glm.errors import CheckpointError
 from glm.gpu import memory, selftest
 from glm.kvpool import KVPool
@@ -138,7 +137,7 @@ def test_greedy_text(models, name):
 
 def _drain(seq):
     out = []
-    while (item := seq.chunks.get()) is not _DONE:
+    while (item := seq.read(timeout=0)) is not None:
         out.append(item)
     return "".join(out)
 

@@ -9,7 +9,6 @@ import torch
 import glm
 from glm import quant
 from glm.config import ChatGLMConfig
-from glm.engine import _DONE
 from glm.model import KVCache
 from glm.model_v1 import ChatGLM, GLMBlock, TiedHead, apply_rotary_2d, attention_mask, positions_2d, rotary_2d
 from glm.pipeline import GLM
@@ -331,7 +330,7 @@ def test_batched_decode_equals_solo(model):
 
 def _drain(seq):
     out = []
-    while (item := seq.chunks.get()) is not _DONE:
+    while (item := seq.read(timeout=0)) is not None:
         out.append(item)
     return out
 
