@@ -8,7 +8,7 @@
 from .config import ChatGLMConfig
 from .device import DeviceError
 from .errors import CheckpointError, EngineError, GLMError, InputError
-from .generate import MAX_SEED, SamplingParams, random_seed
+from .sampling import MAX_SEED, SamplingParams, random_seed
 from .loader import load
 from .pipeline import GLM, Stream
 

@@ -24,7 +24,7 @@ import threading
 import torch
 
 from .errors import EngineError, InputError
-from .generate import SamplingParams
+from .sampling import SamplingParams
 from .kvpool import KVPool
 from .output import OutputStage
 from .runner import ModelRunner

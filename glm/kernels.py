@@ -4,7 +4,8 @@ extension (glm/csrc/module.cpp).
 
 ``get()`` returns the compiled extension module, or ``None`` if it cannot be used (no compiler,
 build error, or ``GLM_NO_KERNELS=1``); callers then fall back to pure torch. ``require()`` raises
-instead, and ``status()`` says in one line which path serves and why. The build happens once
+instead, ``status()`` says in one line which path serves and why, and ``used_for(device, dtype)`` is
+the one test every caller makes of whether the kernels compute a tensor. The build happens once
 per (source, torch version, flags) into ``$GLM_KERNEL_CACHE`` or ``~/.cache/glm/kernels/<hash>``, so
 a fresh clone builds it on first use (about a minute) and later processes just load it.
 

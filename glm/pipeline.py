@@ -1,4 +1,5 @@
-"""GLM: the public object glm.load returns (tokenizer + model + engine)."""
+"""The engine's public facade: `GLM`, the object glm.load returns (tokenizer + model + engine), and
+`Stream`, one request's text chunks, finish details and statistics."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +11,7 @@ import torch
 
 from .engine import Engine
 from .errors import InputError
-from .generate import SamplingParams
+from .sampling import SamplingParams
 from .model import KVCache
 from .sequence import Sequence
 

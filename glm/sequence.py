@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .generate import SamplingParams
+from .sampling import SamplingParams
 
 log = logging.getLogger("glm")
 

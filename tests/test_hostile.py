@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cogserver import DEFAULT_PROMPT, CogServer, assert_ready, reference  # noqa: E402
 
 import glm  # noqa: E402
-from glm.generate import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, StopMatcher, sample  # noqa: E402
+from glm.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, StopMatcher, sample  # noqa: E402
 from glm.tokenizer import ChatGLM2Tokenizer  # noqa: E402
 from glm.tokenizer_v1 import ChatGLMTokenizer  # noqa: E402
 

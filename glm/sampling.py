@@ -1,4 +1,5 @@
-"""Sampling, stop strings and the per-request parameters (HF `generate` semantics)."""
+"""Per-request sampling: its parameters and seed policy, HF-order logits processing, the token draw,
+and stop strings. No generation loop (that is glm.engine)."""
 from __future__ import annotations
 
 import math
