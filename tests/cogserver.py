@@ -39,10 +39,10 @@ DEFAULT_PROMPT = "[Round 1]\n\n问：你好\n\n答："
 LONG = 400
 
 
-def reference(engine, prompt=DEFAULT_PROMPT, max_tokens=2048, temperature=0.75, top_p=0.8,
+def reference(model, prompt=DEFAULT_PROMPT, max_tokens=2048, temperature=0.75, top_p=0.8,
               top_k=0, repetition_penalty=1.0, stop=(), seed=None):
     """What glm generates in-process for the same inputs (same clamp as the service): (text, stream)."""
-    stream = engine.generate(
+    stream = model.generate(
         prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
         top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop), fit_context=True,
     )
