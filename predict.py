@@ -21,7 +21,6 @@ import concurrent.futures
 import contextvars
 import logging
 import os
-import secrets
 import socket
 import sys
 import threading
@@ -51,9 +50,9 @@ DEFAULT_WEIGHTS_DIR = "weights"
 # The model download-weights fetches by default; preferred when weights/ holds several.
 DEFAULT_MODEL_NAME = "chatglm2-6b-int4"
 # cog builds the image's input schema by reading this file, not by running it: every Input(...)
-# keyword below is a literal (tests/test_static_schema.py reads them by cog's rules), so these
-# constants repeat the bounds the schema gives and a test checks they agree.
-MAX_SEED = 4294967295  # 2**32 - 1
+# keyword below is a literal (tests/test_static_schema.py reads them by cog's rules), so the schema
+# repeats these bounds and a test checks they agree.
+MAX_SEED = glm.MAX_SEED  # the engine's seeds, so a logged seed can always be passed back
 # Largest context of any supported checkpoint (the -32k variants); the real limit
 # for the loaded checkpoint comes from the engine (model.config.max_context).
 MAX_TOKENS_LIMIT = 32768
@@ -151,8 +150,10 @@ def weights_root() -> str:
     return os.environ.get("COG_WEIGHTS") or DEFAULT_WEIGHTS_DIR
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name) or str(default)
+def _env_int(name: str, default: int | None) -> int | None:
+    value = os.environ.get(name)
+    if not value:
+        return default
     try:
         n = int(value)
     except ValueError:
@@ -272,11 +273,13 @@ class Predictor(BasePredictor):
         self.family = dict(FAMILY[cfg.family], **self.model.chat_defaults)
         log(f"loaded {cfg.family} checkpoint in {time.monotonic() - t0:.1f}s; max_context={cfg.max_context}")
         # One engine thread batches every running prediction; KV cache is reserved per request
-        # (prompt + max_tokens) within the budget: a request that does not fit yet waits.
+        # (prompt + max_tokens) within the budget (the engine's default unless GLM_KV_BUDGET_TOKENS
+        # says otherwise): a request that does not fit yet waits.
         concurrency = _env_int("COG_MAX_CONCURRENCY", DEFAULT_CONCURRENCY)
-        kv_budget = _env_int("GLM_KV_BUDGET_TOKENS", concurrency * cfg.max_context)
-        self.model.use_engine(max_batch=concurrency, kv_budget_tokens=kv_budget).start()
-        log(f"engine: up to {concurrency} sequences per step, KV budget {kv_budget} tokens")
+        engine = self.model.use_engine(max_batch=concurrency,
+                                       kv_budget_tokens=_env_int("GLM_KV_BUDGET_TOKENS", None))
+        engine.start()
+        log(f"engine: up to {concurrency} sequences per step, KV budget {engine.kv_budget_tokens} tokens")
         if device.type == "cpu":
             torch.set_num_threads(_env_int("GLM_THREADS", torch.get_num_threads()))
             log(f"cpu: {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
@@ -360,16 +363,11 @@ class Predictor(BasePredictor):
             log(f"warning: the prompt contains {self.family['other_format']!r}, the other ChatGLM generation's "
                 f"format; this {self.model.config.family} model expects e.g. {self.family['prompt']!r}")
         model = self.model
-        if seed is None:
-            seed = secrets.randbelow(MAX_SEED + 1)
-            log(f"seed {seed} (random; pass seed={seed} to reproduce)")
-        else:
-            log(f"seed {seed}")
+        # Drawn here, not by the engine, so that a request refused before it runs still names its seed.
+        drawn = seed is None
+        seed = glm.random_seed() if drawn else seed
         if top_p == 0:
-            # Accepted like on the public model, where top_p=0 keeps only the top token; the engine
-            # takes top_p in (0, 1], so say it as what it means: greedy decoding.
-            log("top_p=0: greedy decoding")
-            temperature, top_p = 0.0, 1.0
+            log("top_p=0: greedy decoding")  # as on the public model; the engine reads it so too
         # The cancel hook is in place before the request is queued, so no cancel falls in between.
         cancel = _CancelLink()
         if not _on_server_cancel(cancel):
@@ -395,6 +393,7 @@ class Predictor(BasePredictor):
             stream = await asyncio.to_thread(submit)
         except glm.InputError as e:
             raise ValueError(_with_seed(e, seed)) from None
+        log(f"seed {stream.seed}" + (f" (random; pass seed={stream.seed} to reproduce)" if drawn else ""))
         if stream.max_new_tokens < max_tokens:
             log(
                 f"max_tokens {max_tokens} clamped to {stream.max_new_tokens}: prompt has {stream.prompt_tokens} "

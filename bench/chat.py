@@ -27,7 +27,7 @@ args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 import glm, glm.kernels
 from glm.engine import Engine
-from glm.generate import SamplingParams
+from glm.sampling import SamplingParams
 glm.kernels.get()
 m = glm.load(args["path"], dtype=getattr(torch, args["dtype"]))
 g = torch.Generator().manual_seed(0)

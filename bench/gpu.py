@@ -57,7 +57,7 @@ def run(args) -> dict:
     import torch
 
     import glm
-    from glm.generate import SamplingParams
+    from glm.sampling import SamplingParams
     from glm.kvpool import KVPool
     from glm.pipeline import Stream
 

@@ -89,7 +89,7 @@ with torch.inference_mode():
         out[f"batch{b}_tok_s"] = max(out[f"batch{b}_rounds_tok_s"])
     # The serving path: b requests arrive together at the engine loop (its thread, as in predict.py);
     # prompts are prefilled one chunk per step between decode steps of the running ones.
-    from glm.generate import SamplingParams
+    from glm.sampling import SamplingParams
     from glm.pipeline import Stream
     for b in args["batches"]:
         eng = m.use_engine(max_batch=b)

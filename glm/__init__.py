@@ -8,9 +8,9 @@
 from .config import ChatGLMConfig
 from .device import DeviceError
 from .errors import CheckpointError, EngineError, GLMError, InputError
-from .generate import SamplingParams
+from .sampling import MAX_SEED, SamplingParams, random_seed
 from .loader import load
 from .pipeline import GLM, Stream
 
-__all__ = ["load", "GLM", "Stream", "ChatGLMConfig", "SamplingParams", "GLMError", "CheckpointError", "InputError",
+__all__ = ["load", "GLM", "Stream", "ChatGLMConfig", "SamplingParams", "MAX_SEED", "random_seed", "GLMError", "CheckpointError", "InputError",
            "EngineError", "DeviceError"]

@@ -24,7 +24,7 @@ import threading
 import torch
 
 from .errors import EngineError, InputError
-from .generate import SamplingParams
+from .sampling import SamplingParams
 from .kvpool import KVPool
 from .output import OutputStage
 from .runner import ModelRunner
@@ -119,6 +119,11 @@ class Engine:
                     self.scheduler.release_finished()
             finally:
                 self._step_lock.release()
+
+    def fail_if_stopped(self, seq: Sequence) -> None:
+        """End `seq` with the reason if the loop has died: its reader would otherwise wait forever."""
+        if self.dead is not None:
+            seq.fail(EngineError(f"the engine stopped: {self.dead!r}"))
 
     # ---- state ----
     @property

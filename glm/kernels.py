@@ -4,7 +4,8 @@ extension (glm/csrc/module.cpp).
 
 ``get()`` returns the compiled extension module, or ``None`` if it cannot be used (no compiler,
 build error, or ``GLM_NO_KERNELS=1``); callers then fall back to pure torch. ``require()`` raises
-instead, and ``status()`` says in one line which path serves and why. The build happens once
+instead, ``status()`` says in one line which path serves and why, and ``used_for(device, dtype)`` is
+the one test every caller makes of whether the kernels compute a tensor. The build happens once
 per (source, torch version, flags) into ``$GLM_KERNEL_CACHE`` or ``~/.cache/glm/kernels/<hash>``, so
 a fresh clone builds it on first use (about a minute) and later processes just load it.
 
@@ -201,6 +202,13 @@ def status() -> str:
 
 def available() -> bool:
     return get() is not None
+
+
+def used_for(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether tensors on `device` in `dtype` are computed by the CPU kernels: the CPU, float32 or
+    bfloat16 (what every kernel takes), and the extension loaded. The loader's choice of fp16
+    linears, the quantized linears and the model's fused layers all ask this one question."""
+    return torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16) and get() is not None
 
 
 # ---------------------------------------------------------------------------------------------

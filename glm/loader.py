@@ -174,8 +174,7 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = N
     bits = _target_bits(cfg, quantize)
     # fp16 linears stay fp16 where a kernel reads them (the CPU kernels, glm.gpu.linear);
     # elsewhere they are cast once.
-    half_linears = backend == "triton" or (device.type == "cpu" and kernels.get() is not None
-                                           and dtype != torch.float16)
+    half_linears = backend == "triton" or kernels.used_for(device, dtype)
     model = build_model(cfg)
     swap_linears(model, cfg, bits, half_linears)
     convert = _Converter(ckpt, cfg, bits, device, dtype)

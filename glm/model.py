@@ -55,10 +55,10 @@ class KVCache:
         return self.k[layer, :, :end], self.v[layer, :, :end]
 
 
-def cpu_kernels(x: torch.Tensor) -> bool:
+def uses_cpu_kernels(x: torch.Tensor) -> bool:
     """Whether x goes through the fused CPU kernels (RMSNorm, SwiGLU, decode attention): one call
     instead of several small torch ops."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and kernels.get() is not None
+    return kernels.used_for(x.device, x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -73,7 +73,7 @@ class RMSNorm(nn.Module):
         if self.backend == "triton":
             from .gpu import blocks
             return blocks.rms_norm(self, x)
-        if cpu_kernels(x):
+        if uses_cpu_kernels(x):
             return kernels.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -140,9 +140,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
     return out[0]
 
 
-def fused_decode_attention(x: torch.Tensor, caches: list[KVCache]) -> bool:
+def uses_fused_decode_attention(x: torch.Tensor, caches: list[KVCache]) -> bool:
     """Whether a decode step's attention runs in the CPU kernel (one call for the whole batch)."""
-    return cpu_kernels(x) and all(c.k.dtype == x.dtype for c in caches)
+    return uses_cpu_kernels(x) and all(c.k.dtype == x.dtype for c in caches)
 
 
 class SelfAttention(nn.Module):
@@ -161,7 +161,7 @@ class SelfAttention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         q, k, v = self.query_key_value(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        if T == 1 and fused_decode_attention(x, caches):
+        if T == 1 and uses_fused_decode_attention(x, caches):
             # One kernel call: rotary, cache writes and attention for the whole batch.
             slots = [c.slot(s) for c, s in zip(caches, starts)]
             y = kernels.decode_attention(q.view(B, cfg.num_heads, cfg.head_dim), k.view(B, cfg.kv_heads, cfg.head_dim),
@@ -174,7 +174,7 @@ class SelfAttention(nn.Module):
         v = v.view(B, T, cfg.kv_heads, cfg.head_dim)
         # Each sequence attends over its own cache: rows never see each other, and a row's result
         # does not depend on what else is in the batch.
-        row_kernel = fused_decode_attention(x, caches)
+        row_kernel = uses_fused_decode_attention(x, caches)
         out = []
         for b in range(B):
             keys, values = caches[b].update(layer, starts[b], k[b].transpose(0, 1), v[b].transpose(0, 1))
@@ -203,7 +203,7 @@ class MLP(nn.Module):
             from .gpu import blocks
             return blocks.mlp(self, x)
         h = self.dense_h_to_4h(x)
-        if cpu_kernels(h):
+        if uses_cpu_kernels(h):
             return self.dense_4h_to_h(kernels.swiglu(h))
         gate, up = h.chunk(2, dim=-1)
         return self.dense_4h_to_h(F.silu(gate) * up)
@@ -248,7 +248,7 @@ class ChatGLM2(nn.Module):
         pass (fused CPU kernels: row-wise linears and norms, per-row attention) is computed the same
         way in any prefill chunk or decode step, so the engine's prefix cache changes no output."""
         w = self.encoder.final_layernorm.weight
-        if not cpu_kernels(w):
+        if not uses_cpu_kernels(w):
             return False
         # bf16 activations on fp16 dense weights take a bf16 GEMM past one chunk of rows
         # (quant.half_weight_linear), whose rows depend on how many there are.

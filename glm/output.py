@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .generate import StopMatcher
+from .sampling import StopMatcher
 from .sequence import Sequence
 from .tokenizer import StreamDecoder
 

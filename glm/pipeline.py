@@ -1,4 +1,5 @@
-"""GLM: the public object glm.load returns (tokenizer + model + engine)."""
+"""The engine's public facade: `GLM`, the object glm.load returns (tokenizer + model + engine), and
+`Stream`, one request's text chunks, finish details and statistics."""
 from __future__ import annotations
 
 import asyncio
@@ -9,8 +10,8 @@ import time
 import torch
 
 from .engine import Engine
-from .errors import EngineError, InputError
-from .generate import SamplingParams
+from .errors import InputError
+from .sampling import SamplingParams
 from .model import KVCache
 from .sequence import Sequence
 
@@ -144,8 +145,7 @@ class Stream:
             return chunk
 
     def _check_engine(self) -> None:
-        if self.engine.dead is not None and not self.seq.done:
-            self.seq.fail(EngineError(f"the engine stopped: {self.engine.dead!r}"))
+        self.engine.fail_if_stopped(self.seq)
 
     def cancel(self) -> None:
         """Stop the request; never waits for the engine. A no-op once it has ended."""

@@ -101,12 +101,12 @@ class QuantLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
     def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
-        k = kernels.get()
         bias = _cast(self.bias, x.dtype)
-        if k is None and self.int8_activations and self.bits == 4 and x.dtype == torch.float32:
-            return int8_activation_linear(x, self.weight, self.weight_scale, bias)
-        if k is None or x.dtype not in (torch.float32, torch.bfloat16):
+        if not kernels.used_for(x.device, x.dtype):
+            if self.int8_activations and self.bits == 4 and x.dtype == torch.float32:
+                return int8_activation_linear(x, self.weight, self.weight_scale, bias)
             return F.linear(x, dequantize(self.weight, self.weight_scale, self.bits, x.dtype), bias)
+        k = kernels.get()
         x = x.contiguous()
         if self.int8_activations and self.bits == 4 and x.dtype == torch.float32:
             return k.int4_linear_i8(x, self.weight, self.weight_scale, bias)
@@ -154,12 +154,10 @@ def half_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         return F.linear(x, weight, bias)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
-    k = kernels.get()
     # bf16 activations: the fused kernel widens fp16 weights to fp32 math, so past one chunk a bf16
     # GEMM on bf16-cast weights is faster.
-    if (k is not None and x2.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and (x.dtype == torch.float32 or x2.shape[0] <= FUSED_MAX_ROWS)):
-        y = fused_rows(k.half_linear, x2, weight, bias)
+    if kernels.used_for(x2.device, x.dtype) and (x.dtype == torch.float32 or x2.shape[0] <= FUSED_MAX_ROWS):
+        y = fused_rows(kernels.get().half_linear, x2, weight, bias)
     else:
         y = blocked_linear(x2, weight.shape[0], bias, lambda s, e, out: out.copy_(weight[s:e]))
     return y.view(*shape[:-1], weight.shape[0])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .generate import sample
+from .sampling import sample
 from .kvpool import KVPool
 from .scheduler import Batch
 from .sequence import Sequence

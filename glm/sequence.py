@@ -2,7 +2,8 @@
 the queue of text it hands to its reader.
 
 Written by the engine's thread, read by one reader (a Stream) in any thread: the reader's surface is
-`read`, `on_output` and the finish details; everything else is the engine's.
+`read`, `on_output`, `done` and the finish details (prompt_ids, tokens, new_tokens, cached_tokens,
+params, finish_reason, peak_batch, t_submit / t_first / t_done); everything else is the engine's.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 
 import torch
 
-from .generate import SamplingParams
+from .sampling import SamplingParams
 
 log = logging.getLogger("glm")
 

@@ -23,15 +23,17 @@ import io
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from .config import ChatGLMConfig
+from .loader import QUANTIZED_LINEARS
 from .quant import quantize
 
 CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
-QUANTIZED = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, multi_query_group_num=2, kv_channels=16,
             ffn_hidden_size=160, seq_length=32768)  # as the real config: rotary cache 32K, context 8K
@@ -109,6 +111,15 @@ def config_json_v1(shape: dict, vocab: int, bits: int, specials: dict[str, int])
     }
 
 
+def normal_fp16(g: torch.Generator, *shape, std: float = 0.02) -> torch.Tensor:
+    return (torch.randn(*shape, generator=g) * std).half()
+
+
+def rotary_inv_freq(dim: int) -> torch.Tensor:
+    """The rotary embedding's inverse frequencies THUDM stores (a buffer the loader recomputes)."""
+    return (1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)).half()
+
+
 def random_linear(key: str, n: int, k: int, bits: int, g: torch.Generator, random_codes: bool) -> dict:
     """One block linear's tensors: fp16 N(0, 0.02) weights, THUDM-quantized when bits is set
     (random_codes: int codes and scales drawn directly, fast at 6B size)."""
@@ -125,20 +136,17 @@ def random_linear(key: str, n: int, k: int, bits: int, g: torch.Generator, rando
 def random_state_dict_v1(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_codes: bool = False) -> dict:
     """THUDM's v1 tensor names (all four block linears with biases; lm_head a copy of the embeddings)."""
     g = torch.Generator().manual_seed(seed)
-
-    def normal(*shape, std=0.02):
-        return (torch.randn(*shape, generator=g) * std).half()
-
+    normal = partial(normal_fp16, g)
     h, p = cfg.hidden_size, "transformer.layers"
     sd = {"transformer.word_embeddings.weight": normal(cfg.vocab_size, h, std=0.5)}
-    half = cfg.head_dim // 2
-    shapes = {"attention.query_key_value": (3 * cfg.q_size, h), "attention.dense": (h, cfg.q_size),
-              "mlp.dense_h_to_4h": (cfg.ffn_hidden_size, h), "mlp.dense_4h_to_h": (h, cfg.ffn_hidden_size)}
+    # [out, in] of each quantized linear (query_key_value, dense, dense_h_to_4h, dense_4h_to_h)
+    shapes = dict(zip(QUANTIZED_LINEARS["chatglm"], [(3 * cfg.q_size, h), (h, cfg.q_size),
+                                                     (cfg.ffn_hidden_size, h), (h, cfg.ffn_hidden_size)]))
     for i in range(cfg.num_layers):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             sd[f"{p}.{i}.{norm}.weight"] = (1 + normal(h, std=0.1).float()).half()
             sd[f"{p}.{i}.{norm}.bias"] = normal(h, std=0.1)
-        sd[f"{p}.{i}.attention.rotary_emb.inv_freq"] = (1.0 / 10000 ** (torch.arange(0, half, 2).float() / half)).half()
+        sd[f"{p}.{i}.attention.rotary_emb.inv_freq"] = rotary_inv_freq(cfg.head_dim // 2)
         for name, (n, k) in shapes.items():
             key = f"{p}.{i}.{name}"
             sd |= random_linear(key, n, k, bits, g, random_codes)
@@ -183,43 +191,56 @@ def chatglm3_files(cfg: dict) -> dict[str, str]:
 def random_state_dict(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_codes: bool = False) -> dict:
     """THUDM-named tensors. random_codes: draw int4/int8 codes directly (fast at 6B size)."""
     g = torch.Generator().manual_seed(seed)
-
-    def normal(*shape, std=0.02):
-        return (torch.randn(*shape, generator=g) * std).half()
-
+    normal = partial(normal_fp16, g)
     h, p = cfg.hidden_size, "transformer.encoder.layers"
     sd = {"transformer.embedding.word_embeddings.weight": normal(cfg.vocab_size, h, std=1.0)}
-    rot = cfg.head_dim // 2
-    sd["transformer.rotary_pos_emb.inv_freq"] = (1.0 / 10000 ** (torch.arange(0, rot, 2).float() / rot)).half()
-    shapes = {"self_attention.query_key_value": (cfg.q_size + 2 * cfg.kv_size, h),
-              "self_attention.dense": (h, cfg.q_size),
-              "mlp.dense_h_to_4h": (2 * cfg.ffn_hidden_size, h),
-              "mlp.dense_4h_to_h": (h, cfg.ffn_hidden_size)}
+    sd["transformer.rotary_pos_emb.inv_freq"] = rotary_inv_freq(cfg.head_dim // 2)
+    # [out, in] of each quantized linear (query_key_value, dense, dense_h_to_4h, dense_4h_to_h)
+    qkv, *_ = names = QUANTIZED_LINEARS["chatglm2"]
+    shapes = dict(zip(names, [(cfg.q_size + 2 * cfg.kv_size, h), (h, cfg.q_size),
+                              (2 * cfg.ffn_hidden_size, h), (h, cfg.ffn_hidden_size)]))
     for i in range(cfg.num_layers):
         sd[f"{p}.{i}.input_layernorm.weight"] = (1 + normal(h, std=0.1).float()).half()
         sd[f"{p}.{i}.post_attention_layernorm.weight"] = (1 + normal(h, std=0.1).float()).half()
         for name, (n, k) in shapes.items():
             sd |= random_linear(f"{p}.{i}.{name}", n, k, bits, g, random_codes)
-        sd[f"{p}.{i}.self_attention.query_key_value.bias"] = normal(shapes[QUANTIZED[0]][0], std=0.1)
+        sd[f"{p}.{i}.self_attention.query_key_value.bias"] = normal(shapes[qkv][0], std=0.1)
     sd["transformer.encoder.final_layernorm.weight"] = (1 + normal(h, std=0.1).float()).half()
     sd["transformer.output_layer.weight"] = normal(cfg.vocab_size, h, std=1.0 / h ** 0.5 * 4)
     return sd
+
+
+@contextmanager
+def staged(out: str | Path):
+    """A temporary directory inside `out` whose files move into `out` once all of them are written,
+    so an interrupted run never leaves a partial checkpoint."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-"))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            f.replace(out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def place_tokenizer(dest: Path, given: str | Path | None, full_size: bool, train, what: str) -> None:
+    """The given tokenizer model, or one trained on the tiny corpus (a full-size model needs the real one)."""
+    if given:
+        shutil.copyfile(given, dest)
+    elif full_size:
+        raise SystemExit(f"--full-size needs --tokenizer PATH (a real {what})")
+    else:
+        train(dest)
 
 
 def write_checkpoint(out: str | Path, *, bits: int = 4, full_size: bool = False, layers: int | None = None,
                      tokenizer: str | Path | None = None, rope_ratio: float | None = None, seed: int = 0,
                      chatglm3: bool = False) -> Path:
     """A ChatGLM2 (or, same model, ChatGLM3) checkpoint (see write_checkpoint_v1 for the first generation)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-"))
-    try:
-        if tokenizer:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-        elif full_size:
-            raise SystemExit("--full-size needs --tokenizer PATH (a real ChatGLM2 tokenizer.model)")
-        else:
-            train_tokenizer(tmp / "tokenizer.model")
+    with staged(out) as tmp:
+        place_tokenizer(tmp / "tokenizer.model", tokenizer, full_size, train_tokenizer, "ChatGLM2 tokenizer.model")
         import sentencepiece as spm
         n_words = spm.SentencePieceProcessor(model_file=str(tmp / "tokenizer.model")).vocab_size()
         shape = dict(FULL if full_size else TINY)
@@ -232,11 +253,7 @@ def write_checkpoint(out: str | Path, *, bits: int = 4, full_size: bool = False,
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
         cfg = ChatGLMConfig.from_dict(cfg_dict)
         torch.save(random_state_dict(cfg, bits, seed, random_codes=full_size), tmp / "pytorch_model.bin")
-        for f in tmp.iterdir():  # all files complete: move into place
-            f.replace(out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def write_checkpoint_v1(out: str | Path, *, bits: int = 8, full_size: bool = False, layers: int | None = None,
@@ -244,16 +261,8 @@ def write_checkpoint_v1(out: str | Path, *, bits: int = 8, full_size: bool = Fal
     """A ChatGLM-6B checkpoint: config.json, ice_text.model, pytorch_model.bin."""
     from .tokenizer_v1 import ChatGLMTokenizer
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-"))
-    try:
-        if tokenizer:
-            shutil.copyfile(tokenizer, tmp / "ice_text.model")
-        elif full_size:
-            raise SystemExit("--full-size needs --tokenizer PATH (a real ChatGLM-6B ice_text.model)")
-        else:
-            train_tokenizer_v1(tmp / "ice_text.model")
+    with staged(out) as tmp:
+        place_tokenizer(tmp / "ice_text.model", tokenizer, full_size, train_tokenizer_v1, "ChatGLM-6B ice_text.model")
         tok = ChatGLMTokenizer(tmp / "ice_text.model")
         shape = dict(FULL_V1 if full_size else TINY_V1)
         if layers:
@@ -264,11 +273,7 @@ def write_checkpoint_v1(out: str | Path, *, bits: int = 8, full_size: bool = Fal
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
         cfg = ChatGLMConfig.from_dict(cfg_dict)
         torch.save(random_state_dict_v1(cfg, bits, seed, random_codes=full_size), tmp / "pytorch_model.bin")
-        for f in tmp.iterdir():  # all files complete: move into place
-            f.replace(out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def main(argv=None) -> None:

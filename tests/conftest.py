@@ -58,7 +58,7 @@ def app_dir(tmp_path_factory, tiny_dir):
 
 
 @pytest.fixture(scope="session")
-def engine(tiny_dir):
+def reference_model(tiny_dir):
     """The same checkpoint loaded in-process: what a request's output must equal."""
     import glm
 
@@ -66,12 +66,12 @@ def engine(tiny_dir):
 
 
 @pytest.fixture(scope="session")
-def long_seed(engine):
+def long_seed(reference_model):
     """A seed whose sampled output runs to LONG tokens (no early EOS) at temperature 1."""
     from service_helpers import LONG, reference
 
     for seed in range(40):
-        _, st = reference(engine, max_tokens=LONG, temperature=1.0, top_p=1.0, seed=seed)
+        _, st = reference(reference_model, max_tokens=LONG, temperature=1.0, top_p=1.0, seed=seed)
         if st.finish_reason == "length":
             return seed
     pytest.fail(f"no seed in 0..39 samples {LONG} tokens without EOS on the tiny checkpoint; cancel tests need one")

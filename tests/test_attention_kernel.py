@@ -166,7 +166,7 @@ def test_model_decode_uses_kernel_and_matches_torch_path(mod, tiny_dir, monkeypa
     prompts = [torch.randint(0, 1000, (1, n), generator=g) for n in (5, 9)]
 
     def run(fused: bool):
-        monkeypatch.setattr(gm, "fused_decode_attention", lambda x, caches: fused)
+        monkeypatch.setattr(gm, "uses_fused_decode_attention", lambda x, caches: fused)
         caches = [KVCache(cfg, 16, "cpu", dtype) for _ in prompts]
         with torch.inference_mode():
             for p, c in zip(prompts, caches):

@@ -48,11 +48,11 @@ def distinct_inputs(n: int, max_tokens: int, salt: int = 0) -> list[dict]:
     return out
 
 
-def expected(engine, inp: dict) -> str:
+def expected(reference_model, inp: dict) -> str:
     kw = dict(inp)
     if "stop_sequences" in kw:
         kw["stop"] = [s.strip() for s in kw.pop("stop_sequences").split(",") if s.strip()]
-    return reference(engine, **kw)[0]
+    return reference(reference_model, **kw)[0]
 
 
 def peak_batch(logs: str) -> int:
@@ -72,7 +72,7 @@ def post(server: CogServer, inp: dict, retry_409: bool = True) -> requests.Respo
     return server.predict({"input": inp}, wait_ready=False, retry_409=retry_409)
 
 
-def test_concurrent_predictions_each_match_their_solo_output(busy_server, engine):
+def test_concurrent_predictions_each_match_their_solo_output(busy_server, reference_model):
     inputs = distinct_inputs(CONCURRENCY, max_tokens=160)
     inputs[5]["stop_sequences"] = "，,。"
     assert_ready(busy_server)
@@ -81,14 +81,14 @@ def test_concurrent_predictions_each_match_their_solo_output(busy_server, engine
     bodies = [r.json() for r in responses]
     for inp, r, body in zip(inputs, responses, bodies):
         assert r.status_code == 200 and body["status"] == "succeeded", body
-        assert "".join(body["output"]) == expected(engine, inp), inp
+        assert "".join(body["output"]) == expected(reference_model, inp), inp
     # They really ran together: the engine decoded them in shared steps.
     peaks = [peak_batch(b["logs"]) for b in bodies]
     assert max(peaks) >= CONCURRENCY // 2, peaks
     assert_ready(busy_server)
 
 
-def test_cancelling_one_leaves_the_others_intact(busy_server, engine, long_seed):
+def test_cancelling_one_leaves_the_others_intact(busy_server, reference_model, long_seed):
     others = distinct_inputs(CONCURRENCY - 1, max_tokens=LONG, salt=1)
     cancel_id = "cancel-one-of-many"
     assert_ready(busy_server)
@@ -121,11 +121,11 @@ def test_cancelling_one_leaves_the_others_intact(busy_server, engine, long_seed)
     assert peak_batch(final["logs"]) >= 2, final["logs"]  # it was cancelled while running beside others
     for inp, body in zip(others, bodies):
         assert body["status"] == "succeeded", body
-        assert "".join(body["output"]) == expected(engine, inp), inp
+        assert "".join(body["output"]) == expected(reference_model, inp), inp
     assert_ready(busy_server)
 
 
-def test_bursts_above_capacity_lose_nothing_accepted(busy_server, engine):
+def test_bursts_above_capacity_lose_nothing_accepted(busy_server, reference_model):
     """50 requests in bursts of 10 at 8 slots: each is either refused with 409 or returns its exact output."""
     accepted = refused = 0
     for burst in range(5):
@@ -140,7 +140,7 @@ def test_bursts_above_capacity_lose_nothing_accepted(busy_server, engine):
                 continue
             body = r.json()
             assert r.status_code == 200 and body["status"] == "succeeded", (r.status_code, body)
-            assert "".join(body["output"]) == expected(engine, inp), inp
+            assert "".join(body["output"]) == expected(reference_model, inp), inp
             accepted += 1
     assert accepted + refused == 50
     assert accepted >= 5 * CONCURRENCY, (accepted, refused)
@@ -170,7 +170,7 @@ def _rss_mb(pid: int) -> float:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads worker memory from /proc (Linux)")
-def test_worker_memory_stays_flat_over_500_requests(busy_server, engine):
+def test_worker_memory_stays_flat_over_500_requests(busy_server, reference_model):
     workers = _children(busy_server.proc.pid)
     assert len(workers) == 1, workers
     worker = workers[0]
@@ -191,14 +191,14 @@ def test_worker_memory_stays_flat_over_500_requests(busy_server, engine):
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         outputs = list(pool.map(run, inputs))
     for inp, out in list(zip(inputs, outputs))[::50]:  # spot-check the text too
-        assert out == expected(engine, inp), inp
+        assert out == expected(reference_model, inp), inp
     growth = rss[500] - rss[100]
     print(f"worker RSS after 100 requests {rss[100]:.1f} MB, after 500 {rss[500]:.1f} MB (+{growth:.1f} MB)")
     assert growth < 8, rss
     assert_ready(busy_server)
 
 
-def test_kv_budget_makes_requests_wait_or_fail_clearly(app_dir, engine, long_seed):
+def test_kv_budget_makes_requests_wait_or_fail_clearly(app_dir, reference_model, long_seed):
     """GLM_KV_BUDGET_TOKENS=100: requests of 16 + 80 and 16 + 60 tokens cannot share it, so the second
     waits (they are in flight together but never decode together) and both are exact; a request
     needing more than the whole budget fails at once."""
@@ -220,7 +220,7 @@ def test_kv_budget_makes_requests_wait_or_fail_clearly(app_dir, engine, long_see
             bodies = [first.result().json(), second.result().json()]
         for inp, body in zip(inputs, bodies):
             assert body["status"] == "succeeded", body
-            assert "".join(body["output"]) == expected(engine, inp)
+            assert "".join(body["output"]) == expected(reference_model, inp)
             assert peak_batch(body["logs"]) == 1, body["logs"]
         # ... because the second waited: it was sent while the first ran, and its first token came
         # only once the first was done (its time to first token spans at least half the overlap).

@@ -12,7 +12,7 @@ import pytest
 
 import glm
 from glm.engine import Engine
-from glm.generate import SamplingParams
+from glm.sampling import SamplingParams
 from glm.pipeline import Stream
 
 PROMPT = "[Round 1]\n\n问：你好\n\n答："

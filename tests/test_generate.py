@@ -8,7 +8,7 @@ import torch
 
 import glm
 from glm.engine import Engine
-from glm.generate import SamplingParams, StopMatcher, process_logits
+from glm.sampling import SamplingParams, StopMatcher, process_logits
 
 PROMPTS = ["[Round 1]\n\n问：你好\n\n答：",
            "[Round 1]\n\n问：What is the capital of France?\n\n答：",
@@ -63,12 +63,27 @@ def test_nan_guard_like_thudm():
     assert int(out.argmax()) == 5
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
+@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=-0.1), dict(top_p=1.5), dict(top_k=-1),
                                  dict(repetition_penalty=0.0), dict(max_new_tokens=0), dict(seed=-1),
+                                 dict(seed=glm.MAX_SEED + 1),
                                  dict(temperature=math.nan), dict(top_k=2.5), dict(stop=[1])])
 def test_invalid_parameters_are_input_errors(tiny_model, bad):
     with pytest.raises(glm.InputError):
         tiny_model.generate(PROMPTS[0], **{"max_new_tokens": 4, **bad})
+
+
+def test_top_p_zero_is_greedy(tiny_model):
+    assert SamplingParams(temperature=0.9, top_p=0.0).validate() == SamplingParams(temperature=0.0, top_p=1.0)
+    _, sampled = run(tiny_model, PROMPTS[1], temperature=1.5, top_p=0.0, seed=1)
+    _, greedy = run(tiny_model, PROMPTS[1], temperature=0.0, seed=2)
+    assert sampled == greedy
+
+
+def test_random_seed_is_reported_and_reproduces(tiny_model):
+    first, chunks = run(tiny_model, PROMPTS[1], temperature=1.0, top_p=1.0)
+    assert 0 <= first.seed <= glm.MAX_SEED
+    _, again = run(tiny_model, PROMPTS[1], temperature=1.0, top_p=1.0, seed=first.seed)
+    assert again == chunks
 
 
 def test_empty_prompt_is_an_input_error(tiny_model):

@@ -137,7 +137,7 @@ def test_greedy_text(models, name):
 
 def _drain(seq):
     out = []
-    while (item := seq.read()) is not None:
+    while (item := seq.read(timeout=0)) is not None:
         out.append(item)
     return "".join(out)
 

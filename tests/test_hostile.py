@@ -31,7 +31,7 @@ from service_helpers import DEFAULT_PROMPT, assert_ready, reference  # noqa: E40
 from script.cogserver import CogServer  # noqa: E402
 
 import glm  # noqa: E402
-from glm.generate import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, StopMatcher, sample  # noqa: E402
+from glm.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, StopMatcher, sample  # noqa: E402
 from glm.tokenizer import ChatGLM2Tokenizer  # noqa: E402
 from glm.tokenizer_v1 import ChatGLMTokenizer  # noqa: E402
 
@@ -228,29 +228,29 @@ def _post(server, inp, **kw):
     return server.predict({"input": inp}, wait_ready=False, **kw)
 
 
-def test_poison_temperature_does_not_fail_its_batch(hostile_server, engine, long_seed):
+def test_poison_temperature_does_not_fail_its_batch(hostile_server, reference_model, long_seed):
     normal = {"max_tokens": 200, "temperature": 1.0, "top_p": 1.0, "seed": long_seed}
     poison = {"max_tokens": 200, "temperature": POISON_TEMPERATURE}
     assert_ready(hostile_server)
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(_post, hostile_server, inp) for inp in (normal, poison, normal, poison)]
         bodies = [f.result().json() for f in futures]
-    want_normal = reference(engine, **normal)[0]
-    want_poison = reference(engine, max_tokens=200, temperature=0.0)[0]
+    want_normal = reference(reference_model, **normal)[0]
+    want_poison = reference(reference_model, max_tokens=200, temperature=0.0)[0]
     for body, want in zip(bodies, (want_normal, want_poison) * 2):
         assert body["status"] == "succeeded", {k: body.get(k) for k in ("status", "error")}
         assert "".join(body["output"]) == want
     assert max(int(re.search(r"peak_batch=(\d+)", b["logs"])[1]) for b in bodies) >= 2  # they shared steps
 
 
-def test_whole_number_floats_are_integers(hostile_server, engine):
+def test_whole_number_floats_are_integers(hostile_server, reference_model):
     body = _post(hostile_server, {"max_tokens": 16.0, "top_k": 5.0, "seed": 7.0, "temperature": 1.0}).json()
     assert body["status"] == "succeeded", body.get("error")
-    assert "".join(body["output"]) == reference(engine, max_tokens=16, top_k=5, seed=7, temperature=1.0)[0]
+    assert "".join(body["output"]) == reference(reference_model, max_tokens=16, top_k=5, seed=7, temperature=1.0)[0]
 
 
-def test_failed_prediction_names_its_seed(hostile_server, engine):
-    too_long = DEFAULT_PROMPT + "你好" * engine.config.max_context
+def test_failed_prediction_names_its_seed(hostile_server, reference_model):
+    too_long = DEFAULT_PROMPT + "你好" * reference_model.config.max_context
     body = _post(hostile_server, {"prompt": too_long, "seed": 4242}).json()
     assert body["status"] == "failed" and "prompt is too long" in body["error"], body.get("error")
     assert "seed 4242" in body["error"], body["error"]

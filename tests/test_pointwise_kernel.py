@@ -113,7 +113,7 @@ def test_model_uses_kernels_and_matches_torch_path(mod, tiny_dir, monkeypatch, d
     tokens = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(0))
 
     def run(use: bool):
-        monkeypatch.setattr(gm, "cpu_kernels", lambda x: use)
+        monkeypatch.setattr(gm, "uses_cpu_kernels", lambda x: use)
         cache = KVCache(m.config, 16, "cpu", dtype)
         with torch.inference_mode():
             return [m.model(tokens, [0], [cache])[0].float(), m.model(torch.tensor([[5]]), [7], [cache])[0].float()]

@@ -8,7 +8,7 @@ import torch
 import glm
 from glm import kernels
 from glm.engine import Engine
-from glm.generate import SamplingParams
+from glm.sampling import SamplingParams
 from glm.model import KVCache
 from glm.prefix_cache import BLOCK
 

@@ -25,7 +25,7 @@ INPUT_NAMES = [
 
 
 # ---------------------------------------------------------------------------- fixtures
-# tiny_dir, app_dir, engine and long_seed are in conftest.py (shared with test_concurrency.py).
+# tiny_dir, app_dir, reference_model and long_seed are in conftest.py (shared with test_concurrency.py).
 @pytest.fixture(scope="session")
 def server(app_dir):
     with CogServer(app_dir) as srv:
@@ -77,14 +77,14 @@ def test_openapi_lists_every_input(server):
     assert not doc["components"]["schemas"]["Input"].get("required")
 
 
-def test_sync_prediction_matches_in_process(server, engine):
+def test_sync_prediction_matches_in_process(server, reference_model):
     inp = {"prompt": "[Round 1]\n\n问：讲个故事 😀\n\n答：", "max_tokens": 24, "temperature": 0.9,
            "top_p": 0.95, "top_k": 40, "repetition_penalty": 1.1, "seed": 1234}
     r = server.predict({"input": inp})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["status"] == "succeeded", body
-    want, st = reference(engine, prompt=inp["prompt"], max_tokens=24, temperature=0.9, top_p=0.95,
+    want, st = reference(reference_model, prompt=inp["prompt"], max_tokens=24, temperature=0.9, top_p=0.95,
                          top_k=40, repetition_penalty=1.1, seed=1234)
     assert "".join(body["output"]) == want
     logs = body["logs"]
@@ -99,18 +99,18 @@ def test_sync_prediction_matches_in_process(server, engine):
     assert 0 < m["time_to_first_token"] < m["predict_time"] and m["tokens_per_second"] > 0, m
 
 
-def test_greedy_and_default_prompt(server, engine):
+def test_greedy_and_default_prompt(server, reference_model):
     r = server.predict({"input": {"max_tokens": 16, "temperature": 0}})
     body = r.json()
     assert body["status"] == "succeeded", body
-    want, _ = reference(engine, max_tokens=16, temperature=0.0, seed=None)
+    want, _ = reference(reference_model, max_tokens=16, temperature=0.0, seed=None)
     assert "".join(body["output"]) == want
 
 
-def test_top_p_zero_means_greedy(server, engine):
+def test_top_p_zero_means_greedy(server, reference_model):
     r = server.predict({"input": {"max_tokens": 12, "top_p": 0, "seed": 3}}).json()
     assert r["status"] == "succeeded", r
-    want, _ = reference(engine, max_tokens=12, temperature=0.0, top_p=1.0, seed=3)
+    want, _ = reference(reference_model, max_tokens=12, temperature=0.0, top_p=1.0, seed=3)
     assert "".join(r["output"]) == want
 
 
@@ -128,7 +128,7 @@ def test_random_seed_is_logged_and_reproducible(server):
     assert again["output"] == body["output"] or "".join(again["output"]) == "".join(body["output"])
 
 
-def test_sse_streams_same_text_in_order(server, engine):
+def test_sse_streams_same_text_in_order(server, reference_model):
     inp = {"prompt": "[Round 1]\n\n问：你好👋，请用中文回答\n\n答：", "max_tokens": 32, "temperature": 1.0,
            "top_p": 1.0, "seed": 7}
     events = server.sse({"input": inp})
@@ -137,7 +137,7 @@ def test_sse_streams_same_text_in_order(server, engine):
     outputs = [e["data"] for e in events if e["event"] == "output"]
     assert [o["index"] for o in outputs] == list(range(len(outputs)))
     text = "".join(o["chunk"] for o in outputs)
-    want, _ = reference(engine, prompt=inp["prompt"], max_tokens=32, temperature=1.0, top_p=1.0, seed=7)
+    want, _ = reference(reference_model, prompt=inp["prompt"], max_tokens=32, temperature=1.0, top_p=1.0, seed=7)
     assert text == want
     final = events[-1]["data"]
     assert final["status"] == "succeeded"
@@ -146,12 +146,12 @@ def test_sse_streams_same_text_in_order(server, engine):
     # exactly as in-process; the exact match above is the check.)
 
 
-def test_sse_keeps_chinese_and_emoji(server, engine):
+def test_sse_keeps_chinese_and_emoji(server, reference_model):
     """Pick a seed whose in-process output has CJK (ideally emoji) text; SSE must match it exactly."""
     prompt = "[Round 1]\n\n问：😀🎉中文\n\n答："
     best = None
     for seed in range(30):
-        text, _ = reference(engine, prompt=prompt, max_tokens=24, temperature=1.0, top_p=1.0, seed=seed)
+        text, _ = reference(reference_model, prompt=prompt, max_tokens=24, temperature=1.0, top_p=1.0, seed=seed)
         has_cjk = any("\u4e00" <= ch <= "\u9fff" for ch in text)
         has_emoji = any(ord(ch) >= 0x1F000 for ch in text)
         if has_cjk and has_emoji:
@@ -170,27 +170,27 @@ def test_sse_keeps_chinese_and_emoji(server, engine):
     assert events[-1]["data"]["status"] == "succeeded"
 
 
-def test_stop_sequences(server, engine):
-    base, _ = reference(engine, max_tokens=40, temperature=1.0, top_p=1.0, seed=11)
+def test_stop_sequences(server, reference_model):
+    base, _ = reference(reference_model, max_tokens=40, temperature=1.0, top_p=1.0, seed=11)
     assert len(base) >= 6, f"tiny model output {base!r} is too short to pick a stop string from; change the seed"
     stop = base[3:5]
     r = server.predict({"input": {"max_tokens": 40, "temperature": 1.0, "top_p": 1.0, "seed": 11,
                                   "stop_sequences": f"{stop},zzzz-never"}}).json()
     assert r["status"] == "succeeded", r
     out = "".join(r["output"])
-    want, st = reference(engine, max_tokens=40, temperature=1.0, top_p=1.0, seed=11, stop=(stop, "zzzz-never"))
+    want, st = reference(reference_model, max_tokens=40, temperature=1.0, top_p=1.0, seed=11, stop=(stop, "zzzz-never"))
     assert out == want
     assert stop not in out
     assert "finish_reason=stop" in r["logs"]
 
 
-def test_max_tokens_clamped_to_context(server, engine):
+def test_max_tokens_clamped_to_context(server, reference_model):
     # a prompt that leaves 20 tokens of the context
-    ids = engine.tokenizer.encode(DEFAULT_PROMPT)
-    filler = engine.tokenizer.sp.encode("春眠不觉晓，处处闻啼鸟。")
-    ids = ids + (filler * engine.config.max_context)[: engine.config.max_context - 20 - len(ids)]
-    prompt = engine.tokenizer.decode(ids)
-    assert len(engine.tokenizer.encode(prompt)) == engine.config.max_context - 20
+    ids = reference_model.tokenizer.encode(DEFAULT_PROMPT)
+    filler = reference_model.tokenizer.sp.encode("春眠不觉晓，处处闻啼鸟。")
+    ids = ids + (filler * reference_model.config.max_context)[: reference_model.config.max_context - 20 - len(ids)]
+    prompt = reference_model.tokenizer.decode(ids)
+    assert len(reference_model.tokenizer.encode(prompt)) == reference_model.config.max_context - 20
     r = server.predict({"input": {"prompt": prompt, "max_tokens": 32768, "temperature": 0, "seed": 1}}).json()
     assert r["status"] == "succeeded", r
     assert "max_tokens 32768 clamped to 20" in r["logs"]
@@ -306,12 +306,12 @@ def test_invalid_inputs_are_422(server, inp, field):
     assert_ready(server)
 
 
-def test_missing_prompt_uses_default(server, engine):
+def test_missing_prompt_uses_default(server, reference_model):
     """prompt, temperature and top_p are optional: left out, the loaded model's own defaults
     (ChatGLM2: the round-1 greeting, 0.75, 0.8) are used. (coglet 0.23.1 answers an explicit null
     with 422, nullable or not: test_invalid_inputs_are_422.)"""
-    assert engine.chat_defaults == {"prompt": DEFAULT_PROMPT, "temperature": 0.75, "top_p": 0.8}
-    want, _ = reference(engine, max_tokens=6, seed=2)
+    assert reference_model.chat_defaults == {"prompt": DEFAULT_PROMPT, "temperature": 0.75, "top_p": 0.8}
+    want, _ = reference(reference_model, max_tokens=6, seed=2)
     r = server.predict({"input": {"max_tokens": 6, "seed": 2}}).json()
     assert r["status"] == "succeeded", r
     assert "".join(r["output"]) == want
@@ -325,8 +325,8 @@ def test_blank_prompt_fails_clearly(server):
     assert_ready(server)
 
 
-def test_oversized_prompt_fails_clearly(server, engine):
-    ctx = engine.config.max_context
+def test_oversized_prompt_fails_clearly(server, reference_model):
+    ctx = reference_model.config.max_context
     prompt = "[Round 1]\n\n问：" + "你好" * (ctx + 10) + "\n\n答："
     body = server.predict({"input": {"prompt": prompt, "max_tokens": 8}}).json()
     assert body["status"] == "failed", {k: body.get(k) for k in ("status", "error")}

@@ -72,7 +72,7 @@ def run_one(server: CogServer, req: dict) -> dict:
     return {"status": final["status"], "text": "".join(final.get("output") or []), "error": final.get("error")}
 
 
-def test_soak(soak_server, engine):
+def test_soak(soak_server, reference_model):
     rng = random.Random(17)
     reqs = plan(REQUESTS, rng)
     assert_ready(soak_server)
@@ -90,7 +90,7 @@ def test_soak(soak_server, engine):
         counts[res["status"]] = counts.get(res["status"], 0) + 1
         if res["status"] is None:
             continue
-        want = reference(engine, **req["input"])[0]
+        want = reference(reference_model, **req["input"])[0]
         if res["status"] == "succeeded":
             ok = res["text"] == want
         elif res["status"] == "canceled":
@@ -118,6 +118,6 @@ def test_soak(soak_server, engine):
     assert counts.get("succeeded", 0) >= REQUESTS // 2, counts
     assert counts.get("canceled", 0) >= 1, counts
     for inp, b in zip(probe, bodies):
-        assert b["status"] == "succeeded" and "".join(b["output"]) == reference(engine, **inp)[0], b.get("error")
+        assert b["status"] == "succeeded" and "".join(b["output"]) == reference(reference_model, **inp)[0], b.get("error")
     assert health["status"] == "READY", health
     assert rss_after - rss_before < RSS_GROWTH_MB, (rss_before, rss_after)

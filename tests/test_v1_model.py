@@ -330,7 +330,7 @@ def test_batched_decode_equals_solo(model):
 
 def _drain(seq):
     out = []
-    while (item := seq.read()) is not None:
+    while (item := seq.read(timeout=0)) is not None:
         out.append(item)
     return out
 

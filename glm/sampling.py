@@ -1,4 +1,5 @@
-"""Sampling, stop strings and the per-request parameters (HF `generate` semantics)."""
+"""Per-request sampling: its parameters and seed policy, HF-order logits processing, the token draw,
+and stop strings. No generation loop (that is glm.engine)."""
 from __future__ import annotations
 
 import math
@@ -18,13 +19,21 @@ MIN_TEMPERATURE = 1e-5
 # memory of one request's stops) small whatever a client sends.
 MAX_STOP_STRINGS = 32
 MAX_STOP_CHARS = 128
+# Seeds are 32-bit: a seed drawn at random is logged and reported, and must be one a client can pass
+# back through a serving schema (Replicate's integer inputs, JSON numbers) unchanged.
+MAX_SEED = 2 ** 32 - 1
+
+
+def random_seed() -> int:
+    """A seed for a request that gave none, from the OS's randomness (never from torch's global RNG)."""
+    return secrets.randbelow(MAX_SEED + 1)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256
     temperature: float = 0.8       # 0 (or below MIN_TEMPERATURE) = greedy
-    top_p: float = 0.8             # 1 = off
+    top_p: float = 0.8             # 1 = off; 0 = keep only the most likely token (greedy)
     top_k: int = 0                 # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
     seed: int | None = None        # None: drawn at random (see `with_seed`)
@@ -41,15 +50,15 @@ class SamplingParams:
                 bad(name, v, "a finite number")
         if self.temperature < 0:
             bad("temperature", self.temperature, ">= 0")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", self.top_p, "in (0, 1]")
+        if not 0 <= self.top_p <= 1:
+            bad("top_p", self.top_p, "in [0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             bad("top_k", self.top_k, "an integer >= 0")
         if self.repetition_penalty <= 0:
             bad("repetition_penalty", self.repetition_penalty, "> 0")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2 ** 63):
-            bad("seed", self.seed, "an integer in [0, 2**63)")
+                                      or not 0 <= self.seed <= MAX_SEED):
+            bad("seed", self.seed, f"an integer in [0, {MAX_SEED}]")
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             bad("stop", self.stop, "a sequence of strings")
         stop = tuple(s for s in self.stop if s)
@@ -59,11 +68,15 @@ class SamplingParams:
         if len(longest) > MAX_STOP_CHARS:
             raise InputError(f"stop string too long: {len(longest)} characters ({longest[:20]!r}...), "
                              f"at most {MAX_STOP_CHARS}")
-        temperature = self.temperature if self.temperature >= MIN_TEMPERATURE else 0.0
-        return replace(self, stop=stop, temperature=temperature)
+        temperature, top_p = self.temperature, self.top_p
+        if top_p == 0:  # the nucleus shrinks to the top token: greedy decoding, said as such
+            temperature, top_p = 0.0, 1.0
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0
+        return replace(self, stop=stop, temperature=temperature, top_p=top_p)
 
     def with_seed(self) -> "SamplingParams":
-        return self if self.seed is not None else replace(self, seed=secrets.randbits(63))
+        return self if self.seed is not None else replace(self, seed=random_seed())
 
 
 def process_logits(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams) -> torch.Tensor:
