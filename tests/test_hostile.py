@@ -10,7 +10,6 @@ coglet's own findings are the xfail(strict=True) tests at the end (docs/SERVICE.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil

@@ -13,7 +13,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 
 from service_helpers import assert_ready, reference  # noqa: E402
 from script.cogserver import CogServer  # noqa: E402

@@ -4,14 +4,12 @@ suite serves must be that static one."""
 from __future__ import annotations
 
 import importlib.machinery
-import importlib.util
 import inspect
 import json
 import os
 import subprocess
 import sys
 
-import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cog_static_schema import UNRESOLVED, input_schema, predict_inputs  # noqa: E402
