@@ -3,7 +3,6 @@ it); every Input keyword must read there exactly as Python evaluates it, and the
 suite serves must be that static one."""
 from __future__ import annotations
 
-import importlib.machinery
 import inspect
 import json
 import os
