@@ -180,7 +180,7 @@ def _on_server_cancel(callback: Callable[[], None]) -> bool:
     predict() has returned the generator it streams, when cancel() on the finished future is a
     no-op. So we find that future (asyncio chains it to our task with a done-callback that holds
     it) and wrap its cancel(). Returns False when it is not found (another server): the prediction
-    then runs to its end when cancelled. tests/test_service.py checks this against the real server.
+    then runs to its end when cancelled. tests/test_service_http.py checks this against the real server.
     """
     task = asyncio.current_task()
     for cb, _ in getattr(task, "_callbacks", None) or ():
