@@ -20,7 +20,7 @@ from glm.quant import HalfLinear, QuantLinear
 from glm.tiny import write_checkpoint_v1
 from reference import DataReader
 from test_conformance import TINY_REF, load_by_checkpoint_names, read_glm2_weights
-from test_v1_model import VEC_CFG, _read_block
+from test_v1_model import VEC_CFG, read_glm_model_weights
 
 REL = 0.02  # the bound: within 2% of the largest value
 
@@ -69,10 +69,7 @@ def test_chatglm2_reference_vectors(name):
 def test_chatglm_v1_reference_vectors():
     cfg = VEC_CFG
     r = DataReader("glm_model.data")
-    sd = {"word_embeddings.weight": torch.from_numpy(r.read(cfg.vocab_size, cfg.hidden_size))}
-    sd |= _read_block(r, cfg, "layers.0.")
-    sd["final_layernorm.weight"] = torch.from_numpy(r.read(cfg.hidden_size))
-    sd["final_layernorm.bias"] = torch.from_numpy(r.read(cfg.hidden_size))
+    sd = read_glm_model_weights(r, cfg)
     model = ChatGLM(cfg)
     model.load_state_dict(sd, strict=True)
     run_vectors(triton_model(model), r, cfg, (3, 1, 1))

@@ -45,13 +45,19 @@ def _report(name, errors):
     assert max(errors) < TOL, f"{name}: {errors}"
 
 
-def test_glm_model_vectors():
-    cfg = VEC_CFG
-    r = DataReader("glm_model.data")
+def read_glm_model_weights(r: DataReader, cfg) -> dict:
+    """The one-block ChatGLM-6B model of glm_model.data, by our module names."""
     sd = {"word_embeddings.weight": torch.from_numpy(r.read(cfg.vocab_size, cfg.hidden_size))}
     sd |= _read_block(r, cfg, "layers.0.")
     sd["final_layernorm.weight"] = torch.from_numpy(r.read(cfg.hidden_size))
     sd["final_layernorm.bias"] = torch.from_numpy(r.read(cfg.hidden_size))
+    return sd
+
+
+def test_glm_model_vectors():
+    cfg = VEC_CFG
+    r = DataReader("glm_model.data")
+    sd = read_glm_model_weights(r, cfg)
     with torch.device("meta"):
         model = ChatGLM(cfg)
     model.load_state_dict(sd, assign=True, strict=True)
