@@ -80,6 +80,7 @@ class QuantLinear(nn.Module):
 
     int8_activations = False
     backend = "torch"  # "triton": glm.gpu.linear's kernels (fp16 activations); set by the loader
+    exact_rows = False  # triton: every row through the decode kernel (ChatGLM2.compute_rows_exactly)
 
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = False):
         super().__init__()
@@ -93,7 +94,8 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.backend == "triton":
-            y = _gpu_linear().quant_linear(x2, self.weight, self.weight_scale, self.bias, self.bits)
+            y = _gpu_linear().quant_linear(x2, self.weight, self.weight_scale, self.bias, self.bits,
+                                           exact_rows=self.exact_rows)
         elif x.is_cuda:
             y = F.linear(x2, self._dequantize_cuda(x.dtype), _cast(self.bias, x.dtype))
         else:
@@ -132,6 +134,7 @@ class HalfLinear(nn.Module):
     """
 
     backend = "torch"  # "triton": glm.gpu.linear's kernels (fp16 activations); set by the loader
+    exact_rows = False  # triton: every row through the decode kernel (ChatGLM2.compute_rows_exactly)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -140,15 +143,16 @@ class HalfLinear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return half_weight_linear(x, self.weight, _cast(self.bias, x.dtype), backend=self.backend)
+        return half_weight_linear(x, self.weight, _cast(self.bias, x.dtype), backend=self.backend,
+                                  exact_rows=self.exact_rows)
 
 
 def half_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                       backend: str = "torch") -> torch.Tensor:
+                       backend: str = "torch", exact_rows: bool = False) -> torch.Tensor:
     """x @ W^T + b for a weight kept in fp16 whatever x's dtype (HalfLinear, ChatGLM-6B's tied head)."""
     if backend == "triton":
         shape = x.shape
-        y = _gpu_linear().half_linear(x.reshape(-1, shape[-1]), weight, bias)
+        y = _gpu_linear().half_linear(x.reshape(-1, shape[-1]), weight, bias, exact_rows=exact_rows)
         return y.view(*shape[:-1], weight.shape[0])
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from glm.config import ChatGLMConfig
 from glm.gpu import attention, pointwise, selftest
-from glm.gpu.blocks import decode_plan
+from glm.gpu.blocks import row_plan
 from glm.kvpool import KVPool
 from glm.model import KVCache, apply_rotary, rotary_angles
 
@@ -51,13 +51,13 @@ def run_decode(cfg, pool, caches, slots, layer, seed=1, rotary=True):
     wants = [reference(cfg, c, layer, s, q[b], k[b], v[b], cos[b:b + 1], sin[b:b + 1], rotary)
              for b, (c, s) in enumerate(zip(caches, slots))]
     rot = (cos[:, 0], sin[:, 0]) if rotary else ()
-    got = attention.decode_attention(q, k, v, *decode_plan(caches, slots, "cpu"), layer, cfg.head_dim ** -0.5, *rot)
+    got = attention.row_attention(q, k, v, *row_plan(caches, slots, 1, "cpu"), layer, cfg.head_dim ** -0.5, *rot)
     return got, wants, v
 
 
 @pytest.mark.parametrize("heads,groups,head_dim", [(4, 2, 16), (8, 8, 4), (2, 1, 32)])
 @pytest.mark.parametrize("rotary", [True, False])
-def test_decode_attention_matches_float64_and_writes_the_cache(heads, groups, head_dim, rotary):
+def test_decode_rows_match_float64_and_write_the_cache(heads, groups, head_dim, rotary):
     cfg = make_cfg(heads, groups, head_dim)
     pool = random_pool(cfg, 90)
     # lengths 0 (only the new token), one block, and past two key blocks of the kernel
@@ -71,7 +71,7 @@ def test_decode_attention_matches_float64_and_writes_the_cache(heads, groups, he
         assert caches[b].k[0].abs().sum() > 0  # layer 0 untouched (random, not overwritten)
 
 
-def test_decode_attention_is_batch_invariant():
+def test_decode_rows_are_batch_invariant():
     """A sequence's output is bitwise the same alone and beside others, in any order."""
     cfg = make_cfg()
     outs = {}
@@ -87,27 +87,67 @@ def test_decode_attention_is_batch_invariant():
         cos, sin = rotary_angles(cfg, torch.tensor(slots)[:, None])
         q = torch.stack([qs[i] for i in order])
         k = torch.stack([ks[i] for i in order])
-        y = attention.decode_attention(q, k, k, *decode_plan(caches, slots, "cpu"), 0, 0.25, cos[:, 0], sin[:, 0])
+        y = attention.row_attention(q, k, k, *row_plan(caches, slots, 1, "cpu"), 0, 0.25, cos[:, 0], sin[:, 0])
         for row, i in enumerate(order):
             outs.setdefault(i, []).append(y[row])
     for i, ys in outs.items():
         assert all(torch.equal(ys[0], y) for y in ys[1:]), i
 
 
-def test_pool_views_and_decode_plan():
+def test_prefill_rows_are_causal_and_the_same_bits_as_decode_steps():
+    """A chunk of rows in one call: each row sees the earlier rows of the chunk (float64 causal
+    reference), and its output and cached k, v are the bits that one decode step per position gives."""
+    cfg = make_cfg()
+    g = torch.Generator().manual_seed(5)
+    T, first, layer = 45, 7, 1
+    q = torch.randn(T, cfg.num_heads, cfg.head_dim, generator=g).half()
+    k = torch.randn(T, cfg.kv_heads, cfg.head_dim, generator=g).half()
+    v = torch.randn(T, cfg.kv_heads, cfg.head_dim, generator=g).half()
+    cos, sin = rotary_angles(cfg, torch.arange(first, first + T)[None])
+    results = []
+    for chunks in ([T], [1] * T, [13, 1, 31]):
+        pool = random_pool(cfg, 60, seed=4)
+        cache = pool.cache(2, 58)
+        out, t = [], 0
+        for n in chunks:
+            rows = slice(t, t + n)
+            out.append(attention.row_attention(q[rows], k[rows], v[rows], *row_plan([cache], [first + t], n, "cpu"),
+                                               layer, cfg.head_dim ** -0.5, cos[0, rows], sin[0, rows]))
+            t += n
+        results.append((torch.cat(out), cache.k.clone(), cache.v.clone()))
+    (ref_out, ref_k, ref_v), *others = results
+    for out, k_cache, v_cache in others:
+        assert torch.equal(out, ref_out) and torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+    k_rot = apply_rotary(k[None].float(), cos, sin)[0].half()
+    q_rot = apply_rotary(q[None].float(), cos, sin)[0].half()
+    assert torch.equal(ref_k[layer, :, first:first + T], k_rot.transpose(0, 1))
+    keys, values = ref_k[layer, :, :first + T].double(), ref_v[layer, :, :first + T].double()
+    rep = cfg.num_heads // cfg.kv_heads
+    scores = q_rot.double().transpose(0, 1) @ keys.repeat_interleave(rep, 0).transpose(1, 2) * cfg.head_dim ** -0.5
+    allowed = torch.ones(T, first + T, dtype=torch.bool).tril(diagonal=first)
+    want = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ values.repeat_interleave(rep, 0)
+    assert (ref_out.double() - want.transpose(0, 1)).abs().max() < 2e-3
+
+
+def test_pool_views_and_row_plan():
     cfg = make_cfg()
     pool = random_pool(cfg, 50)
     caches = [pool.cache(10, 20), pool.cache(0, 10)]
     k, v, offsets = attention.pool_views(caches)
     assert k.data_ptr() == pool.k.data_ptr() and v.data_ptr() == pool.v.data_ptr()
     assert k.numel() == pool.k.numel() and offsets == [pool.element_offset(c) for c in caches]
-    plan = decode_plan(caches, [4, 7], "cpu")
+    plan = row_plan(caches, [4, 7], 1, "cpu")
     assert [t.tolist() for t in plan[2:]] == [offsets, [20, 10], [4, 7]]
-    assert [t.tolist() for t in decode_plan(caches, [5, 8], "cpu")[2:]] == [offsets, [20, 10], [5, 8]]
+    assert [t.tolist() for t in row_plan(caches, [5, 8], 1, "cpu")[2:]] == [offsets, [20, 10], [5, 8]]
+    # a prefill chunk: a row per position, each with its sequence's cache
+    rows = row_plan(caches, [4, 1], 3, "cpu")[2:]
+    assert [t.tolist() for t in rows] == [[offsets[0]] * 3 + [offsets[1]] * 3, [20] * 3 + [10] * 3, [4, 5, 6, 1, 2, 3]]
+    with pytest.raises(RuntimeError, match="KV cache overflow"):
+        row_plan(caches, [18, 0], 3, "cpu")
     alone = KVCache(cfg, 8, "cpu", torch.float16)  # its own pool
     assert attention.pool_views([alone])[2] == [0]
     assert attention.pool_views([caches[0], alone]) is None
-    assert decode_plan([caches[0], alone], [1, 1], "cpu") is None
+    assert row_plan([caches[0], alone], [1, 1], 1, "cpu") is None
 
 
 @pytest.mark.parametrize("rows,dim", [(1, 64), (3, 96), (2, 4096)])

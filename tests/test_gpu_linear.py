@@ -103,6 +103,25 @@ def test_decode_rows_bitwise_batch_invariant(bits):
     assert torch.equal(run(x[perm]), alone[perm])
 
 
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_exact_rows_are_decode_rows_at_any_row_count(bits):
+    """exact_rows: prefill's many rows go through the decode kernel in blocks of 8, so every row is
+    the bits it gets alone (as a decode step computes it), at any row count and position."""
+    n, k = 40, 384
+    x = activations(37, k, seed=11)
+    if bits == 16:
+        weight = activations(n, k, seed=12) * 0.05
+        run = lambda rows, exact: gpu_linear.half_linear(rows, weight, exact_rows=exact)  # noqa: E731
+    else:
+        qweight, scale = packed_weights(n, k, bits, seed=12)
+        bias = (torch.randn(n) * 0.1).half().to(DEVICE)
+        run = lambda rows, exact: gpu_linear.quant_linear(rows, qweight, scale, bias, bits, exact_rows=exact)  # noqa: E731
+    alone = torch.cat([run(x[i:i + 1], False) for i in range(len(x))])
+    for m in (9, 16, 23, 37):
+        assert torch.equal(run(x[:m], True), alone[:m]), f"{m} rows differ from the rows alone"
+    assert torch.equal(run(x[5:29], True), alone[5:29])
+
+
 def test_quant_linear_dispatch_on_backend():
     layer = QuantLinear(256, 24, bits=4, bias=True)
     qweight, scale = packed_weights(24, 256, 4, seed=9)

@@ -169,7 +169,7 @@ def test_backend_argument_errors(tiny_dir, monkeypatch):
 def test_failed_selftest_loads_the_torch_backend(tiny_dir, monkeypatch, caplog):
     def broken(device):
         raise RuntimeError("device kernel image is invalid")
-    monkeypatch.setitem(selftest.CHECKS, "decode_attention", broken)
+    monkeypatch.setitem(selftest.CHECKS, "row_attention", broken)
     selftest.passes.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="glm"):
@@ -179,7 +179,7 @@ def test_failed_selftest_loads_the_torch_backend(tiny_dir, monkeypatch, caplog):
     assert model.dtype == torch.float32
     assert {m.backend for m in model.model.modules() if hasattr(m, "backend")} == {"torch"}
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and "decode_attention: RuntimeError: device kernel image is invalid" in warnings[0]
+    assert len(warnings) == 1 and "row_attention: RuntimeError: device kernel image is invalid" in warnings[0]
     assert "".join(model.generate("hello", max_new_tokens=3, temperature=0))
 
 

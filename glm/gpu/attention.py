@@ -1,12 +1,17 @@
-"""Attention on the Triton backend: decode for the whole batch in one launch per layer, prefill via SDPA.
+"""Attention on the Triton backend: rows at their own cache slots (every decode step, and prefill when
+rows must be exact), or a whole prefill chunk through SDPA.
 
-Decode reads every sequence's cache from the engine's KV pool (glm/kvpool.py): all caches are
-contiguous [layers, groups, slots, head_dim] views of one flat k tensor and one flat v tensor, so a
-launch gets the two flat tensors plus, per sequence, the element offset of its cache, its number of
-slots and the slot of the new token. Each program is one (sequence, query head): it applies the
-rotary embedding to its query (and, for the group's first head, writes the rotated key and the
-value into the cache), then runs an online softmax over the cache in fp32. A sequence's result
-depends only on its own cache and length, never on its batch-mates.
+Every cache is a contiguous [layers, groups, slots, head_dim] view of the engine's KV pool
+(glm/kvpool.py): one flat k tensor and one flat v tensor, so a launch gets the two flat tensors plus,
+per query row, the element offset of its cache, its number of slots and the row's own slot.
+
+`row_attention` takes R query rows, each at its own slot: a decode step is one row per sequence, a
+prefill chunk is consecutive slots of one cache. Two launches: `_store_rows_kernel` applies the rotary
+embedding to every row's q and k and writes k and v into the cache; then `_attend_rows_kernel`, one
+program per (row, query head), runs an online softmax in fp32 over slots 0..slot of the row's cache.
+A position is computed by the same two kernels whichever way it comes (alone, in a batch, in a
+prefill chunk of any size or in a decode step), so its output and its cached k, v are the same bits,
+and reused KV reproduces a recomputation exactly (glm/prefix_cache.py).
 """
 from __future__ import annotations
 
@@ -34,42 +39,59 @@ def _rotate(x_ptr, offs, cos_ptr, sin_ptr, ROT: tl.constexpr, ROTARY: tl.constex
 
 
 @triton.jit
-def _decode_attention_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, pool_k_ptr, pool_v_ptr, cache_offset_ptr, cache_slots_ptr, slot_ptr,
-        cos_ptr, sin_ptr, layer, scale,
-        q_stride_b, q_stride_h, k_stride_b, k_stride_g, v_stride_b, v_stride_g, cos_stride_b,
-        GROUPS: tl.constexpr, HEADS_PER_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-        ROTARY: tl.constexpr, BLOCK_N: tl.constexpr):
-    b = tl.program_id(0)
+def _cache_base(cache_offset_ptr, cache_slots_ptr, row, layer, group, GROUPS: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    """Element offset of (layer, group, slot 0) in the row's cache."""
+    slots = tl.load(cache_slots_ptr + row).to(tl.int64)
+    return tl.load(cache_offset_ptr + row).to(tl.int64) + ((layer * GROUPS + group) * slots) * HEAD_DIM
+
+
+@triton.jit
+def _store_rows_kernel(
+        q_ptr, k_ptr, v_ptr, q_out_ptr, pool_k_ptr, pool_v_ptr, cache_offset_ptr, cache_slots_ptr, slot_ptr,
+        cos_ptr, sin_ptr, layer,
+        q_stride_r, q_stride_h, k_stride_r, k_stride_g, v_stride_r, v_stride_g, cos_stride_r,
+        GROUPS: tl.constexpr, HEADS_PER_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr):
+    """Program (row, query head): the rotated q, rounded to the cache dtype as attention reads it; the
+    group's first head also writes the rotated k and the v at the row's slot."""
+    row = tl.program_id(0)
     head = tl.program_id(1)
     group = head // HEADS_PER_GROUP
     d = tl.arange(0, HEAD_DIM)
     ROT: tl.constexpr = HEAD_DIM // 2
-    cos_b, sin_b = cos_ptr + b * cos_stride_b, sin_ptr + b * cos_stride_b
-
-    # The new token: rotated q and k rounded to the cache dtype, as every later step reads them.
     dtype = pool_k_ptr.dtype.element_ty
-    q = _rotate(q_ptr + b * q_stride_b + head * q_stride_h, d, cos_b, sin_b, ROT, ROTARY)
-    q = q.to(dtype).to(tl.float32)
-    k_new = _rotate(k_ptr + b * k_stride_b + group * k_stride_g, d, cos_b, sin_b, ROT, ROTARY).to(dtype)
-    v_new = tl.load(v_ptr + b * v_stride_b + group * v_stride_g + d)
+    cos_r, sin_r = cos_ptr + row * cos_stride_r, sin_ptr + row * cos_stride_r
+    q = _rotate(q_ptr + row * q_stride_r + head * q_stride_h, d, cos_r, sin_r, ROT, ROTARY)
+    tl.store(q_out_ptr + (row * GROUPS * HEADS_PER_GROUP + head) * HEAD_DIM + d, q.to(dtype))
+    if head % HEADS_PER_GROUP == 0:
+        base = _cache_base(cache_offset_ptr, cache_slots_ptr, row, layer, group, GROUPS, HEAD_DIM)
+        slot = tl.load(slot_ptr + row).to(tl.int64)
+        k = _rotate(k_ptr + row * k_stride_r + group * k_stride_g, d, cos_r, sin_r, ROT, ROTARY)
+        tl.store(pool_k_ptr + base + slot * HEAD_DIM + d, k.to(dtype))
+        tl.store(pool_v_ptr + base + slot * HEAD_DIM + d, tl.load(v_ptr + row * v_stride_r + group * v_stride_g + d))
 
-    slots = tl.load(cache_slots_ptr + b).to(tl.int64)
-    slot = tl.load(slot_ptr + b).to(tl.int64)
-    base = tl.load(cache_offset_ptr + b).to(tl.int64) + ((layer * GROUPS + group) * slots) * HEAD_DIM
-    if head % HEADS_PER_GROUP == 0:  # one writer per group; no program reads this slot from memory
-        tl.store(pool_k_ptr + base + slot * HEAD_DIM + d, k_new)
-        tl.store(pool_v_ptr + base + slot * HEAD_DIM + d, v_new)
 
-    # Online softmax over slots 0..slot-1 from the cache, then the new token from registers.
-    m = tl.sum(q * k_new.to(tl.float32), axis=0) * scale
-    denom = tl.exp(m - m)
-    acc = v_new.to(tl.float32)
+@triton.jit
+def _attend_rows_kernel(
+        q_ptr, out_ptr, pool_k_ptr, pool_v_ptr, cache_offset_ptr, cache_slots_ptr, slot_ptr, layer, scale,
+        GROUPS: tl.constexpr, HEADS_PER_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (row, query head): softmax(q k^T * scale) v over slots 0..slot of the row's cache."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    group = head // HEADS_PER_GROUP
+    d = tl.arange(0, HEAD_DIM)
+    at = (row * GROUPS * HEADS_PER_GROUP + head) * HEAD_DIM + d
+    q = tl.load(q_ptr + at).to(tl.float32)
+    base = _cache_base(cache_offset_ptr, cache_slots_ptr, row, layer, group, GROUPS, HEAD_DIM)
+    end = tl.load(slot_ptr + row).to(tl.int64) + 1
+    m = tl.full((), float("-inf"), tl.float32)
+    denom = tl.zeros((), tl.float32)
+    acc = tl.zeros((HEAD_DIM,), tl.float32)
     n = tl.arange(0, BLOCK_N)
-    for start in range(0, slot, BLOCK_N):
-        rows = start + n
-        valid = rows < slot
-        offs = base + rows[:, None] * HEAD_DIM + d[None, :]
+    for start in range(0, end, BLOCK_N):
+        keys = start + n
+        valid = keys < end
+        offs = base + keys[:, None] * HEAD_DIM + d[None, :]
         k = tl.load(pool_k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
         scores = tl.where(valid, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=0))
@@ -79,33 +101,38 @@ def _decode_attention_kernel(
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         denom = denom * alpha + tl.sum(p, axis=0)
         m = m_new
-    tl.store(out_ptr + (b * GROUPS * HEADS_PER_GROUP + head) * HEAD_DIM + d, (acc / denom).to(dtype))
+    tl.store(out_ptr + at, (acc / denom).to(out_ptr.dtype.element_ty))
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_k: torch.Tensor,
-                     pool_v: torch.Tensor, cache_offsets: torch.Tensor, cache_slots: torch.Tensor,
-                     slots: torch.Tensor, layer: int, scale: float, cos: torch.Tensor | None = None,
-                     sin: torch.Tensor | None = None) -> torch.Tensor:
-    """One decode step of attention for B sequences; returns [B, heads, head_dim] in the pool's dtype.
+def row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_k: torch.Tensor,
+                  pool_v: torch.Tensor, cache_offsets: torch.Tensor, cache_slots: torch.Tensor,
+                  slots: torch.Tensor, layer: int, scale: float, cos: torch.Tensor | None = None,
+                  sin: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of R query rows, each at its own cache slot; returns [R, heads, head_dim] in the pool's dtype.
 
-    q [B, heads, hd], k, v [B, groups, hd] (any views with unit stride in hd); pool_k, pool_v: the flat
-    pool tensors; per sequence (int64 [B] on the device): cache_offsets, the element offset of its
-    cache in the pool, cache_slots, the cache's slot dimension, slots, the slot of the new token
-    (it attends over slots 0..slots[b]). cos, sin [B, hd/4] fp32 apply ChatGLM2's rotary to q and k;
-    None when q and k are already rotated (ChatGLM-6B).
+    q [R, heads, hd], k, v [R, groups, hd] (any views with unit stride in hd); pool_k, pool_v: the flat
+    pool tensors; per row (int64 [R] on the device): cache_offsets, the element offset of its cache in
+    the pool, cache_slots, the cache's slot dimension, slots, the row's slot. Every row's k, v are
+    written first, so a row sees the rows at earlier slots of its cache in the same call.
+    cos, sin [R, hd/4] fp32 apply ChatGLM2's rotary to q and k; None when they are already rotated
+    (ChatGLM-6B).
     """
-    B, heads, hd = q.shape
+    R, heads, hd = q.shape
     groups = k.shape[1]
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
-        raise ValueError("decode_attention: q, k, v need unit stride in head_dim")
+        raise ValueError("row_attention: q, k, v need unit stride in head_dim")
     rotary = cos is not None
     if not rotary:
-        cos = sin = torch.empty(B, 1, device=q.device, dtype=torch.float32)
-    out = torch.empty(B, heads, hd, device=q.device, dtype=pool_k.dtype)
-    _decode_attention_kernel[(B, heads)](
-        q, k, v, out, pool_k, pool_v, cache_offsets, cache_slots, slots, cos, sin, layer, scale,
+        cos = sin = torch.empty(R, 1, device=q.device, dtype=torch.float32)
+    q_rot = torch.empty(R, heads, hd, device=q.device, dtype=pool_k.dtype)
+    _store_rows_kernel[(R, heads)](
+        q, k, v, q_rot, pool_k, pool_v, cache_offsets, cache_slots, slots, cos, sin, layer,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
-        GROUPS=groups, HEADS_PER_GROUP=heads // groups, HEAD_DIM=hd, ROTARY=rotary, BLOCK_N=KEY_BLOCK)
+        GROUPS=groups, HEADS_PER_GROUP=heads // groups, HEAD_DIM=hd, ROTARY=rotary)
+    out = torch.empty_like(q_rot)
+    _attend_rows_kernel[(R, heads)](
+        q_rot, out, pool_k, pool_v, cache_offsets, cache_slots, slots, layer, scale,
+        GROUPS=groups, HEADS_PER_GROUP=heads // groups, HEAD_DIM=hd, BLOCK_N=KEY_BLOCK)
     return out
 
 
@@ -152,25 +179,29 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: 
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
 
 
-def _decode_spec(shape_class: str, heads: int, groups: int, head_dim: int, rotary: bool):
+def _spec(kernel, shape_class: str, types: dict[str, str], constexprs: dict):
     from .compile import KernelSpec
-    ptrs = ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "pool_k_ptr", "pool_v_ptr")
-    signature = {**{p: "*fp16" for p in ptrs}, "cache_offset_ptr": "*i64", "cache_slots_ptr": "*i64",
-                 "slot_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "layer": "i32", "scale": "fp32",
-                 **{s: "i32" for s in ("q_stride_b", "q_stride_h", "k_stride_b", "k_stride_g", "v_stride_b",
-                                       "v_stride_g", "cos_stride_b")},
-                 **{c: "constexpr" for c in ("GROUPS", "HEADS_PER_GROUP", "HEAD_DIM", "ROTARY", "BLOCK_N")}}
+    signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
     return KernelSpec(
-        kernel=_decode_attention_kernel, shape_class=shape_class, signature=signature,
-        constexprs={"GROUPS": groups, "HEADS_PER_GROUP": heads // groups, "HEAD_DIM": head_dim,
-                    "ROTARY": rotary, "BLOCK_N": KEY_BLOCK},
+        kernel=kernel, shape_class=shape_class, signature=signature, constexprs=constexprs,
         # every pointer comes from a torch allocation; strides are multiples of head_dim = 128
-        aligned=(*ptrs, "cache_offset_ptr", "cache_slots_ptr", "slot_ptr", "cos_ptr", "sin_ptr",
-                 "q_stride_b", "q_stride_h", "k_stride_b", "k_stride_g", "v_stride_b", "v_stride_g", "cos_stride_b"),
+        aligned=tuple(name for name, t in types.items() if t.startswith("*") or "stride" in name),
         no_spills=True)
 
 
+def _specs(model: str, heads: int, groups: int, head_dim: int, rotary: bool):
+    rows = {"cache_offset_ptr": "*i64", "cache_slots_ptr": "*i64", "slot_ptr": "*i64", "layer": "i32"}
+    shape = {"GROUPS": groups, "HEADS_PER_GROUP": heads // groups, "HEAD_DIM": head_dim}
+    store = {**{p: "*fp16" for p in ("q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "pool_k_ptr", "pool_v_ptr")},
+             **rows, "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+             **{s: "i32" for s in ("q_stride_r", "q_stride_h", "k_stride_r", "k_stride_g", "v_stride_r",
+                                   "v_stride_g", "cos_stride_r")}}
+    attend = {**{p: "*fp16" for p in ("q_ptr", "out_ptr", "pool_k_ptr", "pool_v_ptr")}, **rows, "scale": "fp32"}
+    return [_spec(_store_rows_kernel, f"store rows {model}", store, {**shape, "ROTARY": rotary}),
+            _spec(_attend_rows_kernel, f"attend rows {model}", attend, {**shape, "BLOCK_N": KEY_BLOCK})]
+
+
 COMPILE_SPECS = [
-    _decode_spec("decode ChatGLM2-6B (32 heads, 2 groups, hd 128, rotary)", 32, 2, 128, True),
-    _decode_spec("decode ChatGLM-6B (32 heads, hd 128, rotated outside)", 32, 32, 128, False),
+    *_specs("ChatGLM2-6B (32 heads, 2 groups, hd 128, rotary)", 32, 2, 128, True),
+    *_specs("ChatGLM-6B (32 heads, hd 128, rotated outside)", 32, 32, 128, False),
 ]

@@ -11,21 +11,25 @@ import torch.nn.functional as F
 from . import attention, pointwise
 
 
-# The per-sequence tensors of the last decode step, keyed by the values they hold: every layer of a
-# step asks for the same ones, so they are copied to the device once per step. No reference to the
-# pool is kept (a replaced engine's pool is freed). Read and replaced as one tuple: concurrent
-# callers (another model's self-test) at worst rebuild it.
+# The per-row tensors of the last call, keyed by the values they hold: every layer of a step asks
+# for the same ones, so they are copied to the device once per step. No reference to the pool is
+# kept (a replaced engine's pool is freed). Read and replaced as one tuple: concurrent callers
+# (another model's self-test) at worst rebuild it.
 _last_plan: tuple | None = None
 
 
-def decode_plan(caches, slots: list[int], device):
-    """(pool k, pool v, cache offsets, cache slot counts, new-token slots) or None (no shared pool)."""
+def row_plan(caches, starts: list[int], T: int, device):
+    """For rows t = 0..T-1 of each sequence b at position starts[b] + t: (pool k, pool v, each row's
+    cache offset, cache slot count and slot) for attention.row_attention, or None (no shared pool)."""
     global _last_plan
     views = attention.pool_views(caches)
     if views is None:
         return None
     flat_k, flat_v, offsets = views
-    key = (tuple(offsets), tuple(c.k.shape[2] for c in caches), tuple(slots), str(device))
+    first = [c.slot(s, T) for c, s in zip(caches, starts)]
+    key = (tuple(o for o in offsets for _ in range(T)),
+           tuple(c.k.shape[2] for c in caches for _ in range(T)),
+           tuple(f + t for f in first for t in range(T)), str(device))
     last = _last_plan
     if last is None or last[0] != key:
         last = (key, tuple(torch.tensor(v, device=device) for v in key[:3]))
@@ -42,19 +46,21 @@ def mlp(mlp, x: torch.Tensor) -> torch.Tensor:
 
 
 def chatglm2_attention(attn, x, cos, sin, layer: int, starts: list[int], caches) -> torch.Tensor:
-    """ChatGLM2's SelfAttention.forward: decode in one kernel launch, prefill through SDPA."""
-    from ..model import apply_rotary  # the prefill path rotates with the same torch ops as the CPU
+    """ChatGLM2's SelfAttention.forward: decode steps as rows at their own slots
+    (attention.row_attention), prefill through SDPA."""
+    from ..model import apply_rotary  # the SDPA path rotates with the same torch ops as the CPU
 
     cfg = attn.cfg
     B, T, _ = x.shape
     q, k, v = attn.query_key_value(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     if T == 1:
-        plan = decode_plan(caches, [c.slot(s) for c, s in zip(caches, starts)], x.device)
+        plan = row_plan(caches, starts, T, x.device)
         if plan is not None:
-            y = attention.decode_attention(
-                q.view(B, cfg.num_heads, cfg.head_dim), k.view(B, cfg.kv_heads, cfg.head_dim),
-                v.view(B, cfg.kv_heads, cfg.head_dim), *plan, layer, cfg.head_dim ** -0.5, cos[:, 0], sin[:, 0])
-            return attn.dense(y.view(B, 1, cfg.q_size))
+            y = attention.row_attention(
+                q.reshape(B * T, cfg.num_heads, cfg.head_dim), k.reshape(B * T, cfg.kv_heads, cfg.head_dim),
+                v.reshape(B * T, cfg.kv_heads, cfg.head_dim), *plan, layer, cfg.head_dim ** -0.5,
+                cos.reshape(B * T, -1), sin.reshape(B * T, -1))
+            return attn.dense(y.view(B, T, cfg.q_size))
     q = apply_rotary(q.view(B, T, cfg.num_heads, cfg.head_dim), cos, sin)
     k = apply_rotary(k.view(B, T, cfg.kv_heads, cfg.head_dim), cos, sin)
     v = v.view(B, T, cfg.kv_heads, cfg.head_dim)
@@ -67,7 +73,7 @@ def chatglm2_attention(attn, x, cos, sin, layer: int, starts: list[int], caches)
 
 def chatglm_attention(attn, x, cos, sin, masks, layer: int, starts: list[int], caches) -> torch.Tensor:
     """ChatGLM-6B's SelfAttention.forward: its 2-D rotary with torch ops (one small elementwise pass),
-    then decode in one kernel launch (a generated token sees every key), prefill through SDPA."""
+    then decode as rows at their own slots (a generated token sees every key), prefill through SDPA."""
     from ..model_v1 import apply_rotary_2d
 
     cfg = attn.cfg
@@ -75,9 +81,9 @@ def chatglm_attention(attn, x, cos, sin, masks, layer: int, starts: list[int], c
     q, k, v = attn.query_key_value(x).view(B, T, cfg.num_heads, 3 * cfg.head_dim).chunk(3, dim=-1)
     q, k = apply_rotary_2d(q, cos, sin), apply_rotary_2d(k, cos, sin)
     if T == 1:
-        plan = decode_plan(caches, [c.slot(s) for c, s in zip(caches, starts)], x.device)
+        plan = row_plan(caches, starts, 1, x.device)
         if plan is not None:
-            y = attention.decode_attention(q[:, 0], k[:, 0], v[:, 0], *plan, layer, cfg.head_dim ** -0.5)
+            y = attention.row_attention(q[:, 0], k[:, 0], v[:, 0], *plan, layer, cfg.head_dim ** -0.5)
             return attn.dense(y.view(B, 1, cfg.q_size))
     out = []
     for b in range(B):

@@ -12,7 +12,10 @@ Two kernels, one per regime:
     same tile layout, whatever the other rows are (a row's reduction order never depends on its
     batch-mates), so a sequence's output is bitwise the same alone or in a batch.
   prefill (more rows): _gemm_kernel, a tiled GEMM that dequantizes each K tile of the weights in
-    registers and multiplies with tl.dot in fp16 with fp32 accumulation (mma on sm_75).
+    registers and multiplies with tl.dot in fp16 with fp32 accumulation (an FMA loop on sm_75,
+    mma from sm_80). Its rows round differently from the GEMV's, so with exact_rows (the prefix
+    cache: a position's KV must be the same bits from a prefill chunk or a decode step) prefill
+    runs the GEMV over blocks of DECODE_MAX_ROWS rows instead.
 Nothing here needs sm_80: no bf16, no cp.async-only paths, no TMA.
 """
 from __future__ import annotations
@@ -46,8 +49,14 @@ GEMM_STAGES = 2
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, M, N, K_STORED, stride_xm, stride_wn,
                  stride_ym, BITS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    """y[:M, n-block] for M <= M_PAD rows; K_STORED = stored columns of w (K/2 for int4)."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """y[m-block, n-block], M_PAD rows per m-block; K_STORED = stored columns of w (K/2 for int4).
+    The m-blocks of one n-block are neighbours in launch order: its weight slab is read from DRAM
+    once and from L2 by the rest."""
+    row0 = tl.program_id(0) * M_PAD
+    x_ptr += row0 * stride_xm
+    y_ptr += row0 * stride_ym
+    M -= row0
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     rows = tl.arange(0, M_PAD)
     n_ok = offs_n < N
@@ -81,7 +90,7 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, M, N, K_STORED, strid
 def _gemm_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    """y[m-block, n-block]; the M blocks of one N block are neighbours in launch order, so a weight
+    """y[m-block, n-block]; the m-blocks of one n-block are neighbours in launch order, so a weight
     tile is fetched from DRAM once and reused from L2 by the programs that follow."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -131,25 +140,27 @@ def _store_output(acc, offs_m, offs_n, M, N, scale_ptr, bias_ptr, y_ptr, stride_
 
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                 bias: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """x fp16 [M, K] @ (qweight * scale)^T + bias -> fp16 [M, N], THUDM's int4 / int8 layout."""
+                 bias: torch.Tensor | None, bits: int, exact_rows: bool = False) -> torch.Tensor:
+    """x fp16 [M, K] @ (qweight * scale)^T + bias -> fp16 [M, N], THUDM's int4 / int8 layout.
+    exact_rows: every row computed as the decode kernel computes it, however many rows there are."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if qweight.dtype != torch.int8 or qweight.dim() != 2:
         raise ValueError(f"qweight must be a 2-D int8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
     if scale.shape != (qweight.shape[0],):
         raise ValueError(f"scale must have shape ({qweight.shape[0]},), got {tuple(scale.shape)}")
-    return _linear(x, qweight, qweight.shape[1] * 8 // bits, scale.contiguous(), bias, bits)
+    return _linear(x, qweight, qweight.shape[1] * 8 // bits, scale.contiguous(), bias, bits, exact_rows)
 
 
-def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                exact_rows: bool = False) -> torch.Tensor:
     """x fp16 [M, K] @ weight^T + bias -> fp16 [M, N], weight fp16 [N, K] (the output layer)."""
     if weight.dtype != torch.float16 or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D fp16 tensor, got {weight.dtype} {tuple(weight.shape)}")
-    return _linear(x, weight, weight.shape[1], None, bias, 16)
+    return _linear(x, weight, weight.shape[1], None, bias, 16, exact_rows)
 
 
-def _linear(x, w, k, scale, bias, bits):
+def _linear(x, w, k, scale, bias, bits, exact_rows):
     if x.dtype != torch.float16 or x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x must be fp16 [M, {k}], got {x.dtype} {tuple(x.shape)}")
     if w.stride(1) != 1:
@@ -161,10 +172,11 @@ def _linear(x, w, k, scale, bias, bits):
     y = torch.empty(m, n, dtype=torch.float16, device=x.device)
     if m == 0:
         return y
-    if m <= DECODE_MAX_ROWS:
-        grid = (triton.cdiv(n, GEMV_BLOCK_N),)
+    if m <= DECODE_MAX_ROWS or exact_rows:
+        m_pad = min(triton.next_power_of_2(m), DECODE_MAX_ROWS)
+        grid = (triton.cdiv(m, m_pad), triton.cdiv(n, GEMV_BLOCK_N))
         _gemv_kernel[grid](x, w, scale, bias, y, m, n, w.shape[1], x.stride(0), w.stride(0),
-                           y.stride(0), BITS=bits, M_PAD=triton.next_power_of_2(m),
+                           y.stride(0), BITS=bits, M_PAD=m_pad,
                            BLOCK_N=GEMV_BLOCK_N, BLOCK_K=gemv_block_k(bits), num_warps=GEMV_WARPS)
     else:
         grid = (triton.cdiv(m, GEMM_BLOCK_M), triton.cdiv(n, GEMM_BLOCK_N))

@@ -38,13 +38,13 @@ def check_swiglu(device) -> float:
     return _close(swiglu(h), F.silu(gate) * up)
 
 
-def check_decode_attention(device) -> float:
+def check_row_attention(device) -> float:
     """Two sequences of different lengths in one pool, rotary on, against per-sequence softmax."""
     from ..config import ChatGLMConfig
     from ..kvpool import KVPool
     from ..model import apply_rotary, rotary_angles
-    from .attention import decode_attention
-    from .blocks import decode_plan
+    from .attention import row_attention
+    from .blocks import row_plan
 
     cfg = ChatGLMConfig(num_layers=2, hidden_size=64, num_heads=4, kv_heads=2, head_dim=16,
                         ffn_hidden_size=32, vocab_size=8, seq_length=64, max_context=64)
@@ -68,8 +68,8 @@ def check_decode_attention(device) -> float:
         vh = values.repeat_interleave(cfg.num_heads // cfg.kv_heads, dim=0)
         p = (qr.float()[:, None] @ kh.transpose(1, 2) * cfg.head_dim ** -0.5).softmax(-1)
         want.append((p @ vh)[:, 0])
-    plan = decode_plan(caches, starts, device)
-    got = decode_attention(q, k, v, *plan, layer, cfg.head_dim ** -0.5, cos[:, 0], sin[:, 0])
+    plan = row_plan(caches, starts, 1, device)
+    got = row_attention(q, k, v, *plan, layer, cfg.head_dim ** -0.5, cos[:, 0], sin[:, 0])
     written = max(_close(c.k[layer, :, s], want_k) for c, s, want_k in
                   zip(caches, starts, [apply_rotary(k[b][None, None].float(), cos[b:b + 1], sin[b:b + 1])[0, 0]
                                        for b in range(B)]))
@@ -93,7 +93,7 @@ def check_linears(device) -> float:
     return worst
 
 
-CHECKS = {"rms_norm": check_rms_norm, "swiglu": check_swiglu, "decode_attention": check_decode_attention,
+CHECKS = {"rms_norm": check_rms_norm, "swiglu": check_swiglu, "row_attention": check_row_attention,
           "linear": check_linears}
 
 
