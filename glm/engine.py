@@ -57,8 +57,9 @@ class Engine:
                  prefix_cache_tokens: int | None = None):
         """prefix_cache_tokens: cap of the prefix cache (None: GLM_PREFIX_CACHE_TOKENS, else the whole
         KV budget, since cached entries yield their memory whenever a request needs it; 0 = off).
-        Off for models whose cached KV would not reproduce a recomputation bit for bit
-        (model.reuses_kv_exactly: ChatGLM-6B's bidirectional context, paths without row-invariant kernels)."""
+        On, the model computes prefill rows as decode rows where it has the choice, and the cache stays
+        off where cached KV would still not reproduce a recomputation bit for bit
+        (model.compute_rows_exactly: ChatGLM-6B's bidirectional context, the CPU path without its kernels)."""
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         self.max_batch = max_batch
         self.kv_budget_tokens = kv_budget_tokens or max_batch * cfg.max_context
@@ -70,7 +71,7 @@ class Engine:
         self.pool = KVPool(cfg, self.kv_budget_tokens, device, model.dtype)
         if prefix_cache_tokens is None:
             prefix_cache_tokens = prefix_cache_tokens_from_env(self.kv_budget_tokens)
-        if not getattr(model, "reuses_kv_exactly", False):
+        if prefix_cache_tokens and not model.compute_rows_exactly():
             prefix_cache_tokens = 0
         self.scheduler = Scheduler(max_batch=max_batch, kv_budget_tokens=self.kv_budget_tokens,
                                    prefill_chunk=prefill_chunk,

@@ -147,6 +147,7 @@ def uses_fused_decode_attention(x: torch.Tensor, caches: list[KVCache]) -> bool:
 
 class SelfAttention(nn.Module):
     backend = "torch"
+    exact_rows = False  # triton: prefill rows through the decode kernels (ChatGLM2.compute_rows_exactly)
 
     def __init__(self, cfg: ChatGLMConfig):
         super().__init__()
@@ -231,6 +232,8 @@ class Encoder(nn.Module):
 
 
 class ChatGLM2(nn.Module):
+    backend = "torch"  # "triton": glm.gpu's kernels (set by the loader)
+
     def __init__(self, cfg: ChatGLMConfig):
         super().__init__()
         self.cfg = cfg
@@ -245,8 +248,11 @@ class ChatGLM2(nn.Module):
     @property
     def reuses_kv_exactly(self) -> bool:
         """Whether cached KV can stand in for a recomputation bit for bit: every row of the forward
-        pass (fused CPU kernels: row-wise linears and norms, per-row attention) is computed the same
-        way in any prefill chunk or decode step, so the engine's prefix cache changes no output."""
+        pass is computed the same way in any prefill chunk or decode step, so the engine's prefix
+        cache changes no output. Fused CPU kernels: always (row-wise linears and norms, per-row
+        attention). Triton: once compute_rows_exactly() has switched prefill to the decode kernels."""
+        if self.backend == "triton":
+            return self.encoder.layers[0].self_attention.exact_rows
         w = self.encoder.final_layernorm.weight
         if not uses_cpu_kernels(w):
             return False
@@ -255,6 +261,16 @@ class ChatGLM2(nn.Module):
         fp16_dense = any(getattr(m, "weight", None) is not None and m.weight.dtype == torch.float16
                          for m in self.encoder.layers.modules())
         return w.dtype == torch.float32 or not fp16_dense
+
+    def compute_rows_exactly(self) -> bool:
+        """Compute every prefill row as a decode step computes it, where that is a choice (Triton:
+        the GEMV and per-row attention instead of the GEMM and SDPA, slower prefill), and return
+        reuses_kv_exactly. The engine calls this when its prefix cache is on."""
+        if self.backend == "triton":
+            for m in self.modules():
+                if hasattr(m, "exact_rows"):
+                    m.exact_rows = True
+        return self.reuses_kv_exactly
 
     def hidden_states(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache]) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden] for tokens [B, T] at positions starts[b]..; fills the caches."""

@@ -165,6 +165,9 @@ class ChatGLM(nn.Module):
     # conversation's KV is not the KV of a longer prompt that starts with it: no prefix cache.
     reuses_kv_exactly = False
 
+    def compute_rows_exactly(self) -> bool:
+        return False
+
     def __init__(self, cfg: ChatGLMConfig):
         super().__init__()
         self.cfg = cfg

@@ -55,6 +55,27 @@ def test_rows_are_the_same_in_any_chunk_and_in_decode(request, checkpoint, dtype
         assert torch.equal(cache.k, ref_cache.k) and torch.equal(cache.v, ref_cache.v), f"{name}: KV differs"
 
 
+@pytest.mark.parametrize("checkpoint", ["tiny_dir", "tiny8_dir", "tiny_fp16_dir"])
+def test_triton_rows_are_the_same_in_any_chunk_and_in_decode(request, checkpoint):
+    """The Triton backend (its kernels under the interpreter): the same bits in any chunk and in
+    decode once compute_rows_exactly() has switched prefill to the decode kernels; not before (GEMM,
+    SDPA). Fewer tokens than the CPU test: the interpreter runs a kernel program in milliseconds."""
+    m = glm.load(request.getfixturevalue(checkpoint), backend="triton")
+    tokens = ids(24, seed=1)
+    decode = list(range(4, 24))
+    with torch.inference_mode():
+        if checkpoint == "tiny_dir":
+            ref_h, _ = forward_in_pieces(m.model, m.config, tokens, [])
+            h, _ = forward_in_pieces(m.model, m.config, tokens, decode)
+            assert not torch.equal(h, ref_h)
+        assert m.model.compute_rows_exactly() and m.model.reuses_kv_exactly
+        ref_h, ref_cache = forward_in_pieces(m.model, m.config, tokens, [])
+        for name, cuts in {"chunks 7/16": [7, 16], "prefill 4 then decode": decode}.items():
+            h, cache = forward_in_pieces(m.model, m.config, tokens, cuts)
+            assert torch.equal(h, ref_h), f"{name}: hidden states differ from one pass (max {(h - ref_h).abs().max()})"
+            assert torch.equal(cache.k, ref_cache.k) and torch.equal(cache.v, ref_cache.v), f"{name}: KV differs"
+
+
 @needs_kernels
 def test_fp16_weights_under_bf16_activations_are_left_out(tiny_fp16_dir):
     m = glm.load(tiny_fp16_dir, dtype=torch.bfloat16)
@@ -264,3 +285,37 @@ def test_cache_size_from_the_environment(model, monkeypatch):
         monkeypatch.setenv("GLM_PREFIX_CACHE_TOKENS", bad)
         with pytest.raises(ValueError, match="GLM_PREFIX_CACHE_TOKENS must be an integer >= 0"):
             Engine(model.model, model.tokenizer, model.config, model.device)
+
+
+# ---- the same on the Triton backend (the CUDA path's kernels under TRITON_INTERPRET=1), with
+# shorter prompts than above: the interpreter runs a kernel program in milliseconds.
+
+@pytest.fixture(scope="module")
+def triton_model(tiny_dir):
+    m = glm.load(tiny_dir, backend="triton")
+    assert not m.model.reuses_kv_exactly  # the GEMM and SDPA prefill until an engine with a cache asks
+    assert make_engine(m, 4096).prefix_cache.max_tokens == 4096 and m.model.reuses_kv_exactly
+    return m
+
+
+SHORT_GREEDY = SamplingParams(max_new_tokens=4, temperature=0)
+SHORT_SEEDED = SamplingParams(max_new_tokens=4, temperature=1.0, top_p=0.9, seed=7)
+
+
+@pytest.mark.parametrize("params", [SHORT_GREEDY, SHORT_SEEDED], ids=["greedy", "seeded"])
+def test_triton_next_chat_turn_and_a_strict_prefix(triton_model, params):
+    engine = make_engine(triton_model, 4096)
+    (turn1,) = run(engine, [(ids(20, seed=2), params)])
+    prompt2 = turn1.tokens + ids(5, seed=3)
+    check_same(triton_model, [(prompt2, params)], engine, [turn1.pos])
+    check_same(triton_model, [(prompt2[:18], params)], engine, [17])
+
+
+def test_triton_divergence_inside_a_block_and_two_requests_together(triton_model):
+    engine = make_engine(triton_model, 4096)
+    base = ids(2 * BLOCK + 2, seed=4)
+    run(engine, [(base, SHORT_GREEDY)])
+    shared = BLOCK + 5
+    requests = [(base[:shared] + ids(4, seed=5), SHORT_GREEDY), (base[:shared] + ids(6, seed=6), SHORT_SEEDED)]
+    got = check_same(triton_model, requests, engine, [shared, shared])
+    assert [s.peak_batch for s in got] == [2, 2]

@@ -46,14 +46,14 @@ def mlp(mlp, x: torch.Tensor) -> torch.Tensor:
 
 
 def chatglm2_attention(attn, x, cos, sin, layer: int, starts: list[int], caches) -> torch.Tensor:
-    """ChatGLM2's SelfAttention.forward: decode steps as rows at their own slots
-    (attention.row_attention), prefill through SDPA."""
+    """ChatGLM2's SelfAttention.forward: decode steps, and prefill when attn.exact_rows, as rows at
+    their own slots (attention.row_attention); other prefill through SDPA."""
     from ..model import apply_rotary  # the SDPA path rotates with the same torch ops as the CPU
 
     cfg = attn.cfg
     B, T, _ = x.shape
     q, k, v = attn.query_key_value(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-    if T == 1:
+    if T == 1 or attn.exact_rows:
         plan = row_plan(caches, starts, T, x.device)
         if plan is not None:
             y = attention.row_attention(
