@@ -6,7 +6,9 @@
                                                 # the 2-layer tiny checkpoint: checks the logic here
 
 Measures decode tok/s at batch 1 and 8 (one engine-style forward per step over caches in one KV pool),
-prefill tok/s, time to first token through the engine, peak device memory, and the roofline
+prefill tok/s (the GEMM + SDPA path, then `prefill_exact_rows_tok_s`: rows through the decode kernels,
+as with the prefix cache on), time to first token through the engine, a 2-round chat's round-2 time
+to first token with and without the prefix cache, peak device memory, and the roofline
 fraction: decode tok/s x bytes moved per step (from glm.gpu.linear.bytes_moved, the kernels' own
 count, plus the KV cache read) / the device's bandwidth (320 GB/s for a T4).
 """
@@ -23,8 +25,8 @@ from pathlib import Path
 T4_BANDWIDTH = 320e9
 
 # (prompt tokens, decode steps) per size: the tiny workload keeps the interpreter under minutes.
-WORKLOADS = {"full": dict(prompt=512, decode=128, batch_decode=32, ttft_prompt=512),
-             "tiny": dict(prompt=12, decode=4, batch_decode=2, ttft_prompt=12)}
+WORKLOADS = {"full": dict(prompt=512, decode=128, batch_decode=32, ttft_prompt=512, chat_turn=64, chat_reply=32),
+             "tiny": dict(prompt=12, decode=4, batch_decode=2, ttft_prompt=16, chat_turn=4, chat_reply=2)}
 
 
 def checkpoint(args) -> Path:
@@ -123,12 +125,36 @@ def run(args) -> dict:
         decode(cs, w["prompt"], 1)
         times = decode(cs, w["prompt"] + 1, w["batch_decode"])
         out["batch8_decode_tok_s"] = round(8 * len(times) / sum(times), 2)
+        model.compute_rows_exactly()  # from here on, prefill as with the prefix cache on
+        cs = caches(1)
+        prefill(cs, w["prompt"])
+        sync()
+        t = time.perf_counter()
+        prefill(cs, w["prompt"])
+        sync()
+        out["prefill_exact_rows_tok_s"] = round(w["prompt"] / (time.perf_counter() - t), 2)
+
+    def first_token(engine, prompt, reply=2):
+        stream = Stream(engine, engine.submit(prompt, SamplingParams(max_new_tokens=reply, temperature=0)))
+        for _ in stream:
+            pass
+        engine.step()  # reaped: into the prefix cache
+        return stream
+
     # Time to first token through the engine (queue, prefill, first sample), one request.
-    eng = m.use_engine(max_batch=1, kv_budget_tokens=w["ttft_prompt"] + 8)
-    stream = Stream(eng, eng.submit(ids(w["ttft_prompt"])[0].tolist(), SamplingParams(max_new_tokens=2, temperature=0)))
-    for _ in stream:
-        pass
-    out["ttft_s"] = round(stream.time_to_first_token, 3)
+    budget = 2 * (w["ttft_prompt"] + w["chat_turn"] + w["chat_reply"])
+    eng = m.use_engine(max_batch=1, kv_budget_tokens=budget)
+    turn1 = first_token(eng, ids(w["ttft_prompt"])[0].tolist(), w["chat_reply"])
+    out["ttft_s"] = round(turn1.time_to_first_token, 3)
+    # Round 2 of a chat: the history is cached (this engine) or prefilled again (one without the cache).
+    history = next(iter(eng.prefix_cache.entries)).tokens  # prompt + reply, as far as computed
+    turn2 = history + tuple(ids(w["chat_turn"])[0].tolist())
+    cached = first_token(eng, list(turn2))
+    uncached = first_token(m.use_engine(max_batch=1, kv_budget_tokens=budget, prefix_cache_tokens=0), list(turn2))
+    out["chat_round2_prompt_tokens"] = len(turn2)
+    out["chat_round2_cached_tokens"] = cached.cached_prompt_tokens
+    out["chat_round2_ttft_cached_s"] = round(cached.time_to_first_token, 3)
+    out["chat_round2_ttft_uncached_s"] = round(uncached.time_to_first_token, 3)
     if cuda:
         out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
         out["device_name"] = torch.cuda.get_device_name(device)

@@ -234,9 +234,13 @@ def test_bench_device_cuda_logic_runs_under_the_interpreter(models, capsys):
     assert main(["--device", "interpret", "--tiny", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["backend"] == "triton" and result["layers"] == 2
-    for key in ("prefill_tok_s", "batch1_decode_tok_s", "batch8_decode_tok_s", "ttft_s", "peak_rss_bytes",
+    for key in ("prefill_tok_s", "prefill_exact_rows_tok_s", "batch1_decode_tok_s", "batch8_decode_tok_s",
+                "ttft_s", "chat_round2_ttft_cached_s", "chat_round2_ttft_uncached_s", "peak_rss_bytes",
                 "roofline_fraction_batch1", "roofline_fraction_batch8"):
         assert result[key] > 0, key
+    # round 2: round 1's 16-token prompt and reply (the 1 of its 2 tokens that went through the model)
+    # from the cache, then 4 new tokens
+    assert result["chat_round2_prompt_tokens"] == 16 + 1 + 4 and result["chat_round2_cached_tokens"] == 17
     # The bench's checkpoint is tiny_dir's: its stored weights (every linear with its scales, the
     # fp16 output layer) are read once per step whatever the batch; 8 streams add only activations
     # and their own KV caches.
