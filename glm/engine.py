@@ -72,7 +72,11 @@ class Engine:
         if prefix_cache_tokens is None:
             prefix_cache_tokens = prefix_cache_tokens_from_env(self.kv_budget_tokens)
         if prefix_cache_tokens and not model.compute_rows_exactly():
+            log.info("prefix cache off: this model's cached KV would not reproduce a recomputation exactly")
             prefix_cache_tokens = 0
+        elif prefix_cache_tokens:
+            log.info("prefix cache: up to %d tokens of finished requests' KV kept for reuse",
+                     min(prefix_cache_tokens, self.kv_budget_tokens))
         self.scheduler = Scheduler(max_batch=max_batch, kv_budget_tokens=self.kv_budget_tokens,
                                    prefill_chunk=prefill_chunk,
                                    prefill_whole=getattr(model, "prefill_in_one_pass", False),

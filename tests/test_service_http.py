@@ -41,6 +41,7 @@ def test_health_ready_and_setup_logs(server):
     logs = h["setup"]["logs"]
     assert "loading checkpoint weights/chatglm2-6b-int4 on cpu" in logs  # discovery logs which checkpoint it picked
     assert "kernels: CPU kernels " in logs  # which kernel path serves
+    assert "prefix cache: up to 65536 tokens of finished requests' KV kept for reuse" in logs
     # coglet 0.23.1 race (measured): setup's LAST stdout line sometimes reaches the reader after the
     # READY flip and is filed as a worker log ("coglet::user") instead of under setup.logs.
     assert "warm-up done" in logs or "warm-up done" in server.logs(), logs
