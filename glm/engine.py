@@ -71,17 +71,16 @@ class Engine:
         self.pool = KVPool(cfg, self.kv_budget_tokens, device, model.dtype)
         if prefix_cache_tokens is None:
             prefix_cache_tokens = prefix_cache_tokens_from_env(self.kv_budget_tokens)
+        prefix_cache_tokens = min(prefix_cache_tokens, self.kv_budget_tokens)
         if prefix_cache_tokens and not model.compute_rows_exactly():
             log.info("prefix cache off: this model's cached KV would not reproduce a recomputation exactly")
             prefix_cache_tokens = 0
         elif prefix_cache_tokens:
-            log.info("prefix cache: up to %d tokens of finished requests' KV kept for reuse",
-                     min(prefix_cache_tokens, self.kv_budget_tokens))
+            log.info("prefix cache: up to %d tokens of finished requests' KV kept for reuse", prefix_cache_tokens)
         self.scheduler = Scheduler(max_batch=max_batch, kv_budget_tokens=self.kv_budget_tokens,
                                    prefill_chunk=prefill_chunk,
                                    prefill_whole=getattr(model, "prefill_in_one_pass", False),
-                                   prefix_cache_tokens=min(prefix_cache_tokens, self.kv_budget_tokens),
-                                   kv=self.pool)
+                                   prefix_cache_tokens=prefix_cache_tokens, kv=self.pool)
         self.runner = ModelRunner(model, self.pool, device)
         self.output = OutputStage(tokenizer, cfg)
         self._lock = threading.Lock()           # the queues and flags; never held over a forward pass
