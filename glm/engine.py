@@ -79,7 +79,10 @@ class Engine:
         for KV memory (None: GLM_STEP_TIMEOUT_SECONDS / GLM_KV_WAIT_SECONDS, else the defaults above)."""
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         device_type = torch.device(device).type
-        self.shared_scope = (prefix_cache_scope or settings.choice("GLM_PREFIX_CACHE_SCOPE", "private", SCOPES)) == "shared"
+        scope = prefix_cache_scope or settings.choice("GLM_PREFIX_CACHE_SCOPE", "private", SCOPES)
+        if scope not in SCOPES:
+            raise ValueError(f"prefix_cache_scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        self.shared_scope = scope == "shared"
         self.step_timeout_s = step_timeout_s or settings.number(
             "GLM_STEP_TIMEOUT_SECONDS", STEP_TIMEOUT_S.get(device_type, STEP_TIMEOUT_S["cpu"]), above=True)
         kv_wait_s = kv_wait_s or settings.number("GLM_KV_WAIT_SECONDS", KV_WAIT_S, above=True)
