@@ -12,7 +12,10 @@ a cancel reaches the engine in that mode.
 
 Inputs mirror the public Replicate model nomagick/chatglm2-6b-int4
 (prompt, max_tokens, temperature, top_p) plus top_k, repetition_penalty,
-stop_sequences and seed.
+stop_sequences, seed and cache_key (the conversation's prefix-cache scope, glm.prefix_cache).
+
+Environment settings are read by glm.settings: a value it cannot use fails setup with one line
+naming the variable.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ import cog  # noqa: E402
 from cog import BasePredictor, ConcatenateIterator, Input  # noqa: E402
 
 import glm  # noqa: E402
-from glm import kernels  # noqa: E402
+from glm import kernels, settings  # noqa: E402
 import torch  # noqa: E402
 
 # Per family: a mark of the other family's prompt format (warned about in a request). The family's
@@ -60,6 +63,14 @@ MAX_TOKENS_LIMIT = 32768
 DEFAULT_CONCURRENCY = 8
 # After the server starts shutting down, running predictions get this long before they are cancelled.
 DEFAULT_DRAIN_SECONDS = 30
+MAX_DRAIN_SECONDS = 3600
+# Input sizes the schema refuses before a byte reaches predict() (Input max_length repeats them:
+# tests/test_static_schema.py checks that they agree). A prompt longer than MAX_PROMPT_CHARS cannot
+# fit the largest context of any checkpoint (32768 tokens of at most 16 characters each); stop
+# strings are at most MAX_STOP_STRINGS of MAX_STOP_CHARS, with room for separators and spaces.
+MAX_PROMPT_CHARS = 1 << 20
+MAX_STOP_SEQUENCES_CHARS = 8192
+MAX_CACHE_KEY_CHARS = 256
 
 
 def log(msg: str) -> None:
@@ -140,27 +151,17 @@ def find_checkpoint(root: str) -> str:
 
 
 def parse_stop_sequences(text: str) -> List[str]:
-    """Replicate style: comma-separated; surrounding spaces trimmed; empty items dropped."""
+    """Replicate style: comma-separated; surrounding spaces trimmed; empty items dropped.
+    Refused before splitting when longer than any valid list (a split costs ~6 bytes per comma)."""
     if not text:
         return []
+    if len(text) > MAX_STOP_SEQUENCES_CHARS:
+        raise glm.InputError(f"stop_sequences is {len(text)} characters, at most {MAX_STOP_SEQUENCES_CHARS}")
     return [s.strip(" ") for s in text.split(",") if s.strip(" ")]
 
 
 def weights_root() -> str:
     return os.environ.get("COG_WEIGHTS") or DEFAULT_WEIGHTS_DIR
-
-
-def _env_int(name: str, default: int | None) -> int | None:
-    value = os.environ.get(name)
-    if not value:
-        return default
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
-    return n
 
 
 def _whole_number(name: str, value):
@@ -234,10 +235,6 @@ def _watch_server_shutdown(port: int, on_shutdown: Callable[[], None], interval:
 
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
-
-
 def _with_seed(error: Exception, seed: int) -> str:
     """A failed prediction's error: coglet returns no logs with it, so the seed goes in the text."""
     return f"{error} (seed {seed}; pass seed={seed} to reproduce)"
@@ -246,12 +243,20 @@ def _with_seed(error: Exception, seed: int) -> str:
 class Predictor(BasePredictor):
     def setup(self) -> None:
         route_glm_logs()
+        # Every setting read before the weights load: a bad one fails setup at once, by name.
+        concurrency = settings.integer("COG_MAX_CONCURRENCY", DEFAULT_CONCURRENCY, at_least=1)
+        kv_budget_tokens = settings.integer("GLM_KV_BUDGET_TOKENS", None, at_least=1)
+        threads = settings.integer("GLM_THREADS", None, at_least=1)
+        self.drain_seconds = settings.number("GLM_DRAIN_SECONDS", DEFAULT_DRAIN_SECONDS, at_most=MAX_DRAIN_SECONDS)
+        port = settings.integer("PORT", 5000, at_least=1, at_most=65535)
+        require_kernels, int8_activations = settings.flag("GLM_REQUIRE_KERNELS"), settings.flag("GLM_INT8_ACTIVATIONS")
+        test_hang_s = settings.number("GLM_TEST_HANG_SECONDS", 0)
         path = find_checkpoint(weights_root())
         # A GPU that torch cannot use, or kernels required but unusable, fail setup with one line
         # (health SETUP_FAILED) instead of serving at a fraction of the speed.
         device = glm.device.resolve(device_setting())
         if device.type == "cpu":
-            if _env_flag("GLM_REQUIRE_KERNELS"):
+            if require_kernels:
                 try:
                     kernels.require()
                 except kernels.KernelError as e:
@@ -259,7 +264,7 @@ class Predictor(BasePredictor):
             log(f"kernels: {kernels.status()}")
         # CPU opt-in: activations rounded to int8 in the int4 linears, 2-5x faster prefill and
         # batches (README, Benchmarks); off by default because it changes the numerics.
-        int8_activations = device.type == "cpu" and os.environ.get("GLM_INT8_ACTIVATIONS", "") == "1"
+        int8_activations = int8_activations and device.type == "cpu"
         log(f"loading checkpoint {path} on {device.type}" + (" (fp16)" if device.type == "cuda" else "")
             + (" with int8 activations (GLM_INT8_ACTIVATIONS=1)" if int8_activations else ""))
         t0 = time.monotonic()
@@ -275,23 +280,22 @@ class Predictor(BasePredictor):
         # One engine thread batches every running prediction; KV cache is reserved per request
         # (prompt + max_tokens) within the budget (the engine's default unless GLM_KV_BUDGET_TOKENS
         # says otherwise): a request that does not fit yet waits.
-        concurrency = _env_int("COG_MAX_CONCURRENCY", DEFAULT_CONCURRENCY)
-        engine = self.model.use_engine(max_batch=concurrency,
-                                       kv_budget_tokens=_env_int("GLM_KV_BUDGET_TOKENS", None))
+        engine = self.model.use_engine(max_batch=concurrency, kv_budget_tokens=kv_budget_tokens)
         engine.start()
         log(f"engine: up to {concurrency} sequences per step, KV budget {engine.kv_budget_tokens} tokens")
         if device.type == "cpu":
-            torch.set_num_threads(_env_int("GLM_THREADS", torch.get_num_threads()))
+            torch.set_num_threads(threads or torch.get_num_threads())
             log(f"cpu: {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
         self._running: dict[int, Callable[[], None]] = {}  # id(stream) -> its cancel
-        self.drain_seconds = float(os.environ.get("GLM_DRAIN_SECONDS") or DEFAULT_DRAIN_SECONDS)
-        if not _watch_server_shutdown(int(os.environ.get("PORT") or 5000), self._drain):
+        if not _watch_server_shutdown(port, self._drain):
             log("warning: cannot see the server's port; a shutdown waits for running predictions to end")
         # One-token warm-up so the first request does not pay for lazy init.
         t0 = time.monotonic()
         for _ in self.model.generate(self.family["prompt"], max_new_tokens=1, temperature=0.0, seed=0):
             pass
         log(f"warm-up done in {time.monotonic() - t0:.2f}s")
+        if test_hang_s:
+            _inject_test_hang(engine, test_hang_s)
 
     def _drain(self) -> None:
         """The server is shutting down: let running predictions end, cancel what runs past the drain."""
@@ -309,6 +313,7 @@ class Predictor(BasePredictor):
             description=r"Raw prompt in the model's own format; empty for the loaded model's first-turn greeting. ChatGLM2: '[Round 1]\n\n问：...\n\n答：', earlier rounds before it as '[Round N]\n\n问：...\n\n答：...\n\n'. ChatGLM-6B: the bare question, or '[Round 0]\n问：...\n答：...\n' rounds before '[Round N]\n问：...\n答：'.",
             default=None,
             min_length=1,
+            max_length=1048576,
         ),
         max_tokens: int = Input(
             description="Maximum number of new tokens to generate. Clamped to the context left after the prompt (8192 tokens in all for chatglm2-6b-int4, 2048 for ChatGLM-6B, 32768 for the -32k models).",
@@ -341,14 +346,20 @@ class Predictor(BasePredictor):
             le=2.0,
         ),
         stop_sequences: str = Input(
-            description="Comma-separated strings that end generation when produced (not included in the output), e.g. '<end>,问：'. Empty for none.",
+            description="Comma-separated strings that end generation when produced (not included in the output), e.g. '<end>,问：'. Empty for none. At most 32 strings of 128 characters.",
             default="",
+            max_length=8192,
         ),
         seed: Optional[int] = Input(
             description="Random seed for reproducible sampling. Leave empty for a random seed; the seed used is written to the logs.",
             default=None,
             ge=0,
             le=4294967295,
+        ),
+        cache_key: str = Input(
+            description="A secret of your own (e.g. a random UUID) that you send again with each turn of one conversation: a request reuses the server's cached computation of an earlier turn only when its cache_key is the same, so the next turn starts faster. Empty: nothing is reused and nothing is kept for later (unless the deployment shares one cache among all requests). Never logged.",
+            default="",
+            max_length=256,
         ),
     ) -> ConcatenateIterator[str]:
         defaults = self.family  # the loaded model's own prompt, temperature and top_p
@@ -384,6 +395,7 @@ class Predictor(BasePredictor):
                 seed=seed,
                 stop=tuple(parse_stop_sequences(stop_sequences)),
                 fit_context=True,
+                cache_key=cache_key or None,
             )
             cancel.attach(stream)  # here, not after the await: a cancelled await never returns it
             return stream
@@ -421,6 +433,18 @@ class Predictor(BasePredictor):
             self._running.pop(id(stream), None)
             stream.cancel()  # no-op when finished; frees the sequence if the server stopped reading
             context.run(_report, stream)
+
+
+def _inject_test_hang(engine, hang: float) -> None:
+    """GLM_TEST_HANG_SECONDS (tests only): the first step after setup sleeps this long, a stuck step
+    for the watchdog to see. Read once at setup from the server's environment; no request can set it."""
+    log(f"GLM_TEST_HANG_SECONDS={hang:g}: the next engine step will hang (a test's fault injection)")
+
+    def hang_once(batch) -> None:
+        engine.before_run = None
+        time.sleep(hang)
+
+    engine.before_run = hang_once
 
 
 class _CancelLink:

@@ -33,7 +33,7 @@ m = glm.load(args["path"], dtype=getattr(torch, args["dtype"]))
 g = torch.Generator().manual_seed(0)
 def ids(n): return torch.randint(0, 64789, (n,), generator=g).tolist()
 params = SamplingParams(max_new_tokens=args["reply"], temperature=0.0)
-cached = Engine(m.model, m.tokenizer, m.config, m.device, max_batch=1)
+cached = Engine(m.model, m.tokenizer, m.config, m.device, max_batch=1, prefix_cache_scope="shared")  # one client
 uncached = Engine(m.model, m.tokenizer, m.config, m.device, max_batch=1, prefix_cache_tokens=0)
 
 def ttft(engine, prompt):

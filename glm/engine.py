@@ -10,7 +10,14 @@ Each sequence has its own sampling parameters, seed, stops and KV extent, and ev
 step is computed independently, so a sequence produces the same tokens whatever runs beside it.
 Failures are contained per sequence. An error that escapes a step is retried a few steps; if the
 loop still cannot go on, every waiting and running request fails at once with the reason and the
-engine reports itself unhealthy.
+engine reports itself unhealthy. So does a step that runs longer than `step_timeout_s` (a stuck
+kernel, a deadlock): a watchdog thread sees it, logs the step's shape, fails every request and
+marks the engine unhealthy, so the platform's health check restarts the process.
+
+Prefix-cache scopes (glm.prefix_cache): a request with a cache key reuses only what requests with
+the same key left; one without a key reuses and leaves nothing, unless the deployment shares one
+scope among all keyless requests (prefix_cache_scope="shared", GLM_PREFIX_CACHE_SCOPE=shared: for
+a single tenant, where every client may see what the others' prompts cost).
 
 The loop is driven either by the caller (`step()`, as GLM.generate does for one stream) or by a
 background thread (`start()`, for a server with many concurrent requests).
@@ -18,17 +25,19 @@ background thread (`start()`, for a server with many concurrent requests).
 from __future__ import annotations
 
 import logging
-import os
 import threading
+import time
+from typing import Callable
 
 import torch
 
+from . import prefix_cache, settings
 from .errors import EngineError, InputError
 from .sampling import SamplingParams
 from .kvpool import KVPool
 from .output import OutputStage
 from .runner import ModelRunner
-from .scheduler import Scheduler
+from .scheduler import Batch, Scheduler
 from .sequence import Sequence
 
 log = logging.getLogger("glm")
@@ -37,34 +46,50 @@ log = logging.getLogger("glm")
 MAX_FAILED_STEPS = 3
 
 
+SCOPES = ("private", "shared")
+# A step computes one prompt chunk and one token per sequence: seconds even for a 6B model on a
+# CPU, well under one on a GPU (where the first steps also compile kernels). Longer means stuck.
+STEP_TIMEOUT_S = {"cpu": 600.0, "cuda": 180.0}
+# With the default KV budget every admitted request fits at once; a smaller budget makes requests
+# queue for memory, and this long is as long as a client is made to wait without a token.
+KV_WAIT_S = 300.0
+
+
+class StepTimeout(EngineError):
+    """A step ran longer than the watchdog's bound; the engine is unhealthy."""
+
+
 def prefix_cache_tokens_from_env(default: int) -> int:
     """GLM_PREFIX_CACHE_TOKENS: most tokens of finished requests' KV kept for reuse (0 = off)."""
-    raw = os.environ.get("GLM_PREFIX_CACHE_TOKENS", "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"GLM_PREFIX_CACHE_TOKENS must be an integer >= 0 (0 turns the prefix cache off), got {raw!r}")
-    return value
+    return settings.integer("GLM_PREFIX_CACHE_TOKENS", default, at_least=0)
 
 
 class Engine:
     def __init__(self, model, tokenizer, cfg, device, *, max_batch: int = 8,
                  kv_budget_tokens: int | None = None, prefill_chunk: int = 256,
-                 prefix_cache_tokens: int | None = None):
+                 prefix_cache_tokens: int | None = None, prefix_cache_scope: str | None = None,
+                 step_timeout_s: float | None = None, kv_wait_s: float | None = None):
         """prefix_cache_tokens: cap of the prefix cache (None: GLM_PREFIX_CACHE_TOKENS, else the whole
         KV budget, since cached entries yield their memory whenever a request needs it; 0 = off).
         On, the model computes prefill rows as decode rows where it has the choice, and the cache stays
         off where cached KV would still not reproduce a recomputation bit for bit
-        (model.compute_rows_exactly: ChatGLM-6B's bidirectional context, the CPU path without its kernels)."""
+        (model.compute_rows_exactly: ChatGLM-6B's bidirectional context, the CPU path without its kernels).
+        prefix_cache_scope: "private" or "shared", what keyless requests share (None: GLM_PREFIX_CACHE_SCOPE,
+        else private). step_timeout_s, kv_wait_s: the watchdog's bound on one step and the longest wait
+        for KV memory (None: GLM_STEP_TIMEOUT_SECONDS / GLM_KV_WAIT_SECONDS, else the defaults above)."""
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
+        device_type = torch.device(device).type
+        scope = prefix_cache_scope or settings.choice("GLM_PREFIX_CACHE_SCOPE", "private", SCOPES)
+        if scope not in SCOPES:
+            raise ValueError(f"prefix_cache_scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        self.shared_scope = scope == "shared"
+        self.step_timeout_s = step_timeout_s or settings.number(
+            "GLM_STEP_TIMEOUT_SECONDS", STEP_TIMEOUT_S.get(device_type, STEP_TIMEOUT_S["cpu"]), above=True)
+        kv_wait_s = kv_wait_s or settings.number("GLM_KV_WAIT_SECONDS", KV_WAIT_S, above=True)
         self.max_batch = max_batch
         self.kv_budget_tokens = kv_budget_tokens or max_batch * cfg.max_context
         self.prefill_chunk = prefill_chunk
-        if torch.device(device).type == "cuda":  # fail here, with numbers, if the budget cannot fit
+        if device_type == "cuda":  # fail here, with numbers, if the budget cannot fit
             from .gpu import memory
             memory.check_device(model, cfg, self.kv_budget_tokens, max_batch, prefill_chunk, device)
         # The KV memory for the whole budget, allocated once; the scheduler's allocator is its bookkeeping.
@@ -76,11 +101,13 @@ class Engine:
             log.info("prefix cache off: this model's cached KV would not reproduce a recomputation exactly")
             prefix_cache_tokens = 0
         elif prefix_cache_tokens:
-            log.info("prefix cache: up to %d tokens of finished requests' KV kept for reuse", prefix_cache_tokens)
+            log.info("prefix cache: up to %d tokens of finished requests' KV kept for reuse by requests of the "
+                     "same scope (%s)", prefix_cache_tokens,
+                     "keyless requests share one" if self.shared_scope else "a cache key; keyless requests share nothing")
         self.scheduler = Scheduler(max_batch=max_batch, kv_budget_tokens=self.kv_budget_tokens,
                                    prefill_chunk=prefill_chunk,
                                    prefill_whole=getattr(model, "prefill_in_one_pass", False),
-                                   prefix_cache_tokens=prefix_cache_tokens, kv=self.pool)
+                                   prefix_cache_tokens=prefix_cache_tokens, kv=self.pool, max_wait_s=kv_wait_s)
         self.runner = ModelRunner(model, self.pool, device)
         self.output = OutputStage(tokenizer, cfg)
         self._lock = threading.Lock()           # the queues and flags; never held over a forward pass
@@ -90,9 +117,23 @@ class Engine:
         self._stopping = False
         self._failed_steps = 0
         self.dead: BaseException | None = None  # why the loop stopped for good
+        self._running_step: tuple[float, Batch] | None = None  # (start, batch) while a step computes
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_stop = threading.Event()
+        # Called with each step's batch before its forward pass: tests inject a fault here (a hang);
+        # only code in this process can set it.
+        self.before_run: Callable[[Batch], None] | None = None
 
     # ---- requests ----
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def cache_scope(self, cache_key: str | None) -> int | None:
+        """The prefix-cache scope of a request with this key (None: it shares nothing)."""
+        if cache_key:
+            return prefix_cache.key_scope(cache_key)
+        return prefix_cache.SHARED_SCOPE if self.shared_scope else None
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, cache_key: str | None = None) -> Sequence:
+        """Queue a request. cache_key: the client's secret for its conversation; the request reuses only
+        prefix-cache entries that requests with the same key left (see the module docstring)."""
         params = params.validate().with_seed()
         need = len(prompt_ids) + params.max_new_tokens
         if need > self.cfg.max_context:
@@ -101,7 +142,7 @@ class Engine:
         if need > self.kv_budget_tokens:
             raise InputError(f"request needs {need} tokens of KV cache, more than this server's budget of "
                              f"{self.kv_budget_tokens}; lower max_new_tokens or shorten the prompt")
-        seq = Sequence(prompt_ids, params)
+        seq = Sequence(prompt_ids, params, self.cache_scope(cache_key))
         self.output.open(seq)
         with self._wakeup:
             if self.dead is not None:
@@ -159,7 +200,7 @@ class Engine:
 
     @property
     def healthy(self) -> bool:
-        """False once the loop has died (every request then fails at once)."""
+        """False once the loop has died or a step has hung (every request then fails at once)."""
         return self.dead is None and (self._thread is None or self._thread.is_alive() or self._stopping)
 
     @property
@@ -174,7 +215,13 @@ class Engine:
                 batch = self.scheduler.schedule()
             if not batch:
                 return False
-            outcomes = self.runner.run(batch)
+            self._running_step = (time.monotonic(), batch)
+            try:
+                if self.before_run is not None:
+                    self.before_run(batch)
+                outcomes = self.runner.run(batch)
+            finally:
+                self._running_step = None
             self.output.postprocess(outcomes)
             return True
 
@@ -186,6 +233,11 @@ class Engine:
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name="glm-engine", daemon=True)
             self._thread.start()
+        if self._watchdog is None:
+            self._watchdog_stop = threading.Event()
+            self._watchdog = threading.Thread(target=self._watch, args=(self._watchdog_stop,),
+                                              name="glm-watchdog", daemon=True)
+            self._watchdog.start()
 
     def stop(self) -> None:
         """Stop the thread after its current step; queued and running requests stay for the next
@@ -196,6 +248,10 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._watchdog is not None:
+            self._watchdog_stop.set()
+            self._watchdog.join()
+            self._watchdog = None
         self._stopping = False
 
     def _run(self) -> None:
@@ -207,6 +263,8 @@ class Engine:
                     if self._stopping:
                         return
                 self._guarded_step()
+                if self.dead is not None:  # the watchdog gave up on the step that just returned
+                    return
         except BaseException as e:  # noqa: BLE001 - the loop cannot go on: say so to every request
             self._die(e)
 
@@ -220,12 +278,29 @@ class Engine:
             if self._failed_steps >= MAX_FAILED_STEPS:
                 raise
 
+    def _watch(self, stop: threading.Event) -> None:
+        """The watchdog: a step that runs past step_timeout_s stops the engine (see the module docstring)."""
+        interval = min(0.25, self.step_timeout_s / 4)
+        while self.dead is None and not stop.wait(interval):
+            running = self._running_step
+            if running is None:
+                continue
+            started, batch = running
+            elapsed = time.monotonic() - started
+            if elapsed > self.step_timeout_s and self._running_step is running:
+                self._die(StepTimeout(
+                    f"a step has run {elapsed:.1f}s, longer than the {self.step_timeout_s:g}s bound "
+                    f"(GLM_STEP_TIMEOUT_SECONDS) ({batch.shape()}); the engine is stuck and reports itself "
+                    f"unhealthy"))
+
     def _die(self, error: BaseException) -> None:
+        with self._wakeup:
+            if self.dead is not None:
+                return
+            self.dead = error
+            seqs = self.scheduler.abort_all()
         log.critical("the engine loop stopped: %r; failing every queued and running request", error,
                      exc_info=(type(error), error, error.__traceback__))
         reason = EngineError(f"the engine stopped: {error!r}")
-        with self._wakeup:
-            self.dead = error
-            seqs = self.scheduler.abort_all()
         for seq in seqs:
             seq.fail(reason)

@@ -15,3 +15,7 @@ class InputError(GLMError, ValueError):
 
 class EngineError(GLMError):
     """The generation loop has stopped for good; the message says why."""
+
+
+class QueueTimeout(GLMError):
+    """A request waited in the queue (for KV cache memory) longer than the server's bound."""

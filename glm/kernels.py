@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from . import settings
+
 log = logging.getLogger("glm")
 
 NAME = "glm_cpu_kernels"
@@ -73,7 +75,7 @@ class LockTimeout(KernelError):
 
 
 def disabled() -> bool:
-    return os.environ.get("GLM_NO_KERNELS", "").strip().lower() not in ("", "0", "false", "no")
+    return settings.flag("GLM_NO_KERNELS")
 
 
 def build_dir() -> Path:

@@ -85,7 +85,9 @@ class Embedding(nn.Module):
 
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
-        self.word_embeddings = nn.Embedding(vocab_size, dim, dtype=torch.float16)
+        # Given its (uninitialized) weight: a random init on the meta device imports torch._dynamo,
+        # and with it triton, into a CPU deployment that never uses them.
+        self.word_embeddings = nn.Embedding.from_pretrained(torch.empty(vocab_size, dim, dtype=torch.float16))
 
     def forward(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.word_embeddings(tokens).to(dtype)

@@ -171,7 +171,9 @@ class ChatGLM(nn.Module):
     def __init__(self, cfg: ChatGLMConfig):
         super().__init__()
         self.cfg = cfg
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=torch.float16)
+        # Given its weight: no random init on the meta device (see model.Embedding)
+        self.word_embeddings = nn.Embedding.from_pretrained(
+            torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=torch.float16))
         self.layers = nn.ModuleList(GLMBlock(cfg, i) for i in range(cfg.num_layers))
         self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.lm_head = TiedHead()

@@ -60,8 +60,12 @@ class GLM:
 
     def generate(self, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.8,
                  top_p: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, stop=(), fit_context: bool = False) -> "Stream":
+                 seed: int | None = None, stop=(), fit_context: bool = False,
+                 cache_key: str | None = None) -> "Stream":
         """Stream the reply to a raw prompt (in the model's own format) as text chunks.
+
+        cache_key: the conversation's secret; the request reuses only the prefix cache's entries that
+        requests with the same key left (glm.engine: without a key, nothing unless the engine shares).
 
         fit_context: lower max_new_tokens to the room the prompt leaves in the model's context
         (the Stream's max_new_tokens says what was used) instead of refusing the request.
@@ -83,7 +87,7 @@ class GLM:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
                                 stop=(stop,) if isinstance(stop, str) else tuple(stop))
-        return Stream(self.engine, self.engine.submit(ids, params))
+        return Stream(self.engine, self.engine.submit(ids, params, cache_key=cache_key))
 
 
 class Stream:
@@ -165,7 +169,8 @@ class Stream:
 
     @property
     def cached_prompt_tokens(self) -> int:
-        """Prompt tokens whose KV came from the prefix cache instead of being prefilled."""
+        """Prompt tokens whose KV came from the prefix cache instead of being prefilled (only ever
+        entries of the request's own scope)."""
         return self.seq.cached_tokens
 
     @property

@@ -8,6 +8,15 @@ Reuse is exact to the token: the forward pass computes every row the same way in
 or decode step (ChatGLM2.compute_rows_exactly, which the engine calls when the cache is on), so the
 copied rows are the rows a full prefill writes.
 
+Scopes: a request reuses only KV that requests of its own scope left (glm.engine decides a request's
+scope: a client's cache key, or one scope shared by every request of a single-tenant deployment; a
+request with no scope neither reuses nor leaves anything). A scope is an integer salt, a keyed hash
+of the client's key under a random per-process secret, so memory holds no reversible form of the
+key. The salt starts every block-hash chain, so another scope's entries are never even candidates,
+and each entry carries its scope, checked again before a match counts (a hash collision across
+scopes matches nothing). A probe from another scope therefore does exactly the work of a prompt
+nothing was cached for: it hashes its first block and finds nothing.
+
 Lookup: every block-aligned prefix of an entry's tokens is indexed by a chained hash (vLLM style),
 the deepest block the prompt shares picks the candidates, and the match is then extended and
 checked token by token (a hash collision can shorten a match, never corrupt one).
@@ -19,16 +28,36 @@ KV budget). An entry whose tokens are a prefix of another's is redundant and dro
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 from collections import OrderedDict
 
 from .kvpool import ExtentAllocator
 
 BLOCK = 16  # tokens per indexed block; prefixes shorter than one block are not worth a lookup
 
+_SECRET = secrets.token_bytes(32)  # the salts' key: a salt seen in memory does not give its key back
 
-def block_hashes(tokens, block: int = BLOCK) -> list[int]:
-    """Chained hashes of tokens[:block], tokens[:2 * block], ... (full blocks only)."""
-    hashes, h = [], 0
+
+def _salt(tag: bytes, text: str = "") -> int:
+    digest = hmac.digest(_SECRET, tag + text.encode("utf-8", "surrogatepass"), hashlib.sha256)
+    return int.from_bytes(digest[:8], "little")
+
+
+def key_scope(key: str) -> int:
+    """The scope of a client's cache key (a non-empty string)."""
+    if not key:
+        raise ValueError("a cache key must be a non-empty string")
+    return _salt(b"key:", key)
+
+
+SHARED_SCOPE = _salt(b"shared")  # requests without a key, where the deployment shares them
+
+
+def block_hashes(tokens, block: int = BLOCK, scope: int = 0) -> list[int]:
+    """Chained hashes of tokens[:block], tokens[:2 * block], ... (full blocks only), salted by scope."""
+    hashes, h = [], scope
     for i in range(0, len(tokens) - block + 1, block):
         h = hash((h, *tokens[i:i + block]))
         hashes.append(h)
@@ -47,12 +76,13 @@ def common_prefix(a: tuple, b: tuple, limit: int) -> int:
 
 
 class Entry:
-    """A cached extent: the KV of `tokens` in the first len(tokens) slots of the extent at `start`."""
+    """A cached extent: the KV of `tokens` in the first len(tokens) slots of the extent at `start`,
+    left by a request of `scope`."""
 
-    __slots__ = ("tokens", "start", "hashes")
+    __slots__ = ("tokens", "start", "hashes", "scope")
 
-    def __init__(self, tokens: tuple[int, ...], start: int, hashes: list[int]):
-        self.tokens, self.start, self.hashes = tokens, start, hashes
+    def __init__(self, tokens: tuple[int, ...], start: int, hashes: list[int], scope: int):
+        self.tokens, self.start, self.hashes, self.scope = tokens, start, hashes, scope
 
     @property
     def size(self) -> int:
@@ -83,15 +113,19 @@ class PrefixCache:
         """Least recently used first."""
         return list(self._entries.values())
 
-    def lookup(self, prompt: list[int]) -> tuple[Entry | None, int]:
-        """The entry sharing the longest prefix with prompt, and that length, marked as just used.
+    def lookup(self, prompt: list[int], scope: int | None) -> tuple[Entry | None, int]:
+        """The entry of `scope` sharing the longest prefix with prompt, and that length, marked as
+        just used.
 
         At most len(prompt) - 1 tokens: the last prompt token is always computed (its logits give
-        the first new token). (None, 0) when no entry shares a full block.
+        the first new token). (None, 0) when no entry of the scope shares a full block, or the
+        scope is None.
         """
+        if scope is None:
+            return None, 0
         prompt = tuple(prompt)
         limit = len(prompt) - 1
-        candidates, h = None, 0
+        candidates, h = None, scope
         for i in range(0, limit - self.block + 1, self.block):
             h = hash((h, *prompt[i:i + self.block]))
             found = self._index.get(h)
@@ -103,6 +137,8 @@ class PrefixCache:
         best, best_n = None, 0
         for start in candidates:
             entry = self._entries[start]
+            if entry.scope != scope:
+                continue
             n = common_prefix(entry.tokens, prompt, limit)
             if n > best_n:
                 best, best_n = entry, n
@@ -110,19 +146,22 @@ class PrefixCache:
             self._entries.move_to_end(best.start)
         return best, best_n
 
-    def insert(self, tokens, start: int) -> Entry | None:
-        """Take over the extent at `start` (exactly len(tokens) long) holding the KV of tokens.
+    def insert(self, tokens, start: int, scope: int | None) -> Entry | None:
+        """Take over the extent at `start` (exactly len(tokens) long) holding the KV of tokens,
+        left by a request of `scope`.
 
         Returns the new entry, or None when the extent was freed instead: the cache is off, the
-        tokens are shorter than a block or longer than the cache, or an entry already covers them.
-        Entries the new one covers are dropped.
+        scope is None, the tokens are shorter than a block or longer than the cache, or an entry of
+        the scope already covers them. Entries of the scope that the new one covers are dropped.
         """
         tokens = tuple(tokens)
-        if not self.block <= len(tokens) <= self.max_tokens:
+        if scope is None or not self.block <= len(tokens) <= self.max_tokens:
             self.allocator.free(start, len(tokens))
             return None
-        hashes = block_hashes(tokens, self.block)
+        hashes = block_hashes(tokens, self.block, scope)
         for other in [self._entries[s] for s in self._index.get(hashes[0], ())]:
+            if other.scope != scope:
+                continue
             if other.size >= len(tokens) and other.tokens[:len(tokens)] == tokens:
                 self._entries.move_to_end(other.start)  # the new KV adds nothing: keep the old one
                 self.allocator.free(start, len(tokens))
@@ -131,7 +170,7 @@ class PrefixCache:
                 self.evict(other)
         while self.tokens + len(tokens) > self.max_tokens:
             self.evict_lru()
-        entry = Entry(tokens, start, hashes)
+        entry = Entry(tokens, start, hashes, scope)
         self._entries[start] = entry
         for h in hashes:
             self._index.setdefault(h, set()).add(start)

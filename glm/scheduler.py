@@ -9,16 +9,22 @@ to `lookahead` later ones that do fit go first, but only `max_overtakes` times i
 nothing passes it, and the memory that running sequences free is kept for it. So a large request
 cannot hold small ones back and is not starved by them either.
 
-With a prefix cache (glm.prefix_cache), a sequence that ends keeps its computed KV as a cache entry,
-and a sequence being placed starts from the longest cached prefix of its prompt; cached entries
-yield their memory (least recently used first) before any sequence waits.
+A request waits in the queue at most `max_wait_s` seconds: past that it fails with an error that
+says what it waited for, instead of holding its client's slot with no deadline.
+
+With a prefix cache (glm.prefix_cache), a sequence that ends keeps its computed KV as a cache entry
+of its scope, and a sequence being placed starts from the longest cached prefix of its prompt
+within its own scope; cached entries yield their memory (least recently used first) before any
+sequence waits.
 """
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from .errors import QueueTimeout
 from .kvpool import ExtentAllocator, KVPool
 from .prefix_cache import PrefixCache
 from .sequence import Sequence
@@ -35,6 +41,15 @@ class Batch:
     def sequences(self) -> list[Sequence]:
         return ([self.prefill] if self.prefill is not None else []) + self.decode
 
+    @property
+    def prefill_tokens(self) -> int:
+        return self.prefill_end - self.prefill.pos if self.prefill is not None else 0
+
+    def shape(self) -> str:
+        """What the step computes, for the logs."""
+        return (f"{self.prefill_tokens + len(self.decode)} rows: {self.prefill_tokens} prefill tokens, "
+                f"{len(self.decode)} decode, batch {len(self.sequences)}")
+
     def __bool__(self) -> bool:
         return self.prefill is not None or bool(self.decode)
 
@@ -42,9 +57,11 @@ class Batch:
 class Scheduler:
     def __init__(self, *, max_batch: int, kv_budget_tokens: int, prefill_chunk: int,
                  prefill_whole: bool = False, lookahead: int = 4, max_overtakes: int = 8,
-                 prefix_cache_tokens: int = 0, kv: KVPool | None = None):
-        """prefix_cache_tokens > 0 needs `kv`, the pool whose rows cache hits copy (by extent start)."""
+                 prefix_cache_tokens: int = 0, kv: KVPool | None = None, max_wait_s: float | None = None):
+        """prefix_cache_tokens > 0 needs `kv`, the pool whose rows cache hits copy (by extent start).
+        max_wait_s: longest wait in the queue (None: no bound)."""
         self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
         self.prefill_chunk = prefill_chunk
         self.prefill_whole = prefill_whole  # a bidirectional context (ChatGLM-6B) needs its prompt in one pass
         self.lookahead = lookahead
@@ -64,6 +81,7 @@ class Scheduler:
 
     def schedule(self) -> Batch:
         self.release_finished()
+        self.expire_waiting()
         self.admit()
         batch = Batch()
         for seq in self.running:
@@ -78,6 +96,19 @@ class Scheduler:
         return batch
 
     # ---- admission ----
+    def expire_waiting(self, now: float | None = None) -> None:
+        """Fail the waiting sequences that have waited longer than max_wait_s."""
+        if self.max_wait_s is None or not self.waiting:
+            return
+        now = time.perf_counter() if now is None else now
+        for seq in [s for s in self.waiting if now - s.t_submit > self.max_wait_s]:
+            self.waiting.remove(seq)
+            free = self.allocator.free_tokens + self.prefix_cache.tokens
+            seq.fail(QueueTimeout(
+                f"waited {now - seq.t_submit:.1f}s for KV cache memory, longer than the {self.max_wait_s:g}s bound "
+                f"(GLM_KV_WAIT_SECONDS): it needs {seq.capacity} tokens, {free} are free while "
+                f"{len(self.running)} requests run; retry later, or lower max_tokens"))
+
     def admit(self) -> None:
         """Move waiting sequences that fit into the running set (see the module docstring)."""
         blocked = 0  # waiting sequences passed over in this round
@@ -109,7 +140,7 @@ class Scheduler:
         prompt (its rows copied into the new extent, seq.pos set where its prefill then starts), and
         cached entries are evicted before the sequence has to wait.
         """
-        entry, cached = self.prefix_cache.lookup(seq.prompt_ids)  # now the last entry to be evicted
+        entry, cached = self.prefix_cache.lookup(seq.prompt_ids, seq.cache_scope)  # now evicted last
         start = self.allocator.allocate(seq.capacity)
         while start is None and self.prefix_cache.evict_lru():
             start = self.allocator.allocate(seq.capacity)
@@ -144,13 +175,14 @@ class Scheduler:
         if seq.extent is None:
             return
         start, seq.extent = seq.extent, None
-        if self.prefix_cache.max_tokens == 0 or seq.error is not None or seq.pos < self.prefix_cache.block:
+        if (self.prefix_cache.max_tokens == 0 or seq.cache_scope is None or seq.error is not None
+                or seq.pos < self.prefix_cache.block):
             self.allocator.free(start, seq.capacity)
             return
         # The last sampled token never went through the model: its KV is not there.
         self.kv.shrink(start, seq.capacity, seq.pos)
         self.allocator.free(start + seq.pos, seq.capacity - seq.pos)
-        self.prefix_cache.insert(seq.tokens[:seq.pos], start)
+        self.prefix_cache.insert(seq.tokens[:seq.pos], start, seq.cache_scope)
 
     def remove_waiting(self, seq: Sequence) -> bool:
         """Take a not-yet-admitted sequence out of the queue; False if it is not there."""

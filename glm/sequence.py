@@ -23,9 +23,10 @@ _END = object()  # queued last: no more text follows
 
 
 class Sequence:
-    def __init__(self, prompt_ids: list[int], params: SamplingParams):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, cache_scope: int | None = None):
         self.prompt_ids = prompt_ids
         self.params = params
+        self.cache_scope = cache_scope  # its prefix-cache scope (glm.prefix_cache); None: shares nothing
         self.tokens = list(prompt_ids)
         self.generator = torch.Generator().manual_seed(params.seed)
         self.pos = 0                    # tokens already in the KV cache: the next prefill starts here

@@ -288,6 +288,69 @@ def test_a_stream_never_waits_forever_on_a_dead_engine(tiny_model, threaded, mon
     assert isinstance(error, glm.EngineError) and "gone" in str(error)
 
 
+def test_a_hung_step_is_seen_by_the_watchdog_and_fails_every_request(tiny_model, threaded, caplog):
+    """A step that never returns (here: the fault hook sleeps) marks the engine unhealthy within the
+    bound (+ the watchdog's 0.25 s tick), fails the running and the queued requests with an error
+    naming the bound, and logs the step's shape."""
+    bound, hang = 1.0, 4.0
+    engine = threaded(step_timeout_s=bound)
+    released = threading.Event()
+    engine.before_run = lambda batch: released.wait(hang)
+    t0 = time.monotonic()
+    running = submit(tiny_model, engine, max_new_tokens=50)
+    queued = submit(tiny_model, engine, seed=1)
+    while engine.healthy and time.monotonic() - t0 < hang:
+        time.sleep(0.02)
+    unhealthy_after = time.monotonic() - t0
+    assert not engine.healthy and bound < unhealthy_after < bound + 1.0, unhealthy_after
+    for stream in (running, queued):
+        _, error = drain(stream, timeout=1)
+        assert isinstance(error, glm.EngineError), error
+        assert f"longer than the {bound:g}s bound (GLM_STEP_TIMEOUT_SECONDS)" in str(error), error
+    shape = next(r.getMessage() for r in caplog.records if "GLM_STEP_TIMEOUT_SECONDS" in r.getMessage())
+    prompt_tokens = len(tiny_model.tokenizer.encode(PROMPT))
+    assert f"{prompt_tokens} rows: {prompt_tokens} prefill tokens, 0 decode, batch 1" in shape, shape
+    with pytest.raises(glm.EngineError, match="GLM_STEP_TIMEOUT_SECONDS"):
+        submit(tiny_model, engine)
+    released.set()  # the stuck step returns; the loop does not go on
+
+
+def test_steps_within_the_bound_keep_the_engine_healthy(tiny_model, threaded):
+    slow = SlowModel(tiny_model.model, decode_s=0.05)
+    engine = threaded(slow, step_timeout_s=0.5)
+    s = submit(tiny_model, engine, max_new_tokens=20)
+    assert drain(s)[1] is None and engine.healthy
+
+
+def test_a_request_waiting_for_kv_memory_past_the_bound_fails_naming_the_wait(tiny_model, threaded):
+    slow = SlowModel(tiny_model.model, decode_s=0.05)
+    n = len(tiny_model.tokenizer.encode(PROMPT))
+    engine = threaded(slow, kv_budget_tokens=n + 100, kv_wait_s=0.5, max_batch=4)
+    big = submit(tiny_model, engine, max_new_tokens=100, seed=3)   # holds the whole budget for ~5 s
+    assert big.seq.read(timeout=10)
+    t0 = time.monotonic()
+    waiting = submit(tiny_model, engine, max_new_tokens=8)
+    _, error = drain(waiting, timeout=5)
+    waited = time.monotonic() - t0
+    assert isinstance(error, glm.errors.QueueTimeout), error
+    assert "for KV cache memory, longer than the 0.5s bound (GLM_KV_WAIT_SECONDS)" in str(error), error
+    assert f"needs {n + 8} tokens" in str(error) and 0.5 < waited < 2.0, (str(error), waited)
+    assert drain(big)[1] is None and engine.healthy  # the others go on
+
+
+def test_watchdog_and_wait_bounds_from_the_environment(tiny_model, monkeypatch):
+    monkeypatch.setenv("GLM_STEP_TIMEOUT_SECONDS", "2.5")
+    monkeypatch.setenv("GLM_KV_WAIT_SECONDS", "7")
+    engine = make_engine(tiny_model)
+    assert engine.step_timeout_s == 2.5 and engine.scheduler.max_wait_s == 7
+    for name, bad in (("GLM_STEP_TIMEOUT_SECONDS", "inf"), ("GLM_STEP_TIMEOUT_SECONDS", "0"),
+                      ("GLM_KV_WAIT_SECONDS", "nan"), ("GLM_KV_WAIT_SECONDS", "-1")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(glm.GLMError, match=f"{name}='{bad}' must be a finite number > 0"):
+            make_engine(tiny_model)
+        monkeypatch.delenv(name)
+
+
 def test_a_stopped_engine_starts_again(tiny_model):
     engine = make_engine(tiny_model)
     for _ in range(2):

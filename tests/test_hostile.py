@@ -258,10 +258,10 @@ def test_failed_prediction_names_its_seed(hostile_server, reference_model):
 
 
 def test_many_stop_strings_fail_their_request_only(hostile_server):
-    stops = ",".join(f"stop{i}" for i in range(100_000))
+    stops = ",".join(f"stop{i}" for i in range(1000))  # under the schema's length cap, over the count
     body = _post(hostile_server, {"stop_sequences": stops, "max_tokens": 8}).json()
     assert body["status"] == "failed", body.get("status")
-    assert f"too many stop strings: 100000, at most {MAX_STOP_STRINGS}" in body["error"]
+    assert f"too many stop strings: 1000, at most {MAX_STOP_STRINGS}" in body["error"]
 
 
 def worker_rss_mb(server: CogServer) -> float:
@@ -281,7 +281,9 @@ def worker_rss_mb(server: CogServer) -> float:
 
 
 def test_huge_prompt_is_refused_without_amplifying_memory(hostile_server):
-    size = 16 << 20  # characters; tokenizing it took ~60 bytes per character
+    import predict
+
+    size = predict.MAX_PROMPT_CHARS  # the longest the schema lets through; tokenizing took ~60 bytes per character
     before = worker_rss_mb(hostile_server)
     t0 = time.monotonic()
     body = _post(hostile_server, {"prompt": "a" * size, "max_tokens": 4}, timeout=120).json()
@@ -290,6 +292,9 @@ def test_huge_prompt_is_refused_without_amplifying_memory(hostile_server):
     assert body["status"] == "failed" and "prompt is too long" in body["error"], body.get("error")
     assert grew < 6 * size / 2**20, f"worker RSS grew {grew:.0f} MB for a {size >> 20} MiB prompt"
     print(f"huge prompt: {size >> 20} MiB refused in {elapsed:.1f}s, worker RSS {before:.0f} -> +{grew:.0f} MB")
+    # One character more is the schema's to refuse (tests/test_service_isolation.py: 50 MiB).
+    r = hostile_server.predict({"input": {"prompt": "a" * (size + 1)}}, wait_ready=False, timeout=60)
+    assert r.status_code == 422, r.status_code
 
 
 # A barrage of bounded size: every answer is a 422 (schema) or a 200 whose prediction succeeded or
@@ -309,10 +314,11 @@ IN_BOUNDS = st.fixed_dictionaries({}, optional={
     "repetition_penalty": st.floats(1, 2),
     "stop_sequences": st.text(max_size=60),
     "seed": st.integers(0, 2**32 - 1),
+    "cache_key": st.text(max_size=40),
 })
 ANY_INPUT = st.dictionaries(
     st.sampled_from(["prompt", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-                     "stop_sequences", "seed", "\x00", "é" * 40]),
+                     "stop_sequences", "seed", "cache_key", "\x00", "é" * 40]),
     JSONISH, max_size=6,
 )
 

@@ -52,3 +52,14 @@ def test_parse_stop_sequences():
     assert p.parse_stop_sequences("") == []
     assert p.parse_stop_sequences("<end>,问：") == ["<end>", "问："]
     assert p.parse_stop_sequences(" a , b,,") == ["a", "b"]
+
+
+def test_stop_sequences_longer_than_any_valid_list_are_refused_before_splitting():
+    import glm
+
+    p = _predict_module()
+    longest = ",".join("x" * 128 for _ in range(32))
+    assert len(p.parse_stop_sequences(longest)) == 32
+    bomb = "," * (p.MAX_STOP_SEQUENCES_CHARS + 1)
+    with pytest.raises(glm.InputError, match=f"stop_sequences is {len(bomb)} characters, at most 8192"):
+        p.parse_stop_sequences(bomb)

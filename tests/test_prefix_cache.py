@@ -6,18 +6,22 @@ import torch
 
 from glm.config import ChatGLMConfig
 from glm.kvpool import ExtentAllocator, KVPool
-from glm.prefix_cache import BLOCK, PrefixCache, block_hashes, common_prefix
+from glm import prefix_cache
+from glm.prefix_cache import BLOCK, SHARED_SCOPE, PrefixCache, block_hashes, common_prefix, key_scope
 
 
 def toks(n: int, base: int = 100) -> list[int]:
     return list(range(base, base + n))
 
 
-def put(cache: PrefixCache, tokens: list[int]):
+ALICE, BOB = key_scope("alice's key"), key_scope("bob's key")
+
+
+def put(cache: PrefixCache, tokens: list[int], scope: int | None = ALICE):
     """Allocate an extent for tokens and hand it to the cache, as the engine does."""
     start = cache.allocator.allocate(len(tokens))
     assert start is not None
-    return cache.insert(tokens, start), start
+    return cache.insert(tokens, start, scope), start
 
 
 @pytest.fixture
@@ -46,9 +50,9 @@ def test_lookup_is_exact_to_the_token_inside_a_block(cache):
     entry, _ = put(cache, stored)
     # Diverges inside the third block: matches up to the divergence, not down to the block boundary.
     prompt = stored[:2 * BLOCK + 5] + [9999] + stored[2 * BLOCK + 6:]
-    assert cache.lookup(prompt) == (entry, 2 * BLOCK + 5)
+    assert cache.lookup(prompt, ALICE) == (entry, 2 * BLOCK + 5)
     # Longer prompt that extends the entry: the whole entry.
-    assert cache.lookup(stored + [1, 2, 3]) == (entry, len(stored))
+    assert cache.lookup(stored + [1, 2, 3], ALICE) == (entry, len(stored))
 
 
 @pytest.mark.parametrize("n", [BLOCK, BLOCK + 1, 2 * BLOCK, 2 * BLOCK + 1])
@@ -56,22 +60,22 @@ def test_block_boundaries(cache, n):
     stored = toks(2 * BLOCK + 1)
     entry, _ = put(cache, stored)
     prompt = stored[:n] + [7777, 7778]
-    assert cache.lookup(prompt) == (entry, n)
+    assert cache.lookup(prompt, ALICE) == (entry, n)
 
 
 def test_strict_prefix_keeps_the_last_prompt_token_to_compute(cache):
     stored = toks(4 * BLOCK)
     entry, _ = put(cache, stored)
-    assert cache.lookup(stored[:2 * BLOCK]) == (entry, 2 * BLOCK - 1)
-    assert cache.lookup(stored) == (entry, 4 * BLOCK - 1)
+    assert cache.lookup(stored[:2 * BLOCK], ALICE) == (entry, 2 * BLOCK - 1)
+    assert cache.lookup(stored, ALICE) == (entry, 4 * BLOCK - 1)
 
 
 def test_no_match_under_one_block(cache):
     stored = toks(3 * BLOCK)
     put(cache, stored)
-    assert cache.lookup(stored[:BLOCK - 1] + [1, 2, 3]) == (None, 0)
-    assert cache.lookup([1] + stored) == (None, 0)
-    assert cache.lookup(stored[:BLOCK]) == (None, 0)  # a 16-token prompt may reuse 15: below one block
+    assert cache.lookup(stored[:BLOCK - 1] + [1, 2, 3], ALICE) == (None, 0)
+    assert cache.lookup([1] + stored, ALICE) == (None, 0)
+    assert cache.lookup(stored[:BLOCK], ALICE) == (None, 0)  # a 16-token prompt may reuse 15: below one block
 
 
 def test_longest_of_several_entries_wins(cache):
@@ -79,9 +83,9 @@ def test_longest_of_several_entries_wins(cache):
     b[BLOCK + 3] = 1
     ea, _ = put(cache, a + [1, 2])
     eb, _ = put(cache, b + [3, 4])
-    assert cache.lookup(a + [9] * 5) == (ea, 2 * BLOCK)
-    assert cache.lookup(b + [9] * 5) == (eb, 2 * BLOCK)
-    assert cache.lookup(a[:BLOCK + 2] + [9] * 40)[1] == BLOCK + 2
+    assert cache.lookup(a + [9] * 5, ALICE) == (ea, 2 * BLOCK)
+    assert cache.lookup(b + [9] * 5, ALICE) == (eb, 2 * BLOCK)
+    assert cache.lookup(a[:BLOCK + 2] + [9] * 40, ALICE)[1] == BLOCK + 2
 
 
 def test_lru_eviction_under_the_cap_frees_extents():
@@ -89,12 +93,12 @@ def test_lru_eviction_under_the_cap_frees_extents():
     cache = PrefixCache(alloc, max_tokens=100)
     e1, s1 = put(cache, toks(40, base=0))
     e2, _ = put(cache, toks(40, base=1000))
-    cache.lookup(toks(40, base=0) + [1])          # e1 becomes the most recently used
+    cache.lookup(toks(40, base=0) + [1], ALICE)          # e1 becomes the most recently used
     e3, _ = put(cache, toks(40, base=2000))        # 120 > 100: e2 (least recently used) goes
     assert cache.entries == [e1, e3]
     assert e2 not in cache and cache.tokens == 80
     assert alloc.free_tokens == 1000 - 80
-    assert cache.lookup(toks(40, base=1000) + [1]) == (None, 0)
+    assert cache.lookup(toks(40, base=1000) + [1], ALICE) == (None, 0)
 
 
 def test_evict_lru_and_clear_return_everything():
@@ -137,6 +141,51 @@ def test_refused_inserts_free_their_extent():
 def test_negative_size_is_refused():
     with pytest.raises(ValueError, match=">= 0"):
         PrefixCache(ExtentAllocator(10), max_tokens=-1)
+
+
+# ---- scopes: a request reuses only what its own scope left
+def test_another_scope_finds_nothing_and_its_entries_are_never_candidates(cache):
+    stored = toks(4 * BLOCK)
+    entry, _ = put(cache, stored, ALICE)
+    assert cache.lookup(stored + [1], ALICE) == (entry, len(stored))
+    assert cache.lookup(stored + [1], BOB) == (None, 0)
+    assert cache.lookup(stored + [1], SHARED_SCOPE) == (None, 0)
+    assert cache.lookup(stored + [1], None) == (None, 0)
+    # The salt starts the chain: no block hash of one scope is one of another's.
+    assert not set(block_hashes(stored, BLOCK, ALICE)) & set(block_hashes(stored, BLOCK, BOB))
+
+
+def test_the_scope_is_checked_even_when_the_hashes_collide(cache, monkeypatch):
+    # Every chain the same whatever its salt: Bob's probe then lands on Alice's index entries.
+    monkeypatch.setattr(prefix_cache, "hash", lambda t: hash(t[1:]), raising=False)
+    stored = toks(3 * BLOCK)
+    put(cache, stored, ALICE)
+    assert block_hashes(stored, BLOCK, ALICE) == block_hashes(stored, BLOCK, BOB)
+    assert cache.lookup(stored + [1], BOB) == (None, 0)
+    assert cache.lookup(stored + [1], ALICE)[1] == len(stored)
+
+
+def test_each_scope_keeps_its_own_copy_of_the_same_tokens(cache):
+    stored = toks(3 * BLOCK)
+    ea, _ = put(cache, stored, ALICE)
+    eb, _ = put(cache, stored, BOB)          # not "covered" by Alice's entry: Bob cannot use that one
+    assert ea is not None and eb is not None and len(cache) == 2
+    longer = put(cache, stored + toks(BLOCK, base=900), BOB)[0]
+    assert cache.entries == [ea, longer]     # Bob's longer entry replaces Bob's, never Alice's
+    assert cache.lookup(stored + [1], ALICE) == (ea, len(stored))
+
+
+def test_a_request_without_a_scope_keeps_nothing(cache):
+    entry, start = put(cache, toks(3 * BLOCK), None)
+    assert entry is None and len(cache) == 0 and cache.allocator.free_tokens == 1000
+
+
+def test_scopes_are_keyed_hashes_of_the_key():
+    assert key_scope("k") == key_scope("k") != key_scope("k2")
+    assert key_scope("shared") != SHARED_SCOPE  # a client's key cannot name the shared scope
+    assert 0 <= key_scope("k") < 2**64
+    with pytest.raises(ValueError):
+        key_scope("")
 
 
 # ---- KVPool: the tensor side of a cache entry

@@ -114,6 +114,8 @@ def test_prefill_attention_rejects_rows_past_the_cache(mod):
 # ---- the engine: the same tokens with and without the cache
 
 def make_engine(model, prefix_cache_tokens: int, **kw) -> Engine:
+    """An engine whose keyless requests share one cache scope (the reuse mechanics; scopes below)."""
+    kw.setdefault("prefix_cache_scope", "shared")
     return Engine(model.model, model.tokenizer, model.config, model.device,
                   prefix_cache_tokens=prefix_cache_tokens, **kw)
 
@@ -256,12 +258,17 @@ def test_stream_reports_cached_prompt_tokens(tiny_dir):
     if not m.model.reuses_kv_exactly:
         pytest.skip("this path cannot reuse KV exactly")
     prompt = "[Round 1]\n\n问：" + "你好，请介绍一下你自己。" * 4 + "\n\n答："
-    first = m.generate(prompt, max_new_tokens=8, temperature=0)
+    first = m.generate(prompt, max_new_tokens=8, temperature=0, cache_key="conversation 1")
     reply = "".join(first)
     assert first.cached_prompt_tokens == 0
-    second = m.generate(prompt + reply + "\n\n[Round 2]\n\n问：谢谢\n\n答：", max_new_tokens=8, temperature=0)
-    list(second)
-    assert second.cached_prompt_tokens >= BLOCK
+    turn2 = prompt + reply + "\n\n[Round 2]\n\n问：谢谢\n\n答："
+    second = m.generate(turn2, max_new_tokens=8, temperature=0, cache_key="conversation 1")
+    assert "".join(second) and second.cached_prompt_tokens >= BLOCK
+    # Another key, or none, gets nothing of that conversation's KV: the same prompt is prefilled in full.
+    for key in ("conversation 2", None):
+        other = m.generate(turn2, max_new_tokens=8, temperature=0, cache_key=key)
+        assert "".join(other) == "".join(m.generate(turn2, max_new_tokens=8, temperature=0, cache_key=key))
+        assert other.cached_prompt_tokens == 0
 
 
 def test_first_generation_model_is_left_out(tmp_path):
@@ -283,8 +290,39 @@ def test_cache_size_from_the_environment(model, monkeypatch):
     assert engine.prefix_cache.max_tokens == 500
     for bad in ("-1", "lots"):
         monkeypatch.setenv("GLM_PREFIX_CACHE_TOKENS", bad)
-        with pytest.raises(ValueError, match="GLM_PREFIX_CACHE_TOKENS must be an integer >= 0"):
+        with pytest.raises(ValueError, match=f"GLM_PREFIX_CACHE_TOKENS='{bad}' must be an integer >= 0"):
             Engine(model.model, model.tokenizer, model.config, model.device)
+
+
+def test_requests_reuse_only_their_own_scopes_kv(model):
+    """Private by default: a key reuses what the same key left, never another key's or a keyless
+    request's KV, and a keyless request neither reuses nor leaves anything."""
+    engine = make_engine(model, 4096, prefix_cache_scope=None)
+    assert not engine.shared_scope
+    prompt = ids(50, seed=21)
+
+    def once(key, tokens=prompt):
+        seq = engine.submit(tokens, GREEDY, cache_key=key)
+        while not seq.done:
+            engine.step()
+        engine.step()
+        return seq
+
+    first = once("alice")
+    follow_up = first.tokens + ids(10, seed=22)
+    assert once(None, follow_up).cached_tokens == 0
+    assert once("bob", follow_up).cached_tokens == 0
+    assert once("alice", follow_up).cached_tokens == first.pos
+    assert all(e.scope != engine.cache_scope(None) for e in engine.prefix_cache.entries)
+    assert engine.cache_scope(None) is None
+
+
+def test_shared_scope_from_the_environment(model, monkeypatch):
+    monkeypatch.setenv("GLM_PREFIX_CACHE_SCOPE", "shared")
+    assert Engine(model.model, model.tokenizer, model.config, model.device).shared_scope
+    monkeypatch.setenv("GLM_PREFIX_CACHE_SCOPE", "everyone")
+    with pytest.raises(ValueError, match="GLM_PREFIX_CACHE_SCOPE='everyone' must be one of private, shared"):
+        Engine(model.model, model.tokenizer, model.config, model.device)
 
 
 # ---- the same on the Triton backend (the CUDA path's kernels under TRITON_INTERPRET=1), with

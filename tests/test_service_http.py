@@ -20,7 +20,7 @@ import glm
 
 INPUT_NAMES = [
     "prompt", "max_tokens", "temperature", "top_p", "top_k",
-    "repetition_penalty", "stop_sequences", "seed",
+    "repetition_penalty", "stop_sequences", "seed", "cache_key",
 ]
 
 
@@ -72,6 +72,7 @@ def test_openapi_lists_every_input(server):
     assert props["top_k"]["default"] == 0
     assert props["repetition_penalty"]["default"] == 1.0
     assert props["stop_sequences"]["default"] == ""
+    assert props["cache_key"]["default"] == "" and props["cache_key"]["maxLength"] == 256
     assert props["seed"]["type"] == "integer" and props["seed"].get("nullable") is True
     assert doc["components"]["schemas"]["Output"]["x-cog-array-display"] == "concatenate"
     assert doc["paths"]["/predictions"]["post"]["x-cog-streaming"] is True

@@ -52,10 +52,18 @@ def test_every_input_keyword_resolves_statically_to_its_python_value():
 
 
 def test_schema_bounds_are_the_module_constants():
+    import glm.sampling
+
     predict, _ = _python_inputs()
     props = input_schema(_source())["properties"]
     assert props["seed"]["maximum"] == predict.MAX_SEED == 2**32 - 1
     assert props["max_tokens"]["maximum"] == predict.MAX_TOKENS_LIMIT
+    assert props["prompt"]["maxLength"] == predict.MAX_PROMPT_CHARS
+    assert props["stop_sequences"]["maxLength"] == predict.MAX_STOP_SEQUENCES_CHARS
+    assert props["cache_key"]["maxLength"] == predict.MAX_CACHE_KEY_CHARS
+    # A prompt at the cap is more than the largest context holds; every valid stop list fits its cap.
+    assert predict.MAX_PROMPT_CHARS >= predict.MAX_TOKENS_LIMIT * 16
+    assert predict.MAX_STOP_SEQUENCES_CHARS >= glm.sampling.MAX_STOP_STRINGS * (glm.sampling.MAX_STOP_CHARS + 1)
 
 
 def test_static_schema_values():
@@ -63,7 +71,7 @@ def test_static_schema_values():
     assert "required" not in schema  # a request may send no input at all
     props = schema["properties"]
     assert list(props) == ["prompt", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-                           "stop_sequences", "seed"]
+                           "stop_sequences", "seed", "cache_key"]
     for name in ("prompt", "temperature", "top_p", "seed"):  # empty = the loaded model's default / random
         assert props[name]["default"] is None and props[name]["nullable"] is True, name
     assert props["prompt"]["minLength"] == 1
@@ -71,6 +79,7 @@ def test_static_schema_values():
     assert (props["temperature"]["minimum"], props["temperature"]["maximum"]) == (0, 5)
     assert (props["top_p"]["minimum"], props["top_p"]["maximum"]) == (0, 1)
     assert props["max_tokens"]["default"] == 2048 and props["stop_sequences"]["default"] == ""
+    assert props["cache_key"]["default"] == "" and "nullable" not in props["cache_key"]
     for p in props.values():
         assert p["description"] and '" "' not in p["description"]
 
