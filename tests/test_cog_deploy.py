@@ -68,6 +68,7 @@ def fake_checkpoint(dest: Path, model: str = "chatglm2-6b-int4", scale: float = 
 
 def project_tree(root: Path) -> Path:
     """The checkout's tracked files that matter to cog (cog.yaml, .dockerignore, code), no venv."""
+    root.mkdir(parents=True, exist_ok=True)
     for name in ("cog.yaml", ".dockerignore", "predict.py", "requirements.txt", "requirements-test.txt"):
         shutil.copy2(REPO / name, root / name)
     shutil.copytree(REPO / "glm", root / "glm", ignore=shutil.ignore_patterns("__pycache__"))
@@ -171,10 +172,13 @@ def test_a_venv_in_the_tree_is_moved_by_bootstrap_and_then_deploys(tmp_path):
     (root / "requirements.txt").write_text("")
     (root / "requirements-test.txt").write_text("")
     (venv / f".installed-{hashlib.sha256(b'').hexdigest()[:16]}").touch()
+    shutil.rmtree(root / "glm")  # bootstrap ends with `import glm.kernels`: a stub, no torch here
+    (root / "glm").mkdir()
+    (root / "glm" / "__init__.py").write_text("")
     (root / "glm" / "kernels.py").write_text("def status():\n    return 'not built in this test'\n")
 
     dirs, _ = find_weights(cogport.walk(str(root)))
-    assert dirs == [".venv/lib/python3.11/site-packages/torch/lib", "weights/chatglm2-6b-int4"]
+    assert dirs == ["weights/chatglm2-6b-int4", ".venv/lib/python3.11/site-packages/torch/lib"]  # by depth
     problems = deploy.tree_problems(str(root))
     assert problems == [".venv/lib/python3.11/site-packages/torch/lib: a virtualenv inside the checkout, which cog "
                         "takes for weights; run script/bootstrap (it moves the venv to .cog/venv, which cog skips)"]
