@@ -262,3 +262,27 @@ def test_deploy_refuses_a_wrong_target_or_cog(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(deploy.DeployError, match="no cog on PATH; install cog 0.23.1: sudo curl"):
         deploy.require_cog()
+
+
+def test_deploy_runs_cog_push_with_the_pins(tmp_path):
+    """script/deploy end to end on a tree that deploys, with a cog 0.23.1 and a Docker without the
+    weights image standing in on PATH: the stale cache goes, then exactly this push runs."""
+    root = project_tree(tmp_path / "checkout")
+    fake_checkpoint(root / "weights")
+    cache = root / ".cog" / "cache" / "weights_manifest.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_text('{"files": {}}\n')
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "cog").write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "cog version 0.23.1 (built x)"; exit 0; }\n'
+                                 'echo "cwd=$PWD COGLET_WHEEL=$COGLET_WHEEL args=$*"\n')
+    (bin_dir / "docker").write_text("#!/bin/sh\nexit 1\n")  # `docker image inspect X`: no such image
+    for tool in ("cog", "docker"):
+        (bin_dir / tool).chmod(0o755)
+    proc = subprocess.run([sys.executable, "script/deploy", "r8.im/you/chatglm2-6b-int4", "--use-cog-base-image=false"],
+                          cwd=root, capture_output=True, text=True, env={**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert not cache.exists()
+    assert "r8.im/you/chatglm2-6b-int4-weights is not in the local Docker" in proc.stderr
+    assert proc.stdout.strip() == (f"cwd={root} COGLET_WHEEL=pypi:0.23.1 args=push r8.im/you/chatglm2-6b-int4 "
+                                   "--separate-weights --use-cog-base-image=false")
