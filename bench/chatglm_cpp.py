@@ -138,7 +138,8 @@ def ensure_built(python: str | None = None, *, force: bool = False, log_path: Pa
     ``~/.cache/glm-bench/chatglm_cpp-0.4.2-<pytag>-native-<cpuhash>/``; the sdist in
     ``~/.cache/glm-bench/src/``, the wheel in ``~/.cache/glm-bench/wheels/<...>/``, the build
     tools (BUILD_REQUIREMENTS) in ``~/.cache/glm-bench/buildenv-<pytag>/``.
-    A cold build takes 12-18 min on 2 cores (abseil/re2/sentencepiece dominate).
+    A cold build takes 12-18 min on 2 idle cores (abseil/re2/sentencepiece dominate), 44 min on
+    2 cores shared at a load average of ~25.
     """
     import fcntl
 
