@@ -110,14 +110,36 @@ def _is_installed(site: Path) -> bool:
     return (site / "BUILD_INFO.json").is_file() and any((site / "chatglm_cpp").glob("_C*.so"))
 
 
+# What building chatglm-cpp 0.4.2 needs (its pyproject: setuptools, cmake; pip's legacy path: wheel),
+# pinned and installed into a venv of its own: the project's venv (Python 3.11's setuptools 65.5, no
+# wheel) fails with "invalid command 'bdist_wheel'", and the machine's tools are whatever they are.
+BUILD_REQUIREMENTS = ("setuptools==80.9.0", "wheel==0.45.1", "cmake==3.31.6")
+
+
+def build_env(python: str, run) -> Path:
+    """The venv (same interpreter version as ``python``) that holds BUILD_REQUIREMENTS; made once."""
+    env = CACHE_DIR / f"buildenv-{_py_tag()}"
+    stamp = env / ("installed-" + hashlib.sha1(" ".join(BUILD_REQUIREMENTS).encode()).hexdigest()[:12])
+    if not stamp.exists():
+        if env.exists():
+            shutil.rmtree(env)
+        run([python, "-m", "venv", str(env)])
+        run([str(env / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
+             *BUILD_REQUIREMENTS])
+        stamp.touch()
+    return env
+
+
 def ensure_built(python: str | None = None, *, force: bool = False, log_path: Path | None = None) -> str:
     """Build chatglm-cpp==0.4.2 for this CPU once and return its import path.
 
     The result is a directory containing the ``chatglm_cpp`` package (with the
     ``-march=native`` extension ``_C``); prepend it to ``PYTHONPATH``. Cached in
     ``~/.cache/glm-bench/chatglm_cpp-0.4.2-<pytag>-native-<cpuhash>/``; the sdist in
-    ``~/.cache/glm-bench/src/`` and the wheel in ``~/.cache/glm-bench/wheels/<...>/``.
-    A cold build takes 12-18 min on 2 cores (abseil/re2/sentencepiece dominate).
+    ``~/.cache/glm-bench/src/``, the wheel in ``~/.cache/glm-bench/wheels/<...>/``, the build
+    tools (BUILD_REQUIREMENTS) in ``~/.cache/glm-bench/buildenv-<pytag>/``.
+    A cold build takes 12-18 min on 2 idle cores (abseil/re2/sentencepiece dominate), 44 min on
+    2 cores shared at a load average of ~25.
     """
     import fcntl
 
@@ -140,13 +162,15 @@ def ensure_built(python: str | None = None, *, force: bool = False, log_path: Pa
                 log.flush()
                 subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True, **kw)
 
+            tools = build_env(python, run)
+            tools_python = str(tools / "bin" / "python")
             src = CACHE_DIR / "src"
             src.mkdir(exist_ok=True)
             sdist = src / f"chatglm_cpp-{VERSION}.tar.gz"
             if not sdist.exists():
                 # --no-build-isolation: otherwise pip builds the `cmake` PyPI package from
-                # source (pyproject requires cmake>=3.12) just to read metadata.
-                run([python, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                # source (--no-binary applies to build requirements too) just to read metadata.
+                run([tools_python, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
                      "--no-build-isolation", f"chatglm-cpp=={VERSION}", "-d", str(src)])
             wheel_dir = CACHE_DIR / "wheels" / site.name
             wheels = sorted(wheel_dir.glob("chatglm_cpp-*.whl")) if wheel_dir.exists() else []
@@ -158,22 +182,21 @@ def ensure_built(python: str | None = None, *, force: bool = False, log_path: Pa
                     shutil.rmtree(tree)
                 with tarfile.open(sdist) as tf:
                     tf.extractall(src, filter="data") if sys.version_info >= (3, 12) else tf.extractall(src)
-                if shutil.which("cmake") is None:
-                    run([python, "-m", "pip", "install", "cmake>=3.12"])
                 env = dict(os.environ)
+                env["PATH"] = str(tools / "bin") + os.pathsep + env.get("PATH", "")  # the pinned cmake
                 # setup.py appends $CMAKE_ARGS (split on spaces) to its cmake call.
                 env["CMAKE_ARGS"] = "-DCMAKE_C_FLAGS=-march=native -DCMAKE_CXX_FLAGS=-march=native"
                 env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
                 if wheel_dir.exists():
                     shutil.rmtree(wheel_dir)
                 wheel_dir.mkdir(parents=True)
-                run([python, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps",
+                run([tools_python, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps",
                      "-w", str(wheel_dir), str(tree)], env=env)
                 wheels = sorted(wheel_dir.glob("chatglm_cpp-*.whl"))
                 wheel_build_s = round(time.time() - t_wheel, 1)
             if site.exists():
                 shutil.rmtree(site)
-            run([python, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheels[-1])])
+            run([tools_python, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheels[-1])])
             # smoke test: the extension imports
             env = dict(os.environ, PYTHONPATH=str(site))
             run([python, "-c", "import chatglm_cpp._C as C; print(C.Pipeline)"], env=env)

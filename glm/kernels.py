@@ -38,6 +38,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -88,11 +89,30 @@ def build_dir() -> Path:
     h.update(" ".join(CFLAGS).encode())
     # Two ninja versions (the pip one in a venv, the system one) read each other's build log as
     # stale and rebuild everything: one build per ninja binary.
-    h.update(str(shutil.which("ninja")).encode())
+    h.update(str(shutil.which("ninja", path=_build_path())).encode())
     base = os.environ.get("GLM_KERNEL_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "glm", "kernels"
     )
     return Path(base) / h.hexdigest()[:16]
+
+
+def _build_path() -> str:
+    """PATH for the build: torch runs `ninja` from PATH, and pip puts it beside the interpreter
+    (a venv's or an image's bin/), which is not on PATH everywhere the service runs."""
+    return os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+
+
+@contextmanager
+def build_path():
+    old = os.environ.get("PATH")
+    os.environ["PATH"] = _build_path()
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PATH"]
+        else:
+            os.environ["PATH"] = old
 
 
 @contextmanager
@@ -134,7 +154,7 @@ def load(verbose: bool = False, lock_timeout: float = LOCK_TIMEOUT):
     if not verbose:
         tlog.setLevel(logging.ERROR)
     try:
-        with build_lock(d, lock_timeout):
+        with build_lock(d, lock_timeout), build_path():
             module = cpp_extension.load(
                 name=NAME,
                 sources=[str(CSRC / s) for s in SOURCES],

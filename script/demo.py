@@ -16,7 +16,9 @@ import requests
 from predict import WeightsError, find_checkpoint, weights_root
 from script.cogserver import REPO, CogServer, make_tiny_checkpoint
 
-TINY = Path(REPO) / ".cache" / "tiny-chatglm2-int4"
+# Under .cog/, which cog neither takes for weights nor copies into the image (script/cogport.py).
+SCRATCH = Path(REPO) / ".cog" / "demo"
+TINY = SCRATCH / "tiny-chatglm2-int4"
 
 
 def pick_weights() -> str:
@@ -46,8 +48,8 @@ def main() -> None:
     weights = os.path.abspath(pick_weights())
     subprocess_env = {"COG_WEIGHTS": weights}
     os.system(f"{sys.executable} script/openapi-schema >/dev/null")
-    server = CogServer(REPO, env=subprocess_env, log_path=os.path.join(REPO, ".cache", "demo-server.log"))
-    os.makedirs(os.path.join(REPO, ".cache"), exist_ok=True)
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    server = CogServer(REPO, env=subprocess_env, log_path=str(SCRATCH / "server.log"))
     with server:
         print(f"demo: starting the Cog server (python -m cog.server.http) on {server.url} ...")
         t0 = time.monotonic()

@@ -50,6 +50,19 @@ def test_cog_yaml_settings():
     assert os.path.isfile(os.path.join(REPO, build["python_requirements"]))
 
 
+# pkg/dockerfile/base.go 24-52 of cog 0.23.1: the apt packages its cog-base images carry (its apt
+# step drops these names there, standard_generator.go 520-536); NVIDIA's CUDA image has none of them.
+COG_BASE_IMAGE_PACKAGES = {"build-essential", "cmake", "curl", "ffmpeg", "findutils", "g++", "gcc", "git", "wget"}
+
+
+def test_the_image_has_a_c_compiler_on_any_base():
+    """Triton's launcher stubs (triton/runtime/build.py: gcc or clang, else "Failed to find C
+    compiler") and the CPU kernels (g++) compile at boot."""
+    packages = _load_cog_yaml()["build"]["system_packages"]
+    assert "build-essential" in packages
+    assert set(packages) <= COG_BASE_IMAGE_PACKAGES, "a package the cog base image lacks adds an apt step there"
+
+
 def test_concurrency_matches_the_engine_batch():
     import sys
 
@@ -70,21 +83,23 @@ def test_requirements_are_exact_pins(name):
 def test_runtime_requirements_cover_the_engine():
     names = {r.split("==")[0].lower().replace("_", "-") for r in _requirements("requirements.txt")}
     assert "torch" in names
-    for needed in ("sentencepiece", "safetensors", "huggingface-hub", "ninja", "numpy"):
+    for needed in ("sentencepiece", "safetensors", "ninja", "numpy"):
         assert needed in names, needed
 
 
 def test_development_tools_stay_out_of_the_image():
-    """protobuf serves glm.tiny only (SentencePiece model protos), which the service never imports."""
+    """protobuf serves glm.tiny only (SentencePiece model protos) and huggingface_hub
+    script/download-weights only; the service never imports either."""
     runtime = {r.split("==")[0].lower() for r in _requirements("requirements.txt")}
-    assert "protobuf" not in runtime
-    assert _pin("protobuf", "requirements-test.txt")
+    assert not runtime & {"protobuf", "huggingface_hub", "huggingface-hub"}
+    assert _pin("protobuf", "requirements-test.txt") and _pin("huggingface_hub", "requirements-test.txt")
     service = [os.path.join(REPO, "predict.py")] + [
         os.path.join(REPO, "glm", f) for f in os.listdir(os.path.join(REPO, "glm")) if f.endswith(".py") and f != "tiny.py"]
     for path in service:
         with open(path, encoding="utf-8") as fh:
             src = fh.read()
-        assert not re.search(r"\bimport tiny\b|from \.tiny |from glm\.tiny |import glm\.tiny|_pb2\b", src), path
+        assert not re.search(r"\bimport tiny\b|from \.tiny |from glm\.tiny |import glm\.tiny|_pb2\b|huggingface_hub",
+                             src), path
 
 
 def _pin(name, file):
@@ -117,23 +132,29 @@ def test_torch_and_cuda_are_a_pair_cog_knows():
 
 def test_sdk_and_coglet_are_pinned_to_the_tested_versions():
     """build.sdk_version pins the cog SDK; cog strips cog/coglet from requirements.txt and would take
-    the newest coglet < 1.0, so the README's build commands pin it with COGLET_WHEEL."""
+    the newest coglet < 1.0, so the README's build command and script/deploy's push pin it with
+    COGLET_WHEEL."""
     assert str(_load_cog_yaml()["build"]["sdk_version"]) == _pin("cog", "requirements-test.txt")
     runtime = {r.split("==")[0].lower() for r in _requirements("requirements.txt")}
     assert not runtime & {"cog", "coglet"}
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as fh:
         readme = fh.read()
     coglet = _pin("coglet", "requirements-test.txt")
-    for command in ("cog build", "cog push"):
-        lines = [ln for ln in readme.splitlines() if ln.lstrip().startswith(("COGLET_WHEEL", "cog ")) and command in ln]
-        assert lines, f"README shows no `{command}`"
-        for ln in lines:
-            assert ln.lstrip().startswith(f"COGLET_WHEEL=pypi:{coglet} "), ln
+    builds = [ln for ln in readme.splitlines() if re.match(r"\s*(COGLET_WHEEL=\S+ )?cog (build|push)\b", ln)]
+    assert builds, "README shows no `cog build`"
+    for ln in builds:
+        assert ln.lstrip().startswith(f"COGLET_WHEEL=pypi:{coglet} cog build "), ln
+    assert re.search(r"^script/deploy r8\.im/<you>/<model>", readme, re.M), "README deploys without script/deploy"
+    with open(os.path.join(REPO, "script", "deploy"), encoding="utf-8") as fh:
+        deploy = fh.read()
+    assert f'COG_VERSION = "{_pin("cog", "requirements-test.txt")}"' in deploy
+    assert 'COGLET_WHEEL = f"pypi:{COG_VERSION}"' in deploy and coglet == _pin("cog", "requirements-test.txt")
 
 
 def test_dockerignore_keeps_tests_out_and_weights_in():
     with open(os.path.join(REPO, ".dockerignore"), encoding="utf-8") as fh:
         lines = [l.strip() for l in fh if l.strip() and not l.startswith("#")]
-    for must in (".git", "tests", "**/__pycache__", ".pytest_cache"):
+    for must in (".git", "tests", "**/__pycache__", ".pytest_cache", ".venv", ".cog/venv", "weights/.tmp-*",
+                 "weights/.old-*"):
         assert must in lines, must
     assert not any(l.rstrip("/") in ("weights", "weights/*", "weights/**") for l in lines)

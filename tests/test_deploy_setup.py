@@ -148,3 +148,16 @@ def test_required_kernels_that_do_not_build_fail_setup(tmp_path, app_dir):
            **FAILING_BUILD}
     _setup_fails(tmp_path, app_dir, env,
                  "KernelError: the CPU kernels failed to build or load: ")
+
+
+def test_the_build_finds_the_interpreters_ninja_off_path(kernel_cache_copy):
+    """torch runs `ninja` from PATH; pip installs it beside the interpreter, whose bin/ need not be on
+    PATH in an image. The build puts that dir first, so the same ninja builds (here: the cached build
+    is found) whatever PATH the server was started with."""
+    base, d = kernel_cache_copy
+    proc = _kernels_in_subprocess({"GLM_KERNEL_CACHE": str(base), "PATH": "/usr/bin:/bin"},
+                                  "import glm.kernels as k; print(k.build_dir()); print(k.status())")
+    assert proc.returncode == 0, proc.stderr
+    built_in, status = proc.stdout.splitlines()[:2]
+    assert built_in == str(d)
+    assert status.startswith("CPU kernels ") and "loaded from cache" in status, status
