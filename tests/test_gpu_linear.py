@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from glm.gpu.ops import TritonOps
 from glm.quant import HalfLinear, QuantLinear, dequantize, half_weight_linear, quantize
 
 gpu_linear = pytest.importorskip("glm.gpu.linear", exc_type=ImportError)
@@ -122,12 +123,11 @@ def test_exact_rows_are_decode_rows_at_any_row_count(bits):
     assert torch.equal(run(x[5:29], True), alone[5:29])
 
 
-def test_quant_linear_dispatch_on_backend():
-    layer = QuantLinear(256, 24, bits=4, bias=True)
+def test_quant_linear_computes_on_the_triton_ops():
+    layer = QuantLinear(256, 24, bits=4, bias=True, ops=TritonOps())
     qweight, scale = packed_weights(24, 256, 4, seed=9)
     layer.weight, layer.weight_scale = qweight, scale
     layer.bias = (torch.randn(24) * 0.1).half().to(DEVICE)
-    layer.backend = "triton"
     x = activations(6, 256).view(2, 3, 256)
     y = layer(x)
     assert y.shape == (2, 3, 24) and y.dtype == torch.float16
@@ -135,14 +135,33 @@ def test_quant_linear_dispatch_on_backend():
     assert torch.equal(y.view(6, 24), expected)
 
 
-def test_half_linear_dispatch_on_backend():
-    head = HalfLinear(128, 33)
+def test_half_linear_computes_on_the_triton_ops():
+    ops = TritonOps()
+    head = HalfLinear(128, 33, ops=ops)
     head.weight = (activations(33, 128, seed=10) * 0.05)
-    head.backend = "triton"
     x = activations(2, 128).view(1, 2, 128)
     expected = gpu_linear.half_linear(x.view(2, 128), head.weight)
     assert torch.equal(head(x).view(2, 33), expected)
-    assert torch.equal(half_weight_linear(x, head.weight, backend="triton").view(2, 33), expected)
+    assert torch.equal(half_weight_linear(ops, x, head.weight).view(2, 33), expected)
+
+
+def test_exact_rows_is_set_for_a_step_and_cleared():
+    """ops.rows_exactly(): the linears take the decode GEMV for every row inside it, and the GEMM again
+    after it (the setting never outlives the step that asked for it, even when the step fails)."""
+    ops = TritonOps()
+    layer = QuantLinear(256, 24, bits=4, ops=ops)
+    layer.weight, layer.weight_scale = packed_weights(24, 256, 4, seed=9)
+    x = activations(12, 256, seed=4)
+    gemv = gpu_linear.quant_linear(x, layer.weight, layer.weight_scale, None, 4, exact_rows=True)
+    gemm = gpu_linear.quant_linear(x, layer.weight, layer.weight_scale, None, 4)
+    assert not torch.equal(gemv, gemm)
+    with ops.rows_exactly():
+        assert torch.equal(layer(x), gemv)
+    assert torch.equal(layer(x), gemm) and not ops.exact_rows
+    with pytest.raises(RuntimeError, match="step failed"):
+        with ops.rows_exactly():
+            raise RuntimeError("step failed")
+    assert not ops.exact_rows and torch.equal(layer(x), gemm)
 
 
 def test_bad_input_is_a_clear_error():
