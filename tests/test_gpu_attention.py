@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from glm.config import ChatGLMConfig
 from glm.gpu import attention, pointwise, selftest
-from glm.gpu.blocks import row_plan
+from glm.gpu.ops import row_plan
 from glm.kvpool import KVPool
 from glm.kvpool import KVCache
 from glm.model import rotary_angles
