@@ -39,7 +39,8 @@ import cog  # noqa: E402
 from cog import BasePredictor, ConcatenateIterator, Input  # noqa: E402
 
 import glm  # noqa: E402
-from glm import kernels, settings  # noqa: E402
+from glm import settings  # noqa: E402
+from glm.cpu import kernels  # noqa: E402
 import torch  # noqa: E402
 
 # Per family: a mark of the other family's prompt format (warned about in a request). The family's

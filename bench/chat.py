@@ -25,10 +25,10 @@ import json, sys, time
 import torch
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
-import glm, glm.kernels
+import glm, glm.cpu.kernels
 from glm.engine import Engine
 from glm.sampling import SamplingParams
-glm.kernels.get()
+glm.cpu.kernels.get()
 m = glm.load(args["path"], dtype=getattr(torch, args["dtype"]))
 g = torch.Generator().manual_seed(0)
 def ids(n): return torch.randint(0, 64789, (n,), generator=g).tolist()

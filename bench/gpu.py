@@ -76,7 +76,7 @@ def run(args) -> dict:
     m = glm.load(path, device=device, backend="triton")
     sync()
     out = dict(device=args.device, load_s=round(time.perf_counter() - t, 2), layers=m.config.num_layers,
-               backend=next(mod.backend for mod in m.model.modules() if hasattr(mod, "backend")))
+               backend=m.model.ops.name)
     if out["backend"] != "triton":
         raise RuntimeError("the Triton self-test failed on this device (see the log); nothing to measure")
     model, cfg = m.model, m.config
@@ -125,14 +125,14 @@ def run(args) -> dict:
         decode(cs, w["prompt"], 1)
         times = decode(cs, w["prompt"] + 1, w["batch_decode"])
         out["batch8_decode_tok_s"] = round(8 * len(times) / sum(times), 2)
-        model.compute_rows_exactly()  # from here on, prefill as with the prefix cache on
-        cs = caches(1)
-        prefill(cs, w["prompt"])
-        sync()
-        t = time.perf_counter()
-        prefill(cs, w["prompt"])
-        sync()
-        out["prefill_exact_rows_tok_s"] = round(w["prompt"] / (time.perf_counter() - t), 2)
+        with model.ops.rows_exactly():  # prefill as in an engine step with the prefix cache on
+            cs = caches(1)
+            prefill(cs, w["prompt"])
+            sync()
+            t = time.perf_counter()
+            prefill(cs, w["prompt"])
+            sync()
+            out["prefill_exact_rows_tok_s"] = round(w["prompt"] / (time.perf_counter() - t), 2)
 
     def first_token(engine, prompt, reply=2):
         stream = Stream(engine, engine.submit(prompt, SamplingParams(max_new_tokens=reply, temperature=0)))

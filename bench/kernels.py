@@ -1,4 +1,4 @@
-"""Benchmark of the fused CPU kernels (glm/csrc/linear.cpp, tiles.cpp) at full ChatGLM2-6B shapes.
+"""Benchmark of the fused CPU kernels (glm/cpu/csrc/linear.cpp, tiles.cpp) at full ChatGLM2-6B shapes.
 
 Run:  python bench/kernels.py [--threads 2] [--quick]
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from glm import kernels  # noqa: E402
+from glm.cpu import kernels  # noqa: E402
 
 LAYERS = {  # name: (N, K, has_bias)
     "qkv": (4608, 4096, True),
@@ -153,7 +153,7 @@ def baseline_module(rev: str):
     sha = subprocess.run(["git", "-C", str(root), "rev-parse", rev], check=True, capture_output=True,
                          text=True).stdout.strip()
     src = Path(tempfile.gettempdir()) / f"glm-kernels-{sha[:12]}"
-    names = subprocess.run(["git", "-C", str(root), "ls-tree", "--name-only", sha, "glm/csrc/"], check=True,
+    names = subprocess.run(["git", "-C", str(root), "ls-tree", "--name-only", sha, "glm/csrc/", "glm/cpu/csrc/"], check=True,
                            capture_output=True, text=True).stdout.split()
     (src / "build").mkdir(parents=True, exist_ok=True)
     for name in names:

@@ -35,12 +35,12 @@ import json, resource, statistics, sys, time
 import torch
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
-import glm, glm.kernels
+import glm, glm.cpu.kernels
 from glm.model import KVCache
 # "int8act": float32 model with the opt-in int8-activation linears (glm.load(int8_activations=True))
 int8act = args["dtype"] == "int8act"
 dtype = torch.float32 if int8act else getattr(torch, args["dtype"])
-glm.kernels.get()  # build/load outside the timed load
+glm.cpu.kernels.get()  # build/load outside the timed load
 t = time.perf_counter(); m = glm.load(args["path"], dtype=dtype, int8_activations=int8act)
 load_s = time.perf_counter() - t
 cfg, model = m.config, m.model
@@ -62,7 +62,7 @@ def prefill(c, n, chunk=256):  # as the engine does it
     for s in range(0, n, chunk):
         model(p[:, s:s + chunk], [s], [c], last_only=True)
 
-out = dict(load_s=round(load_s, 2), dtype=args["dtype"], kernels=glm.kernels.get() is not None)
+out = dict(load_s=round(load_s, 2), dtype=args["dtype"], kernels=glm.cpu.kernels.get() is not None)
 BATCH_ROUNDS = 3
 with torch.inference_mode():
     c = cache(16 + 128)

@@ -71,9 +71,9 @@ class Engine:
                  step_timeout_s: float | None = None, kv_wait_s: float | None = None):
         """prefix_cache_tokens: cap of the prefix cache (None: GLM_PREFIX_CACHE_TOKENS, else the whole
         KV budget, since cached entries yield their memory whenever a request needs it; 0 = off).
-        On, the model computes prefill rows as decode rows where it has the choice, and the cache stays
-        off where cached KV would still not reproduce a recomputation bit for bit
-        (model.compute_rows_exactly: ChatGLM-6B's bidirectional context, the CPU path without its kernels).
+        On, every step computes prefill rows as decode rows (model.ops.rows_exactly), and the cache
+        stays off where cached KV would still not reproduce a recomputation bit for bit
+        (model.exact_kv_reuse: ChatGLM-6B's bidirectional context, the CPU path without its kernels).
         prefix_cache_scope: "private" or "shared", what keyless requests share (None: GLM_PREFIX_CACHE_SCOPE,
         else private). step_timeout_s, kv_wait_s: the watchdog's bound on one step and the longest wait
         for KV memory (None: GLM_STEP_TIMEOUT_SECONDS / GLM_KV_WAIT_SECONDS, else the defaults above)."""
@@ -97,16 +97,17 @@ class Engine:
         if prefix_cache_tokens is None:
             prefix_cache_tokens = prefix_cache_tokens_from_env(self.kv_budget_tokens)
         prefix_cache_tokens = min(prefix_cache_tokens, self.kv_budget_tokens)
-        if prefix_cache_tokens and not model.compute_rows_exactly():
+        if prefix_cache_tokens and not model.exact_kv_reuse:
             log.info("prefix cache off: this model's cached KV would not reproduce a recomputation exactly")
             prefix_cache_tokens = 0
         elif prefix_cache_tokens:
             log.info("prefix cache: up to %d tokens of finished requests' KV kept for reuse by requests of the "
                      "same scope (%s)", prefix_cache_tokens,
                      "keyless requests share one" if self.shared_scope else "a cache key; keyless requests share nothing")
+        # This engine's steps compute rows exactly (and only its steps: the setting is the ops').
+        self.exact_rows = bool(prefix_cache_tokens)
         self.scheduler = Scheduler(max_batch=max_batch, kv_budget_tokens=self.kv_budget_tokens,
-                                   prefill_chunk=prefill_chunk,
-                                   prefill_whole=getattr(model, "prefill_in_one_pass", False),
+                                   prefill_chunk=prefill_chunk, prefill_whole=model.prefill_whole,
                                    prefix_cache_tokens=prefix_cache_tokens, kv=self.pool, max_wait_s=kv_wait_s)
         self.runner = ModelRunner(model, self.pool, device)
         self.output = OutputStage(tokenizer, cfg)
@@ -219,7 +220,8 @@ class Engine:
             try:
                 if self.before_run is not None:
                     self.before_run(batch)
-                outcomes = self.runner.run(batch)
+                with self.model.ops.rows_exactly(self.exact_rows):
+                    outcomes = self.runner.run(batch)
             finally:
                 self._running_step = None
             self.output.postprocess(outcomes)

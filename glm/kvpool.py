@@ -5,6 +5,7 @@ cache is a contiguous [layers, groups, capacity, head_dim] tensor: kernels that 
 sequence use it as is, and a kernel launched once for the whole batch addresses every cache from the
 pool's base and each sequence's element offset (`KVPool.element_offset`).
 
+`KVCache` is one sequence's cache (a view of the pool, or its own memory for a single forward pass);
 `ExtentAllocator` is the bookkeeping (plain Python, no tensors: the scheduler's view of memory);
 `KVPool` holds the tensors. On CUDA the pool is touched at creation, so a budget that does not fit
 fails at setup, never in the middle of a request; on the CPU pages are committed as they are first
@@ -17,7 +18,48 @@ import bisect
 import torch
 
 from .config import ChatGLMConfig
-from .model import KVCache
+
+
+class KVCache:
+    """One sequence's keys and values for every layer, preallocated for `capacity` tokens.
+
+    Only the kv groups are stored (2 at full size, multi-query attention): [layers, groups, capacity, head_dim].
+    A P-tuning v2 prefix ([layers, 2 (k, v), groups, prefix_len, head_dim]) occupies the first
+    slots: it is visible to every token and takes no position.
+    """
+
+    def __init__(self, cfg: ChatGLMConfig, capacity: int, device, dtype: torch.dtype,
+                 prefix: torch.Tensor | None = None, storage: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """storage: flat (k, v) tensors to view instead of allocating (an extent of a KVPool)."""
+        self.offset = 0 if prefix is None else prefix.shape[3]
+        shape = (cfg.num_layers, cfg.kv_heads, self.offset + capacity, cfg.head_dim)
+        if storage is None:
+            self.k = torch.zeros(shape, device=device, dtype=dtype)
+            self.v = torch.zeros(shape, device=device, dtype=dtype)
+        else:
+            self.k, self.v = (t.view(shape) for t in storage)
+        if prefix is not None:
+            self.k[:, :, :self.offset] = prefix[:, 0]
+            self.v[:, :, :self.offset] = prefix[:, 1]
+        self.capacity = capacity
+
+    @staticmethod
+    def bytes_per_token(cfg: ChatGLMConfig, dtype: torch.dtype) -> int:
+        return 2 * cfg.num_layers * cfg.kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def slot(self, start: int, n: int = 1) -> int:
+        """The cache slot of position `start`, checking that n tokens from there fit."""
+        if start + n > self.capacity:
+            raise RuntimeError(f"KV cache overflow: position {start + n} > capacity {self.capacity}")
+        return self.offset + start
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v ([groups, T, head_dim]) at positions start.. and return all keys/values so far."""
+        start = self.slot(start, k.shape[1])
+        end = start + k.shape[1]
+        self.k[layer, :, start:end] = k
+        self.v[layer, :, start:end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
 
 
 class ExtentAllocator:

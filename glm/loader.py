@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import kernels
 from .config import ChatGLMConfig
+from .cpu import kernels
 from .device import resolve as resolve_device
 from .errors import CheckpointError
+from .ops import TorchOps
 from .quant import HalfLinear, QuantLinear, quantize as quantize_weight
 
 log = logging.getLogger("glm")
@@ -115,18 +116,20 @@ def _unpickling_reason(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def build_model(cfg: ChatGLMConfig) -> nn.Module:
-    """The family's model on the meta device (no memory), ready for assignment of real tensors."""
+def build_model(cfg: ChatGLMConfig, ops: TorchOps) -> nn.Module:
+    """The family's model computing with `ops`, on the meta device (no memory), ready for assignment
+    of real tensors."""
     if cfg.family in ("chatglm2", "chatglm3"):
         from .model import ChatGLM2 as Model
     else:
         from .model_v1 import ChatGLM as Model
     with torch.device("meta"):
-        return Model(cfg)
+        return Model(cfg, ops)
 
 
-def swap_linears(model: nn.Module, cfg: ChatGLMConfig, bits: int, half_linears: bool) -> None:
-    """Replace nn.Linear by the module that computes from the stored format (gpt-fast style)."""
+def swap_linears(model: nn.Module, cfg: ChatGLMConfig, bits: int, ops: TorchOps) -> None:
+    """Replace nn.Linear by the module that computes from the stored format (gpt-fast style): the
+    quantized ones, and fp16 ones where the ops read fp16 weights as they are."""
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
@@ -134,9 +137,9 @@ def swap_linears(model: nn.Module, cfg: ChatGLMConfig, bits: int, half_linears: 
         quantized = bits and any(name.endswith(s) for s in QUANTIZED_LINEARS[cfg.family])
         with torch.device("meta"):
             if quantized:
-                new = QuantLinear(module.in_features, module.out_features, bits, bias=module.bias is not None)
-            elif half_linears:
-                new = HalfLinear(module.in_features, module.out_features, bias=module.bias is not None)
+                new = QuantLinear(module.in_features, module.out_features, bits, bias=module.bias is not None, ops=ops)
+            elif ops.reads_half_weights:
+                new = HalfLinear(module.in_features, module.out_features, bias=module.bias is not None, ops=ops)
             else:
                 continue
         setattr(model.get_submodule(parent_name), attr, new)
@@ -149,10 +152,11 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = N
     device: "cpu", "cuda", or "auto" (the GPU in fp16 when torch can use it, else the CPU in
     float32; an NVIDIA GPU torch cannot use raises glm.DeviceError, see glm.device).
     int8_activations (CPU, int4 checkpoints, float32): opt into the faster int8-activation linears
-    (glm.quant.QuantLinear); it changes the numerics, so it is off by default.
-    backend: "torch" or "triton" (glm.gpu's kernels, fp16); None picks "triton" on CUDA when its
-    self-test passes, else "torch". On the CPU "triton" needs TRITON_INTERPRET=1 and builds exactly
-    the model CUDA would.
+    (glm.ops.TorchOps); it changes the numerics, so it is off by default.
+    backend: "torch" (torch ops, and the CPU kernels where they serve) or "triton" (glm.gpu's
+    kernels, fp16); None picks "triton" on CUDA when its self-test passes, else "torch". On the CPU
+    "triton" needs TRITON_INTERPRET=1 and builds exactly the model CUDA would. The choice is made
+    here, once: the model gets the ops that compute it (model.ops).
     """
     from .pipeline import GLM
 
@@ -172,23 +176,20 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = N
     tokenizer = _load_tokenizer(cfg, path)
     ckpt = Checkpoint(path)
     bits = _target_bits(cfg, quantize)
-    # fp16 linears stay fp16 where a kernel reads them (the CPU kernels, glm.gpu.linear);
-    # elsewhere they are cast once.
-    half_linears = backend == "triton" or kernels.used_for(device, dtype)
-    model = build_model(cfg)
-    swap_linears(model, cfg, bits, half_linears)
+    if int8_activations:
+        _check_int8_activations(bits, device, dtype)
+    ops = choose_ops(device, dtype, backend=backend, int8_activations=int8_activations)
+    model = build_model(cfg, ops)
+    swap_linears(model, cfg, bits, ops)
     convert = _Converter(ckpt, cfg, bits, device, dtype)
     state = {name: convert(name, meta) for name, meta in model.state_dict().items()}
     _check_unexpected(ckpt, model)
     model.load_state_dict(state, assign=True, strict=True)
     model.requires_grad_(False).eval()
-    if int8_activations:
-        _use_int8_activations(model, bits, device, dtype)
-    _set_backend(model, backend)
     if cfg.quantization_bit == 0 and bits:
         cfg = _with_bits(cfg, bits)
-    log.info("loaded %s (%s, %s, %s, backend %s) in %.1fs", path, cfg.family, f"int{bits}" if bits else "fp16",
-             f"{device.type}/{str(dtype).removeprefix('torch.')}", backend, time.perf_counter() - t0)
+    log.info("loaded %s (%s, %s, %s, ops %s) in %.1fs", path, cfg.family, f"int{bits}" if bits else "fp16",
+             f"{device.type}/{str(dtype).removeprefix('torch.')}", ops.name, time.perf_counter() - t0)
     return GLM(cfg, tokenizer, model, device)
 
 
@@ -216,23 +217,26 @@ def _backend(device: torch.device, requested: str | None) -> str:
     return "triton" if selftest.passes(device) else "torch"
 
 
-def _set_backend(model: nn.Module, backend: str) -> None:
-    """Every module with a backend switch (linears, norms, attention, MLP, tied head) computes on it."""
-    for m in model.modules():
-        if isinstance(m, (QuantLinear, HalfLinear)) or hasattr(m, "backend"):
-            m.backend = backend
+def choose_ops(device: torch.device | str, dtype: torch.dtype, *, backend: str = "torch",
+               int8_activations: bool = False) -> TorchOps:
+    """What computes a model: the Triton kernels (backend "triton"), else the CPU kernels where they
+    serve `device` and `dtype`, else torch."""
+    if backend == "triton":
+        from .gpu.ops import TritonOps
+        return TritonOps()
+    if kernels.used_for(device, dtype):
+        from .cpu.ops import CpuOps
+        return CpuOps(int8_activations)
+    return TorchOps(int8_activations)
 
 
-def _use_int8_activations(model: nn.Module, bits: int, device: torch.device, dtype: torch.dtype) -> None:
+def _check_int8_activations(bits: int, device: torch.device, dtype: torch.dtype) -> None:
     if device.type != "cpu" or dtype != torch.float32 or bits != 4:
         raise CheckpointError(f"int8_activations needs an int4 model on the CPU in float32 "
                               f"(got int{bits}, {device.type}, {str(dtype).removeprefix('torch.')})")
     k = kernels.get()
     if k is None or not k.has_vnni():
         log.warning("int8 activations without AVX-512 VNNI kernels: same results on a slow reference path")
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.int8_activations = True
 
 
 def _load_tokenizer(cfg: ChatGLMConfig, path: Path):

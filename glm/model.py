@@ -1,83 +1,28 @@
-"""ChatGLM2 (and ChatGLM3, same architecture): the transformer and its KV cache.
+"""ChatGLM2 (and ChatGLM3, same architecture): the transformer.
 
 Module names follow THUDM's checkpoint names without the `transformer.` prefix, so loading is a
-rename-free assignment. Semantics: ../shared/reference/FORMATS.md, section 2.
+rename-free assignment. Semantics: ../shared/reference/FORMATS.md, section 2. The layers compute
+with the `ops` the loader chose (glm.ops).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .config import ChatGLMConfig
-
-
-class KVCache:
-    """One sequence's keys and values for every layer, preallocated for `capacity` tokens.
-
-    Only the kv groups are stored (2 at full size, multi-query attention): [layers, groups, capacity, head_dim].
-    A P-tuning v2 prefix ([layers, 2 (k, v), groups, prefix_len, head_dim]) occupies the first
-    slots: it is visible to every token and takes no position.
-    """
-
-    def __init__(self, cfg: ChatGLMConfig, capacity: int, device, dtype: torch.dtype,
-                 prefix: torch.Tensor | None = None, storage: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """storage: flat (k, v) tensors to view instead of allocating (an extent of a glm.kvpool.KVPool)."""
-        self.offset = 0 if prefix is None else prefix.shape[3]
-        shape = (cfg.num_layers, cfg.kv_heads, self.offset + capacity, cfg.head_dim)
-        if storage is None:
-            self.k = torch.zeros(shape, device=device, dtype=dtype)
-            self.v = torch.zeros(shape, device=device, dtype=dtype)
-        else:
-            self.k, self.v = (t.view(shape) for t in storage)
-        if prefix is not None:
-            self.k[:, :, :self.offset] = prefix[:, 0]
-            self.v[:, :, :self.offset] = prefix[:, 1]
-        self.capacity = capacity
-
-    @staticmethod
-    def bytes_per_token(cfg: ChatGLMConfig, dtype: torch.dtype) -> int:
-        return 2 * cfg.num_layers * cfg.kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
-
-    def slot(self, start: int, n: int = 1) -> int:
-        """The cache slot of position `start`, checking that n tokens from there fit."""
-        if start + n > self.capacity:
-            raise RuntimeError(f"KV cache overflow: position {start + n} > capacity {self.capacity}")
-        return self.offset + start
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v ([groups, T, head_dim]) at positions start.. and return all keys/values so far."""
-        start = self.slot(start, k.shape[1])
-        end = start + k.shape[1]
-        self.k[layer, :, start:end] = k
-        self.v[layer, :, start:end] = v
-        return self.k[layer, :, :end], self.v[layer, :, :end]
-
-
-def uses_cpu_kernels(x: torch.Tensor) -> bool:
-    """Whether x goes through the fused CPU kernels (RMSNorm, SwiGLU, decode attention): one call
-    instead of several small torch ops."""
-    return kernels.used_for(x.device, x.dtype)
+from .kvpool import KVCache
+from .ops import TorchOps
+from .quant import HalfLinear
 
 
 class RMSNorm(nn.Module):
-    backend = "torch"  # "triton": glm.gpu.blocks computes the layer (set by the loader)
-
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, ops: TorchOps):
         super().__init__()
-        self.eps = eps
+        self.eps, self.ops = eps, ops
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton":
-            from .gpu import blocks
-            return blocks.rms_norm(self, x)
-        if uses_cpu_kernels(x):
-            return kernels.rms_norm(x, self.weight, self.eps)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf).to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 class Embedding(nn.Module):
@@ -106,120 +51,41 @@ def rotary_angles(cfg: ChatGLMConfig, positions: torch.Tensor) -> tuple[torch.Te
     return torch.cos(angles), torch.sin(angles)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of the first half of the head dim. x: [B, T, heads, hd]."""
-    rot = x.shape[-1] // 2
-    xr = x[..., :rot].float().unflatten(-1, (rot // 2, 2))
-    x0, x1 = xr[..., 0], xr[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
-    return torch.cat((out.to(x.dtype), x[..., rot:]), dim=-1)
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-    """Causal attention of queries at cache slots start.. over keys 0..start+T-1.
-
-    q: [heads, T, hd]; k, v: [groups, S, hd]; query head h uses group h // (heads / groups).
-    """
-    heads, T, hd = q.shape
-    groups, S, _ = k.shape
-    if T == 1:
-        # Decode: one grouped matmul per step. (CPU SDPA costs far more than the math here.)
-        qg = q.view(groups, heads // groups, hd)
-        scores = (qg @ k.transpose(1, 2)).float() * hd ** -0.5
-        return (scores.softmax(-1).to(v.dtype) @ v).view(heads, 1, hd)
-    if q.is_cuda and groups != heads:
-        # Expanded so that SDPA can pick a fused kernel (its GQA mode is math-only on a T4).
-        k = k.repeat_interleave(heads // groups, dim=0)
-        v = v.repeat_interleave(heads // groups, dim=0)
-    q, k, v = q[None], k[None], v[None]
-    gqa = k.shape[1] != heads
-    if start == 0:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    else:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    return out[0]
-
-
-def uses_fused_decode_attention(x: torch.Tensor, caches: list[KVCache]) -> bool:
-    """Whether a decode step's attention runs in the CPU kernel (one call for the whole batch)."""
-    return uses_cpu_kernels(x) and all(c.k.dtype == x.dtype for c in caches)
-
-
 class SelfAttention(nn.Module):
-    backend = "torch"
-    exact_rows = False  # triton: prefill rows through the decode kernels (ChatGLM2.compute_rows_exactly)
-
-    def __init__(self, cfg: ChatGLMConfig):
+    def __init__(self, cfg: ChatGLMConfig, ops: TorchOps):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.ops = cfg, ops
         self.query_key_value = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
         self.dense = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, layer: int, starts: list[int], caches: list[KVCache]) -> torch.Tensor:
-        if self.backend == "triton":
-            from .gpu import blocks
-            return blocks.chatglm2_attention(self, x, cos, sin, layer, starts, caches)
         cfg = self.cfg
         B, T, _ = x.shape
         q, k, v = self.query_key_value(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        if T == 1 and uses_fused_decode_attention(x, caches):
-            # One kernel call: rotary, cache writes and attention for the whole batch.
-            slots = [c.slot(s) for c, s in zip(caches, starts)]
-            y = kernels.decode_attention(q.view(B, cfg.num_heads, cfg.head_dim), k.view(B, cfg.kv_heads, cfg.head_dim),
-                                         v.view(B, cfg.kv_heads, cfg.head_dim), [c.k for c in caches],
-                                         [c.v for c in caches], layer, slots, cfg.head_dim ** -0.5,
-                                         cos[:, 0], sin[:, 0])
-            return self.dense(y.view(B, 1, cfg.q_size))
-        q = apply_rotary(q.view(B, T, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rotary(k.view(B, T, cfg.kv_heads, cfg.head_dim), cos, sin)
-        v = v.view(B, T, cfg.kv_heads, cfg.head_dim)
-        # Each sequence attends over its own cache: rows never see each other, and a row's result
-        # does not depend on what else is in the batch.
-        row_kernel = uses_fused_decode_attention(x, caches)
-        out = []
-        for b in range(B):
-            keys, values = caches[b].update(layer, starts[b], k[b].transpose(0, 1), v[b].transpose(0, 1))
-            if row_kernel:
-                # Every query row through the decode kernel's math: a position's output is the same
-                # whichever chunk (or decode step) computes it, so cached KV can be reused exactly.
-                y = kernels.prefill_attention(q[b], caches[b].k, caches[b].v, layer,
-                                              caches[b].offset + starts[b], cfg.head_dim ** -0.5)
-                out.append(y.transpose(0, 1))
-            else:
-                out.append(attend(q[b].transpose(0, 1), keys, values, caches[b].offset + starts[b]))
-        y = torch.stack(out).transpose(1, 2).reshape(B, T, cfg.q_size)
-        return self.dense(y)
+        y = self.ops.attention(q.view(B, T, cfg.num_heads, cfg.head_dim), k.view(B, T, cfg.kv_heads, cfg.head_dim),
+                               v.view(B, T, cfg.kv_heads, cfg.head_dim), cos, sin, layer, starts, caches)
+        return self.dense(y.reshape(B, T, cfg.q_size))
 
 
 class MLP(nn.Module):
-    backend = "torch"
-
-    def __init__(self, cfg: ChatGLMConfig):
+    def __init__(self, cfg: ChatGLMConfig, ops: TorchOps):
         super().__init__()
+        self.ops = ops
         self.dense_h_to_4h = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=False)
         self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton":
-            from .gpu import blocks
-            return blocks.mlp(self, x)
-        h = self.dense_h_to_4h(x)
-        if uses_cpu_kernels(h):
-            return self.dense_4h_to_h(kernels.swiglu(h))
-        gate, up = h.chunk(2, dim=-1)
-        return self.dense_4h_to_h(F.silu(gate) * up)
+        return self.dense_4h_to_h(self.ops.swiglu(self.dense_h_to_4h(x)))
 
 
 class GLMBlock(nn.Module):
-    def __init__(self, cfg: ChatGLMConfig, layer: int):
+    def __init__(self, cfg: ChatGLMConfig, layer: int, ops: TorchOps):
         super().__init__()
         self.layer = layer
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attention = SelfAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ops)
+        self.self_attention = SelfAttention(cfg, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ops)
+        self.mlp = MLP(cfg, ops)
 
     def forward(self, x, cos, sin, starts, caches):
         h = x + self.self_attention(self.input_layernorm(x), cos, sin, self.layer, starts, caches)
@@ -227,20 +93,21 @@ class GLMBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: ChatGLMConfig):
+    def __init__(self, cfg: ChatGLMConfig, ops: TorchOps):
         super().__init__()
-        self.layers = nn.ModuleList(GLMBlock(cfg, i) for i in range(cfg.num_layers))
-        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.layers = nn.ModuleList(GLMBlock(cfg, i, ops) for i in range(cfg.num_layers))
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ops)
 
 
 class ChatGLM2(nn.Module):
-    backend = "torch"  # "triton": glm.gpu's kernels (set by the loader)
+    # Prompts are prefilled in chunks of any size (causal attention: a chunk needs only the KV before it).
+    prefill_whole = False
 
-    def __init__(self, cfg: ChatGLMConfig):
+    def __init__(self, cfg: ChatGLMConfig, ops: TorchOps):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.ops = cfg, ops
         self.embedding = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.encoder = Encoder(cfg)
+        self.encoder = Encoder(cfg, ops)
         self.output_layer = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     @property
@@ -248,31 +115,13 @@ class ChatGLM2(nn.Module):
         return self.encoder.final_layernorm.weight.dtype
 
     @property
-    def reuses_kv_exactly(self) -> bool:
-        """Whether cached KV can stand in for a recomputation bit for bit: every row of the forward
-        pass is computed the same way in any prefill chunk or decode step, so the engine's prefix
-        cache changes no output. Fused CPU kernels: always (row-wise linears and norms, per-row
-        attention). Triton: once compute_rows_exactly() has switched prefill to the decode kernels."""
-        if self.backend == "triton":
-            return self.encoder.layers[0].self_attention.exact_rows
-        w = self.encoder.final_layernorm.weight
-        if not uses_cpu_kernels(w):
-            return False
-        # bf16 activations on fp16 dense weights take a bf16 GEMM past one chunk of rows
-        # (quant.half_weight_linear), whose rows depend on how many there are.
-        fp16_dense = any(getattr(m, "weight", None) is not None and m.weight.dtype == torch.float16
-                         for m in self.encoder.layers.modules())
-        return w.dtype == torch.float32 or not fp16_dense
-
-    def compute_rows_exactly(self) -> bool:
-        """Compute every prefill row as a decode step computes it, where that is a choice (Triton:
-        the GEMV and per-row attention instead of the GEMM and SDPA, slower prefill), and return
-        reuses_kv_exactly. The engine calls this when its prefix cache is on."""
-        if self.backend == "triton":
-            for m in self.modules():
-                if hasattr(m, "exact_rows"):
-                    m.exact_rows = True
-        return self.reuses_kv_exactly
+    def exact_kv_reuse(self) -> bool:
+        """Whether cached KV can stand in for a recomputation bit for bit once the ops compute rows
+        exactly (ops.rows_exactly, which the engine's steps run under when its prefix cache is on):
+        every row of the forward pass is then computed the same way in any prefill chunk or decode
+        step, so the prefix cache changes no output."""
+        half_weights = any(isinstance(m, HalfLinear) for m in self.encoder.layers.modules())
+        return self.ops.computes_rows_exactly(self.dtype, half_weights)
 
     def hidden_states(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache]) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden] for tokens [B, T] at positions starts[b]..; fills the caches."""

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ChatGLMConfig
-from .model import KVCache, attend
+from .kvpool import KVCache
+from .ops import TorchOps
 from .quant import half_weight_linear
 
 # THUDM's ChatGLMModel builds GLMBlock without passing num_layers, whose default is 28: the residual
@@ -89,33 +90,20 @@ class LayerNorm(nn.LayerNorm):
 
 
 class SelfAttention(nn.Module):
-    backend = "torch"  # "triton": glm.gpu.blocks computes the layer (set by the loader)
-
-    def __init__(self, cfg: ChatGLMConfig):
+    def __init__(self, cfg: ChatGLMConfig, ops: TorchOps):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.ops = cfg, ops
         self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.q_size)
         self.dense = nn.Linear(cfg.q_size, cfg.hidden_size)
 
     def forward(self, x, cos, sin, masks, layer: int, starts: list[int], caches: list[KVCache]) -> torch.Tensor:
-        if self.backend == "triton":
-            from .gpu import blocks
-            return blocks.chatglm_attention(self, x, cos, sin, masks, layer, starts, caches)
         cfg = self.cfg
         B, T, _ = x.shape
         # Interleaved per head: each head's block of the output is [q | k | v].
         q, k, v = self.query_key_value(x).view(B, T, cfg.num_heads, 3 * cfg.head_dim).chunk(3, dim=-1)
         q, k = apply_rotary_2d(q, cos, sin), apply_rotary_2d(k, cos, sin)
-        out = []
-        for b in range(B):
-            keys, values = caches[b].update(layer, starts[b], k[b].transpose(0, 1), v[b].transpose(0, 1))
-            qb = q[b].transpose(0, 1)
-            if T == 1:  # a generated token sees every key: the plain decode path (CPU SDPA is slow at T=1)
-                out.append(attend(qb, keys, values, starts[b]))
-            else:
-                out.append(F.scaled_dot_product_attention(qb, keys, values, attn_mask=masks[b]))
-        y = torch.stack(out).transpose(1, 2).reshape(B, T, cfg.q_size)
-        return self.dense(y)
+        y = self.ops.masked_attention(q, k, v, masks, layer, starts, caches)
+        return self.dense(y.reshape(B, T, cfg.q_size))
 
 
 class MLP(nn.Module):
@@ -129,11 +117,11 @@ class MLP(nn.Module):
 
 
 class GLMBlock(nn.Module):
-    def __init__(self, cfg: ChatGLMConfig, layer: int):
+    def __init__(self, cfg: ChatGLMConfig, layer: int, ops: TorchOps):
         super().__init__()
         self.layer = layer
         self.input_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.attention = SelfAttention(cfg)
+        self.attention = SelfAttention(cfg, ops)
         self.post_attention_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
@@ -152,31 +140,30 @@ class TiedHead(nn.Module):
     so the 1 GB matrix exists once, in the checkpoint's fp16.
     """
 
-    backend = "torch"  # "triton": glm.gpu.linear's kernel (set by the loader)
+    def __init__(self, ops: TorchOps):
+        super().__init__()
+        self.ops = ops
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return half_weight_linear(x, weight, backend=self.backend)
+        return half_weight_linear(self.ops, x, weight)
 
 
 class ChatGLM(nn.Module):
     # The bidirectional context needs the whole prompt in one forward pass (the engine reads this).
-    prefill_in_one_pass = True
+    prefill_whole = True
     # A prompt token's KV depends on the tokens after it (bidirectional context), so a cached
     # conversation's KV is not the KV of a longer prompt that starts with it: no prefix cache.
-    reuses_kv_exactly = False
+    exact_kv_reuse = False
 
-    def compute_rows_exactly(self) -> bool:
-        return False
-
-    def __init__(self, cfg: ChatGLMConfig):
+    def __init__(self, cfg: ChatGLMConfig, ops: TorchOps):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.ops = cfg, ops
         # Given its weight: no random init on the meta device (see model.Embedding)
         self.word_embeddings = nn.Embedding.from_pretrained(
             torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=torch.float16))
-        self.layers = nn.ModuleList(GLMBlock(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(GLMBlock(cfg, i, ops) for i in range(cfg.num_layers))
         self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.lm_head = TiedHead()
+        self.lm_head = TiedHead(ops)
 
     @property
     def dtype(self) -> torch.dtype:

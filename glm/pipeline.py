@@ -11,8 +11,8 @@ import torch
 
 from .engine import Engine
 from .errors import InputError
+from .kvpool import KVCache
 from .sampling import SamplingParams
-from .model import KVCache
 from .sequence import Sequence
 
 

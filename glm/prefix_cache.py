@@ -5,7 +5,7 @@ previous turn's prompt and reply. An entry is one extent of the engine's KV pool
 its `tokens` (prompt + output, as far as they were computed) in its first slots; a new request
 copies the rows of the longest matching prefix into its own extent and prefills only the rest.
 Reuse is exact to the token: the forward pass computes every row the same way in any prefill chunk
-or decode step (ChatGLM2.compute_rows_exactly, which the engine calls when the cache is on), so the
+or decode step (the engine runs its steps under model.ops.rows_exactly when the cache is on), so the
 copied rows are the rows a full prefill writes.
 
 Scopes: a request reuses only KV that requests of its own scope left (glm.engine decides a request's

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from glm import kernels  # noqa: E402
+from glm.cpu import kernels  # noqa: E402
 from glm.tiny import write_checkpoint  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def long_seed(reference_model):
     pytest.fail(f"no seed in 0..39 samples {LONG} tokens without EOS on the tiny checkpoint; cancel tests need one")
 
 
-# The fused CPU kernels (glm.kernels) and every ISA path this CPU has, for the kernel tests.
+# The fused CPU kernels (glm.cpu.kernels) and every ISA path this CPU has, for the kernel tests.
 ISAS = ["scalar", "avx2", "avx512", "avx512bf16"]
 
 

@@ -1,4 +1,4 @@
-"""Tests of the fused decode attention (glm/csrc/attention.cpp via glm.kernels.decode_attention).
+"""Tests of the fused decode attention (glm/cpu/csrc/attention.cpp via glm.cpu.kernels.decode_attention).
 
 Reference, written here in float64: the new k, v go into the cache at the slot, then for query
 head h (kv group h // (heads / groups)) softmax(q . k_j / sqrt(hd)) . v over slots 0..slot.
@@ -9,9 +9,9 @@ bitwise the same alone, in any batch, at any position in it and with any thread 
 import pytest
 import torch
 
-from glm import kernels
+from glm.cpu import kernels
 from glm.config import ChatGLMConfig
-from glm.model import KVCache
+from glm.kvpool import KVCache
 
 
 def make(B, heads, groups, hd, slots, dtype, seed, layers=3, capacity=None):
@@ -106,9 +106,10 @@ def test_extreme_scores(mod, isa):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,groups,hd", [(32, 2, 128), (4, 2, 16), (4, 1, 24)])
 def test_rotary_in_kernel_is_apply_rotary(mod, isa, dtype, heads, groups, hd):
-    """cos, sin given: the kernel rotates q and k itself, bit for bit as glm.model.apply_rotary, reading
+    """cos, sin given: the kernel rotates q and k itself, bit for bit as glm.ops.apply_rotary, reading
     q, k, v as views into one qkv row per sequence (as the model passes them)."""
-    from glm.model import apply_rotary, rotary_angles
+    from glm.model import rotary_angles
+    from glm.ops import apply_rotary
 
     slots = [0, 17, 300]
     B = len(slots)
@@ -153,20 +154,21 @@ def test_input_validation(mod):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_model_decode_uses_kernel_and_matches_torch_path(mod, tiny_dir, monkeypatch, dtype):
-    """The tiny model's decode steps through the kernel agree with the per-sequence torch path."""
+    """The tiny model's decode steps through the kernel (the CPU kernels' ops) agree with the
+    per-sequence torch path (the torch ops)."""
     import glm
-    import glm.model as gm
 
-    m = glm.load(tiny_dir, dtype=dtype)
-    cfg: ChatGLMConfig = m.config
+    fast = glm.load(tiny_dir, dtype=dtype)
+    monkeypatch.setattr(kernels, "used_for", lambda device, dtype: False)  # the loader's choice: torch
+    torch_only = glm.load(tiny_dir, dtype=dtype)
+    cfg: ChatGLMConfig = fast.config
     calls = []
     real = kernels.decode_attention
     monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 1000, (1, n), generator=g) for n in (5, 9)]
 
-    def run(fused: bool):
-        monkeypatch.setattr(gm, "uses_fused_decode_attention", lambda x, caches: fused)
+    def run(m):
         caches = [KVCache(cfg, 16, "cpu", dtype) for _ in prompts]
         with torch.inference_mode():
             for p, c in zip(prompts, caches):
@@ -174,9 +176,9 @@ def test_model_decode_uses_kernel_and_matches_torch_path(mod, tiny_dir, monkeypa
             tok = torch.tensor([[7], [11]])
             return [m.model(tok, [5 + i, 9 + i], caches)[:, -1].float() for i in range(3)]
 
-    fused = run(True)
+    fused = run(fast)
     assert len(calls) == 3 * cfg.num_layers
-    plain = run(False)
+    plain = run(torch_only)
     assert len(calls) == 3 * cfg.num_layers
     tol = 1e-5 if dtype == torch.float32 else 0.02
     for a, b in zip(fused, plain):

@@ -148,7 +148,7 @@ def test_the_checkout_ships_one_checkpoint_and_its_code(tmp_path):
 
     ctx = cogport.context_files(str(REPO), cogport.weights_excludes(dirs, root_files))
     paths = [e.path for e in ctx]
-    assert {"predict.py", "cog.yaml", "requirements.txt", "glm/__init__.py", "glm/csrc/module.cpp"} <= set(paths)
+    assert {"predict.py", "cog.yaml", "requirements.txt", "glm/__init__.py", "glm/cpu/csrc/module.cpp"} <= set(paths)
     top = {p.split("/")[0] for p in paths}
     assert top <= {"predict.py", "cog.yaml", "requirements.txt", "requirements-test.txt", "README.md", "glm",
                    "script", "docs", "weights", ".dockerignore"}, top
@@ -172,10 +172,12 @@ def test_a_venv_in_the_tree_is_moved_by_bootstrap_and_then_deploys(tmp_path):
     (root / "requirements.txt").write_text("")
     (root / "requirements-test.txt").write_text("")
     (venv / f".installed-{hashlib.sha256(b'').hexdigest()[:16]}").touch()
-    shutil.rmtree(root / "glm")  # bootstrap ends with `import glm.kernels`: a stub, no torch here
+    shutil.rmtree(root / "glm")  # bootstrap ends with `import glm.cpu.kernels`: a stub, no torch here
     (root / "glm").mkdir()
     (root / "glm" / "__init__.py").write_text("")
-    (root / "glm" / "kernels.py").write_text("def status():\n    return 'not built in this test'\n")
+    (root / "glm" / "cpu").mkdir()
+    (root / "glm" / "cpu" / "__init__.py").write_text("")
+    (root / "glm" / "cpu" / "kernels.py").write_text("def status():\n    return 'not built in this test'\n")
 
     dirs, _ = find_weights(cogport.walk(str(root)))
     assert dirs == ["weights/chatglm2-6b-int4", ".venv/lib/python3.11/site-packages/torch/lib"]  # by depth

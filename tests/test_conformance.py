@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from glm.config import ChatGLMConfig
 from glm.loader import PREFIX
-from glm.model import ChatGLM2, GLMBlock, KVCache, RMSNorm, rotary_angles
+from glm.kvpool import KVCache
+from glm.loader import choose_ops
+from glm.model import ChatGLM2, GLMBlock, RMSNorm, rotary_angles
 from reference import DataReader
 
 ATOL = 5e-4  # the issue's bound (chatglm.cpp's own test tolerance)
@@ -36,6 +38,11 @@ def read_glm2_weights(r: DataReader, cfg: ChatGLMConfig, layer_prefix: str) -> d
     return {layer_prefix + name: torch.from_numpy(r.read(*shape)) for name, shape in shapes}
 
 
+def cpu_ops():
+    """The ops glm.load computes a float32 CPU model with: the CPU kernels where they build, else torch."""
+    return choose_ops("cpu", torch.float32)
+
+
 def load_by_checkpoint_names(module: torch.nn.Module, checkpoint: dict[str, torch.Tensor]) -> None:
     """Assign tensors named as in THUDM's checkpoints (`transformer.` + module name), as the loader does."""
     state = {name: checkpoint[PREFIX + name] for name in module.state_dict()}
@@ -53,7 +60,7 @@ def run_model_file(name: str, prefix_len: int = 0, **overrides) -> list[float]:
     ckpt |= {PREFIX + k: v for k, v in read_glm2_weights(r, cfg, "encoder.layers.0.").items()}
     ckpt[PREFIX + "encoder.final_layernorm.weight"] = torch.from_numpy(r.read(cfg.hidden_size))
     ckpt[PREFIX + "output_layer.weight"] = torch.zeros(cfg.vocab_size, cfg.hidden_size)  # not in the file
-    model = ChatGLM2(cfg)
+    model = ChatGLM2(cfg, cpu_ops())
     model.embedding.word_embeddings.float()  # the file's embeddings are fp32 (checkpoints': fp16)
     load_by_checkpoint_names(model, ckpt)
     cache = KVCache(cfg, 8, "cpu", torch.float32, prefix=prefix)
@@ -89,7 +96,7 @@ def test_glm4_model():
 def test_chatglm2_block(name, ffn):
     cfg = ChatGLMConfig(**{**TINY_REF, "ffn_hidden_size": ffn})
     r = DataReader(name)
-    block = GLMBlock(cfg, layer=0)
+    block = GLMBlock(cfg, layer=0, ops=cpu_ops())
     load_by_checkpoint_names(block, {PREFIX + k: v for k, v in read_glm2_weights(r, cfg, "").items()})
     cache = KVCache(cfg, 8, "cpu", torch.float32)
     errors = []
@@ -117,7 +124,7 @@ def test_rms_norm_vectors():
     r = DataReader("rms_norm.data")
     w, x, y = torch.from_numpy(r.read(64)), torch.from_numpy(r.read(3, 64)), torch.from_numpy(r.read(3, 64))
     r.assert_consumed()
-    norm = RMSNorm(64, eps=1e-5)
+    norm = RMSNorm(64, eps=1e-5, ops=cpu_ops())
     norm.load_state_dict({"weight": w})
     assert (norm(x) - y).abs().max() < ATOL
 

@@ -1,5 +1,5 @@
 """What setup does on a deployment host: which device it takes (glm.device), which CPU kernel path
-serves and why (glm.kernels), and that a GPU torch cannot use or kernels required but unusable fail
+serves and why (glm.cpu.kernels), and that a GPU torch cannot use or kernels required but unusable fail
 setup with one clear line (health SETUP_FAILED through the real Cog server)."""
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 
 from script.cogserver import PYTHON, REPO, CogServer  # noqa: E402
 
-from glm import device, kernels  # noqa: E402
+from glm import device  # noqa: E402
+from glm.cpu import kernels  # noqa: E402
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine where torch has no CUDA")
 
@@ -85,7 +86,7 @@ def test_stale_torch_lock_of_a_killed_build_is_removed(kernel_cache_copy):
     base, d = kernel_cache_copy
     (d / "lock").write_text("")  # what a build killed mid-way leaves; torch waits on it forever
     proc = _kernels_in_subprocess({"GLM_KERNEL_CACHE": str(base)},
-                                  "import glm.kernels as k; print(k.status())")
+                                  "import glm.cpu.kernels as k; print(k.status())")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("CPU kernels "), proc.stdout
     assert "loaded from cache" in proc.stdout and str(d) in proc.stdout
@@ -105,7 +106,7 @@ def test_a_live_build_elsewhere_is_waited_for_with_a_deadline(kernel_cache_copy,
         os.close(fd)
     # released: the next process loads at once (in a subprocess: this one already holds the module
     # from another build dir, and torch would rebuild it under a new name)
-    proc = _kernels_in_subprocess({"GLM_KERNEL_CACHE": str(base)}, "import glm.kernels as k; print(k.status())")
+    proc = _kernels_in_subprocess({"GLM_KERNEL_CACHE": str(base)}, "import glm.cpu.kernels as k; print(k.status())")
     assert "loaded from cache" in proc.stdout, proc.stdout + proc.stderr
 
 
@@ -114,13 +115,13 @@ FAILING_BUILD = {"CXX": "/bin/false"}  # a compiler that fails every compile
 
 def test_failed_build_falls_back_and_says_why(tmp_path):
     env = {"GLM_KERNEL_CACHE": str(tmp_path / "empty"), **FAILING_BUILD}
-    proc = _kernels_in_subprocess(env, "import glm.kernels as k; print(k.status())")
+    proc = _kernels_in_subprocess(env, "import glm.cpu.kernels as k; print(k.status())")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("torch fallback (kernels unavailable: "), proc.stdout
-    proc = _kernels_in_subprocess(env, "import glm.kernels as k; k.require()")
+    proc = _kernels_in_subprocess(env, "import glm.cpu.kernels as k; k.require()")
     assert proc.returncode == 1
     assert "KernelError: the CPU kernels failed to build or load: " in proc.stderr
-    proc = _kernels_in_subprocess({"GLM_NO_KERNELS": "1"}, "import glm.kernels as k; print(k.status())")
+    proc = _kernels_in_subprocess({"GLM_NO_KERNELS": "1"}, "import glm.cpu.kernels as k; print(k.status())")
     assert proc.stdout.strip() == "torch fallback (GLM_NO_KERNELS=1)"
 
 
@@ -156,7 +157,7 @@ def test_the_build_finds_the_interpreters_ninja_off_path(kernel_cache_copy):
     is found) whatever PATH the server was started with."""
     base, d = kernel_cache_copy
     proc = _kernels_in_subprocess({"GLM_KERNEL_CACHE": str(base), "PATH": "/usr/bin:/bin"},
-                                  "import glm.kernels as k; print(k.build_dir()); print(k.status())")
+                                  "import glm.cpu.kernels as k; print(k.build_dir()); print(k.status())")
     assert proc.returncode == 0, proc.stderr
     built_in, status = proc.stdout.splitlines()[:2]
     assert built_in == str(d)

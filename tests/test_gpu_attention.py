@@ -10,9 +10,11 @@ import torch.nn.functional as F
 
 from glm.config import ChatGLMConfig
 from glm.gpu import attention, pointwise, selftest
-from glm.gpu.blocks import row_plan
+from glm.gpu.ops import row_plan
 from glm.kvpool import KVPool
-from glm.model import KVCache, apply_rotary, rotary_angles
+from glm.kvpool import KVCache
+from glm.model import rotary_angles
+from glm.ops import apply_rotary
 
 
 def make_cfg(heads=4, groups=2, head_dim=16, layers=2):

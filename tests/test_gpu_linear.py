@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from glm.gpu.ops import TritonOps
 from glm.quant import HalfLinear, QuantLinear, dequantize, half_weight_linear, quantize
 
 gpu_linear = pytest.importorskip("glm.gpu.linear", exc_type=ImportError)
@@ -122,12 +123,11 @@ def test_exact_rows_are_decode_rows_at_any_row_count(bits):
     assert torch.equal(run(x[5:29], True), alone[5:29])
 
 
-def test_quant_linear_dispatch_on_backend():
-    layer = QuantLinear(256, 24, bits=4, bias=True)
+def test_quant_linear_computes_on_the_triton_ops():
+    layer = QuantLinear(256, 24, bits=4, bias=True, ops=TritonOps())
     qweight, scale = packed_weights(24, 256, 4, seed=9)
     layer.weight, layer.weight_scale = qweight, scale
     layer.bias = (torch.randn(24) * 0.1).half().to(DEVICE)
-    layer.backend = "triton"
     x = activations(6, 256).view(2, 3, 256)
     y = layer(x)
     assert y.shape == (2, 3, 24) and y.dtype == torch.float16
@@ -135,14 +135,37 @@ def test_quant_linear_dispatch_on_backend():
     assert torch.equal(y.view(6, 24), expected)
 
 
-def test_half_linear_dispatch_on_backend():
-    head = HalfLinear(128, 33)
+def test_half_linear_computes_on_the_triton_ops():
+    ops = TritonOps()
+    head = HalfLinear(128, 33, ops=ops)
     head.weight = (activations(33, 128, seed=10) * 0.05)
-    head.backend = "triton"
     x = activations(2, 128).view(1, 2, 128)
     expected = gpu_linear.half_linear(x.view(2, 128), head.weight)
     assert torch.equal(head(x).view(2, 33), expected)
-    assert torch.equal(half_weight_linear(x, head.weight, backend="triton").view(2, 33), expected)
+    assert torch.equal(half_weight_linear(ops, x, head.weight).view(2, 33), expected)
+
+
+def test_exact_rows_is_set_for_a_step_and_cleared(monkeypatch):
+    """ops.rows_exactly(): the linears ask the kernels for exact rows (each row as the decode GEMV
+    computes it alone) inside it and not after it, even when the step inside fails."""
+    ops = TritonOps()
+    layer = QuantLinear(256, 24, bits=4, ops=ops)
+    layer.weight, layer.weight_scale = packed_weights(24, 256, 4, seed=9)
+    x = activations(12, 256, seed=4)
+    asked = []
+    real = gpu_linear.quant_linear
+    monkeypatch.setattr(gpu_linear, "quant_linear",
+                        lambda *a, exact_rows: asked.append(exact_rows) or real(*a, exact_rows=exact_rows))
+    with ops.rows_exactly():
+        exact = layer(x)
+    layer(x)
+    with pytest.raises(RuntimeError, match="step failed"):
+        with ops.rows_exactly():
+            raise RuntimeError("step failed")
+    layer(x)
+    assert asked == [True, False, False] and not ops.exact_rows
+    alone = torch.cat([real(x[i:i + 1], layer.weight, layer.weight_scale, None, 4) for i in range(len(x))])
+    assert torch.equal(exact, alone)
 
 
 def test_bad_input_is_a_clear_error():

@@ -12,8 +12,9 @@ import glm
 from glm.config import ChatGLMConfig
 from glm.errors import CheckpointError
 from glm.gpu import memory, selftest
+from glm.gpu.ops import TritonOps
 from glm.kvpool import KVPool
-from glm.loader import _set_backend
+from glm.loader import choose_ops
 from glm.model import ChatGLM2
 from glm.model_v1 import ChatGLM
 from glm.quant import HalfLinear, QuantLinear
@@ -26,9 +27,7 @@ REL = 0.02  # the issue's bound: within 2% of the largest value
 
 
 def triton_model(model: torch.nn.Module) -> torch.nn.Module:
-    model.half()
-    _set_backend(model, "triton")
-    return model.eval()
+    return model.half().eval()
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> float:
@@ -61,7 +60,7 @@ def test_chatglm2_reference_vectors(name):
     ckpt |= {"transformer." + k: v for k, v in read_glm2_weights(r, cfg, "encoder.layers.0.").items()}
     ckpt["transformer.encoder.final_layernorm.weight"] = torch.from_numpy(r.read(cfg.hidden_size))
     ckpt["transformer.output_layer.weight"] = torch.zeros(cfg.vocab_size, cfg.hidden_size)
-    model = ChatGLM2(cfg)
+    model = ChatGLM2(cfg, TritonOps())
     load_by_checkpoint_names(model, ckpt)
     run_vectors(triton_model(model), r, cfg, (3, 1, 1))
 
@@ -70,7 +69,7 @@ def test_chatglm_v1_reference_vectors():
     cfg = VEC_CFG
     r = DataReader("glm_model.data")
     sd = read_glm_model_weights(r, cfg)
-    model = ChatGLM(cfg)
+    model = ChatGLM(cfg, TritonOps())
     model.load_state_dict(sd, strict=True)
     run_vectors(triton_model(model), r, cfg, (3, 1, 1))
 
@@ -96,8 +95,9 @@ def test_loader_builds_the_cuda_model(models):
     for name in FAMILIES:
         model = models[name][0]
         assert model.dtype == torch.float16, name
-        backends = {type(m).__name__: m.backend for m in model.model.modules() if hasattr(m, "backend")}
-        assert set(backends.values()) == {"triton"}, (name, backends)
+        assert type(model.model.ops) is TritonOps, name
+        ops = {type(m).__name__: type(m.ops) for m in model.model.modules() if hasattr(m, "ops")}
+        assert set(ops.values()) == {TritonOps}, (name, ops)
         assert any(isinstance(m, QuantLinear) for m in model.model.modules())
     v2 = models["chatglm2-int4"][0].model
     assert isinstance(v2.output_layer, HalfLinear) and v2.embedding.word_embeddings.weight.dtype == torch.float16
@@ -177,7 +177,8 @@ def test_failed_selftest_loads_the_torch_backend(tiny_dir, monkeypatch, caplog):
     finally:
         selftest.passes.cache_clear()
     assert model.dtype == torch.float32
-    assert {m.backend for m in model.model.modules() if hasattr(m, "backend")} == {"torch"}
+    # the ops glm.load picks for float32 on the CPU: the CPU kernels where they build, else torch
+    assert {type(m.ops) for m in model.model.modules() if hasattr(m, "ops")} == {type(choose_ops("cpu", torch.float32))}
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "row_attention: RuntimeError: device kernel image is invalid" in warnings[0]
     assert "".join(model.generate("hello", max_new_tokens=3, temperature=0))

@@ -1,4 +1,4 @@
-"""Tests of the fused CPU kernels (glm/csrc/linear.cpp and tiles.cpp via glm.kernels).
+"""Tests of the fused CPU kernels (glm/cpu/csrc/linear.cpp and tiles.cpp via glm.cpu.kernels).
 
 The reference is written independently here: nibbles are unpacked with plain torch integer ops
 following FORMATS.md sections 2-4 (high nibble -> column 2j, low nibble -> column 2j+1, both
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import ISAS
-from glm import kernels
+from glm.cpu import kernels
 
 # ---------------------------------------------------------------------------------------------
 # independent reference

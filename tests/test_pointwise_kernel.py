@@ -1,4 +1,4 @@
-"""Tests of the RMSNorm and SwiGLU CPU kernels (glm/csrc/pointwise.cpp via glm.kernels).
+"""Tests of the RMSNorm and SwiGLU CPU kernels (glm/cpu/csrc/pointwise.cpp via glm.cpu.kernels).
 
 Reference, written here in float64: rms_norm = w * x / sqrt(mean(x^2) + eps); swiglu =
 g / (1 + e^-g) * u for h = [g | u]. Tolerances: fp32 a few ulp (2e-6 relative + 1e-30); bf16 one
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glm import kernels
+from glm.cpu import kernels
 
 EPS = 1e-5
 
@@ -100,28 +100,30 @@ def test_input_validation(mod):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_model_uses_kernels_and_matches_torch_path(mod, tiny_dir, monkeypatch, dtype):
-    """The tiny model's forward (prefill and decode) through the kernels agrees with the torch ops."""
+    """The tiny model's forward (prefill and decode) on the CPU kernels' ops agrees with the torch ops."""
     import glm
-    import glm.model as gm
-    from glm.model import KVCache
+    from glm.kvpool import KVCache
 
-    m = glm.load(tiny_dir, dtype=dtype)
+    fast = glm.load(tiny_dir, dtype=dtype)
+    monkeypatch.setattr(kernels, "used_for", lambda device, dtype: False)  # the loader's choice: torch
+    torch_only = glm.load(tiny_dir, dtype=dtype)
+    assert (fast.model.ops.name, torch_only.model.ops.name) == ("cpu-kernels", "torch")
     calls = {"rms_norm": 0, "swiglu": 0}
     for name in calls:
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _r=real, _n=name: calls.__setitem__(_n, calls[_n] + 1) or _r(*a))
     tokens = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(0))
 
-    def run(use: bool):
-        monkeypatch.setattr(gm, "uses_cpu_kernels", lambda x: use)
+    def run(m):
         cache = KVCache(m.config, 16, "cpu", dtype)
         with torch.inference_mode():
             return [m.model(tokens, [0], [cache])[0].float(), m.model(torch.tensor([[5]]), [7], [cache])[0].float()]
 
-    fused = run(True)
-    layers = m.config.num_layers
+    fused = run(fast)
+    layers = fast.config.num_layers
     assert calls == {"rms_norm": 2 * (2 * layers + 1), "swiglu": 2 * layers}
-    plain = run(False)
+    plain = run(torch_only)
+    assert calls == {"rms_norm": 2 * (2 * layers + 1), "swiglu": 2 * layers}
     tol = 1e-5 if dtype == torch.float32 else 0.03
     for a, b in zip(fused, plain):
         assert (a - b).abs().max().item() <= tol * b.abs().max().item()

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import glm
-from glm import kernels
+from glm.cpu import kernels
 from glm.engine import Engine
 from glm.sampling import SamplingParams
-from glm.model import KVCache
+from glm.kvpool import KVCache
 from glm.prefix_cache import BLOCK
 
 needs_kernels = pytest.mark.skipif(kernels.get() is None, reason="fused CPU kernels unavailable (GLM_NO_KERNELS or no compiler)")
@@ -39,7 +39,7 @@ def forward_in_pieces(model, cfg, tokens: list[int], cuts: list[int]):
     ("tiny8_dir", torch.bfloat16, False), ("tiny_fp16_dir", torch.float32, False)])
 def test_rows_are_the_same_in_any_chunk_and_in_decode(request, checkpoint, dtype, int8act):
     m = glm.load(request.getfixturevalue(checkpoint), dtype=dtype, int8_activations=int8act)
-    assert m.model.reuses_kv_exactly
+    assert m.model.exact_kv_reuse
     tokens = ids(70, seed=1)
     splits = {
         "one pass": [],
@@ -58,9 +58,10 @@ def test_rows_are_the_same_in_any_chunk_and_in_decode(request, checkpoint, dtype
 @pytest.mark.parametrize("checkpoint", ["tiny_dir", "tiny8_dir", "tiny_fp16_dir"])
 def test_triton_rows_are_the_same_in_any_chunk_and_in_decode(request, checkpoint):
     """The Triton backend (its kernels under the interpreter): the same bits in any chunk and in
-    decode once compute_rows_exactly() has switched prefill to the decode kernels; not before (GEMM,
-    SDPA). Fewer tokens than the CPU test: the interpreter runs a kernel program in milliseconds."""
+    decode under ops.rows_exactly(), which sends prefill through the decode kernels; not without it
+    (GEMM, SDPA). Fewer tokens than the CPU test: the interpreter runs a kernel program in milliseconds."""
     m = glm.load(request.getfixturevalue(checkpoint), backend="triton")
+    assert m.model.exact_kv_reuse
     tokens = ids(24, seed=1)
     decode = list(range(4, 24))
     with torch.inference_mode():
@@ -68,7 +69,7 @@ def test_triton_rows_are_the_same_in_any_chunk_and_in_decode(request, checkpoint
             ref_h, _ = forward_in_pieces(m.model, m.config, tokens, [])
             h, _ = forward_in_pieces(m.model, m.config, tokens, decode)
             assert not torch.equal(h, ref_h)
-        assert m.model.compute_rows_exactly() and m.model.reuses_kv_exactly
+    with torch.inference_mode(), m.model.ops.rows_exactly():
         ref_h, ref_cache = forward_in_pieces(m.model, m.config, tokens, [])
         for name, cuts in {"chunks 7/16": [7, 16], "prefill 4 then decode": decode}.items():
             h, cache = forward_in_pieces(m.model, m.config, tokens, cuts)
@@ -83,7 +84,7 @@ def test_fp16_weights_under_bf16_activations_are_left_out(tiny_fp16_dir):
     with torch.inference_mode():
         (h, _), (ref, _) = (forward_in_pieces(m.model, m.config, ids(70, seed=1), cuts) for cuts in ([13], []))
     assert not torch.equal(h, ref)
-    assert not m.model.reuses_kv_exactly
+    assert not m.model.exact_kv_reuse
     assert make_engine(m, 4096).prefix_cache.max_tokens == 0
 
 
@@ -142,7 +143,7 @@ SEEDED = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
 @pytest.fixture(scope="module")
 def model(tiny_dir):
     m = glm.load(tiny_dir)
-    if not m.model.reuses_kv_exactly:
+    if not m.model.exact_kv_reuse:
         pytest.skip("this path cannot reuse KV exactly (no fused CPU kernels)")
     return m
 
@@ -255,7 +256,7 @@ def test_a_cancelled_request_leaves_its_computed_kv(model):
 
 def test_stream_reports_cached_prompt_tokens(tiny_dir):
     m = glm.load(tiny_dir)
-    if not m.model.reuses_kv_exactly:
+    if not m.model.exact_kv_reuse:
         pytest.skip("this path cannot reuse KV exactly")
     prompt = "[Round 1]\n\n问：" + "你好，请介绍一下你自己。" * 4 + "\n\n答："
     first = m.generate(prompt, max_new_tokens=8, temperature=0, cache_key="conversation 1")
@@ -275,9 +276,20 @@ def test_first_generation_model_is_left_out(tmp_path):
     from glm.tiny import write_checkpoint_v1
 
     m = glm.load(write_checkpoint_v1(tmp_path / "v1"))
-    assert not getattr(m.model, "reuses_kv_exactly", False)
+    assert not m.model.exact_kv_reuse and m.model.prefill_whole
     engine = make_engine(m, 4096)
     assert engine.prefix_cache.max_tokens == 0
+
+
+@pytest.mark.parametrize("cache_tokens", [4096, 0])
+def test_exact_rows_hold_for_the_steps_of_an_engine_with_a_cache_only(model, monkeypatch, cache_tokens):
+    engine = make_engine(model, cache_tokens)
+    seen = []
+    step = engine.runner.run
+    monkeypatch.setattr(engine.runner, "run", lambda batch: seen.append(model.model.ops.exact_rows) or step(batch))
+    run(engine, [(ids(20, seed=5), GREEDY)])
+    assert len(seen) == 1 + GREEDY.max_new_tokens - 1 and set(seen) == {cache_tokens > 0}
+    assert not model.model.ops.exact_rows
 
 
 def test_cache_size_from_the_environment(model, monkeypatch):
@@ -331,8 +343,9 @@ def test_shared_scope_from_the_environment(model, monkeypatch):
 @pytest.fixture(scope="module")
 def triton_model(tiny_dir):
     m = glm.load(tiny_dir, backend="triton")
-    assert not m.model.reuses_kv_exactly  # the GEMM and SDPA prefill until an engine with a cache asks
-    assert make_engine(m, 4096).prefix_cache.max_tokens == 4096 and m.model.reuses_kv_exactly
+    engine = make_engine(m, 4096)
+    assert m.model.exact_kv_reuse and engine.prefix_cache.max_tokens == 4096 and engine.exact_rows
+    assert not m.model.ops.exact_rows  # the GEMM and SDPA prefill, except in the steps of an engine with a cache
     return m
 
 

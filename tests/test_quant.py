@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import glm
+from glm.loader import choose_ops
+from glm.ops import TorchOps
 from glm.quant import HalfLinear, QuantLinear, dequantize, pack_int4, quantize, unpack_int4
 
 
@@ -59,7 +61,7 @@ def test_quant_linear_matches_fp32_dequantize_then_matmul(bits, rows, dtype):
     n, k = 96, 128
     q, scale = quantize((torch.randn(n, k, generator=g) * 0.02).half(), bits)
     bias = (torch.randn(n, generator=g) * 0.1).half()
-    lin = QuantLinear(k, n, bits, bias=True)
+    lin = QuantLinear(k, n, bits, bias=True, ops=choose_ops("cpu", dtype))
     lin.load_state_dict({"weight": q, "weight_scale": scale, "bias": bias})
     x = torch.randn(rows, k, generator=g).to(dtype)
     ref = x.float() @ (unpack_int4(q) if bits == 4 else q).float().mul(scale.float()[:, None]).T + bias.float()
@@ -73,7 +75,7 @@ def test_quant_linear_matches_fp32_dequantize_then_matmul(bits, rows, dtype):
 def test_half_linear_matches_fp32(rows):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(40, 64, generator=g).half()
-    lin = HalfLinear(64, 40)
+    lin = HalfLinear(64, 40, ops=choose_ops("cpu", torch.float32))
     lin.load_state_dict({"weight": w})
     x = torch.randn(rows, 64, generator=g)
     torch.testing.assert_close(lin(x), x @ w.float().T, rtol=1e-5, atol=1e-5)
@@ -87,7 +89,7 @@ def test_long_inputs_give_each_row_what_it_gets_alone(bits, dtype):
     g = torch.Generator().manual_seed(bits)
     n, k = 48, 256
     q, scale = quantize((torch.randn(n, k, generator=g) * 0.02).half(), bits)
-    lin = QuantLinear(k, n, bits)
+    lin = QuantLinear(k, n, bits, ops=choose_ops("cpu", dtype))
     lin.load_state_dict({"weight": q, "weight_scale": scale})
     x = torch.randn(77, k, generator=g).to(dtype)
     whole = lin(x)
@@ -100,7 +102,7 @@ def test_long_inputs_give_each_row_what_it_gets_alone(bits, dtype):
 def test_quant_linear_cuda_fp16_matches_reference(bits):
     g = torch.Generator().manual_seed(7)
     q, scale = quantize((torch.randn(256, 512, generator=g) * 0.02).half(), bits)
-    lin = QuantLinear(512, 256, bits).cuda()
+    lin = QuantLinear(512, 256, bits, ops=TorchOps()).cuda()
     lin.load_state_dict({"weight": q, "weight_scale": scale})
     x = torch.randn(4, 512, generator=g)
     ref = x @ dequantize(q, scale, bits).T
@@ -109,12 +111,13 @@ def test_quant_linear_cuda_fp16_matches_reference(bits):
 
 
 def fp32_reference_model(path):
-    """The same checkpoint with every quantized weight dequantized to fp32 plain nn.Linear layers."""
+    """The same checkpoint with every quantized weight dequantized to fp32 plain nn.Linear layers, on
+    the torch ops."""
     from glm.loader import Checkpoint, PREFIX, build_model
     from glm.config import ChatGLMConfig
     cfg = ChatGLMConfig.from_file(path / "config.json")
     ckpt = Checkpoint(path)
-    model = build_model(cfg)
+    model = build_model(cfg, TorchOps())
     state = {}
     for name, meta in model.state_dict().items():
         key = PREFIX + name
@@ -132,7 +135,7 @@ def test_quantized_checkpoint_logits_match_dequantized_fp32_model(fixture, reque
     m = glm.load(path)
     ids = m.tokenizer.encode("[Round 1]\n\n问：你好, world 👋\n\n答：")
     ref_model = fp32_reference_model(path)
-    from glm.model import KVCache
+    from glm.kvpool import KVCache
     with torch.inference_mode():
         ref = ref_model(torch.tensor([ids]), [0], [KVCache(m.config, len(ids), "cpu", torch.float32)])[0]
     got = m.logits(ids)

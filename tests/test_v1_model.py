@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import glm
-from glm import quant
+from glm import ops as glm_ops
 from glm.config import ChatGLMConfig
-from glm.model import KVCache
+from glm.kvpool import KVCache
+from glm.loader import choose_ops
 from glm.model_v1 import ChatGLM, GLMBlock, TiedHead, apply_rotary_2d, attention_mask, positions_2d, rotary_2d
 from glm.pipeline import GLM
 from glm.quant import QuantLinear, dequantize
@@ -59,7 +60,7 @@ def test_glm_model_vectors():
     r = DataReader("glm_model.data")
     sd = read_glm_model_weights(r, cfg)
     with torch.device("meta"):
-        model = ChatGLM(cfg)
+        model = ChatGLM(cfg, choose_ops("cpu", torch.float32))
     model.load_state_dict(sd, assign=True, strict=True)
     cache = KVCache(cfg, 8, "cpu", torch.float32)
     errors, start = [], 0
@@ -78,7 +79,7 @@ def test_glm_model_vectors():
 def test_glm_block_vectors():
     cfg = VEC_CFG
     r = DataReader("glm_block.data")
-    block = GLMBlock(cfg, 0)  # THUDM layer_id 3 only scales and unscales the scores
+    block = GLMBlock(cfg, 0, choose_ops("cpu", torch.float32))  # THUDM layer_id 3 only scales and unscales the scores
     block.load_state_dict(_read_block(r, cfg), strict=True)
     # VECTORS.md 3.6: positions [[0,1,2,2],[0,0,0,1]] = context of 3 with the mask at index 2.
     cache = KVCache(cfg, 8, "cpu", torch.float32)
@@ -158,7 +159,7 @@ def _dequantized_fp32(path, cfg) -> ChatGLM:
             t = dequantize(t, sd[key + "_scale"], cfg.quantization_bit, torch.float32)
         state[name] = t.float()
     with torch.device("meta"):
-        ref = ChatGLM(cfg)
+        ref = ChatGLM(cfg, glm_ops.TorchOps())
     ref.load_state_dict(state, assign=True, strict=True)
     return ref.eval()
 
@@ -200,7 +201,7 @@ def test_tied_head_equals_one_matmul():
     x = torch.randn(2, 3, 64, generator=g)
     want = x @ w.float().t()
     tol = 1e-5 * want.abs().max().item()  # fp32 summation order differs between kernels and one matmul
-    assert (TiedHead()(x, w) - want).abs().max().item() <= tol
+    assert (TiedHead(choose_ops("cpu", torch.float32))(x, w) - want).abs().max().item() <= tol
 
 
 def test_blocked_widening_equals_one_matmul(monkeypatch):
@@ -213,8 +214,8 @@ def test_blocked_widening_equals_one_matmul(monkeypatch):
     want = x @ w.float().t() + bias
     tol = 1e-5 * want.abs().max().item()
     for rows in (7, 256, 4096):
-        monkeypatch.setattr(quant, "BLOCK_ROWS", rows)
-        y = quant.blocked_linear(x, 1000, bias, lambda s, e, out: out.copy_(w[s:e]))
+        monkeypatch.setattr(glm_ops, "BLOCK_ROWS", rows)
+        y = glm_ops.blocked_linear(x, 1000, bias, lambda s, e, out: out.copy_(w[s:e]))
         assert y.shape == want.shape and (y - want).abs().max().item() <= tol
 
 

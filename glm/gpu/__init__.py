@@ -1,6 +1,6 @@
 """The GPU path (a T4, sm_75, is the target): Triton kernels for the linears (linear.py), decode
-attention (attention.py) and the pointwise ops (pointwise.py), and their ahead-of-time compile
-check (compile.py, `python -m glm.gpu compile --arch 75`).
+attention (attention.py) and the pointwise ops (pointwise.py), the model's operations on them
+(ops.py), and their ahead-of-time compile check (compile.py, `python -m glm.gpu compile --arch 75`).
 
 With TRITON_INTERPRET=1 (set before triton is imported) the same kernels run on CPU tensors,
 which is how they are tested without a GPU.

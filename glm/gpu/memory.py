@@ -53,16 +53,16 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
 
 
-def workspace_bytes(cfg, max_batch: int, prefill_chunk: int, dtype: torch.dtype) -> int:
+def workspace_bytes(cfg, max_batch: int, prefill_chunk: int, dtype: torch.dtype, prefill_whole: bool = False) -> int:
     """Peak activations of one forward: the larger of a prefill chunk and a decode batch.
 
     A prefill of T tokens holds at once the residual stream, the qkv output, the MLP's [gate | up]
     and its product, SDPA's keys/values expanded to every head over the whole context and (for its
-    math fallback) the fp32 scores; then the last position's logits. ChatGLM-6B prefills its whole
-    prompt in one pass, so its T is the context.
+    math fallback) the fp32 scores; then the last position's logits. A model that prefills its whole
+    prompt in one pass (prefill_whole: ChatGLM-6B) has the context as its T.
     """
     size = torch.empty((), dtype=dtype).element_size()
-    T = cfg.max_context if getattr(cfg, "family", "chatglm2") == "chatglm" else min(prefill_chunk, cfg.max_context)
+    T = cfg.max_context if prefill_whole else min(prefill_chunk, cfg.max_context)
     rows = max(T, max_batch)
     per_row = cfg.hidden_size * 3 + cfg.q_size + 2 * cfg.kv_size + 3 * cfg.ffn_hidden_size
     activations = rows * per_row * size
@@ -76,7 +76,8 @@ def plan(model: torch.nn.Module, cfg, kv_tokens: int, max_batch: int, prefill_ch
          dtype: torch.dtype, free: int, total: int) -> MemoryPlan:
     from ..kvpool import KVPool
     return MemoryPlan(weights=model_bytes(model), kv_pool=kv_tokens * KVPool.bytes_per_token(cfg, dtype),
-                      workspace=workspace_bytes(cfg, max_batch, prefill_chunk, dtype), free=free, total=total)
+                      workspace=workspace_bytes(cfg, max_batch, prefill_chunk, dtype, model.prefill_whole),
+                      free=free, total=total)
 
 
 def device_memory(device) -> tuple[int, int]:

@@ -43,9 +43,9 @@ def check_row_attention(device) -> float:
     """Two sequences of different lengths in one pool, rotary on, against per-sequence softmax."""
     from ..config import ChatGLMConfig
     from ..kvpool import KVPool
-    from ..model import apply_rotary, rotary_angles
+    from ..ops import apply_rotary
     from .attention import row_attention
-    from .blocks import row_plan
+    from .ops import row_plan
 
     cfg = ChatGLMConfig(num_layers=2, hidden_size=64, num_heads=4, kv_heads=2, head_dim=16,
                         ffn_hidden_size=32, vocab_size=8, seq_length=64, max_context=64)
@@ -58,7 +58,10 @@ def check_row_attention(device) -> float:
     q = torch.randn(B, cfg.num_heads, cfg.head_dim, generator=g).half().to(device)
     k = torch.randn(B, cfg.kv_heads, cfg.head_dim, generator=g).half().to(device)
     v = torch.randn(B, cfg.kv_heads, cfg.head_dim, generator=g).half().to(device)
-    cos, sin = rotary_angles(cfg, torch.tensor(starts, device=device)[:, None])
+    # ChatGLM2's angles at each row's position: [B, 1, hd/4]
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, cfg.head_dim // 2, 2, dtype=torch.float32) / (cfg.head_dim // 2))
+    angles = (torch.tensor(starts, dtype=torch.float32)[:, None, None] * inv_freq).to(device)
+    cos, sin = torch.cos(angles), torch.sin(angles)
     want = []
     for b, (c, s) in enumerate(zip(caches, starts)):
         kr = apply_rotary(k[b][None, None].float(), cos[b:b + 1], sin[b:b + 1])[0, 0].half()

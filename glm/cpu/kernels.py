@@ -1,11 +1,11 @@
-"""Lazy build / load of the fused CPU kernels: quantized linears (glm/csrc/linear.cpp, tiles.cpp),
-decode attention (glm/csrc/attention.cpp) and RMSNorm / SwiGLU (glm/csrc/pointwise.cpp), one
-extension (glm/csrc/module.cpp).
+"""Lazy build / load of the fused CPU kernels: quantized linears (csrc/linear.cpp, tiles.cpp),
+decode attention (csrc/attention.cpp) and RMSNorm / SwiGLU (csrc/pointwise.cpp), one extension
+(csrc/module.cpp); glm.cpu.ops computes the model's layers with them.
 
 ``get()`` returns the compiled extension module, or ``None`` if it cannot be used (no compiler,
-build error, or ``GLM_NO_KERNELS=1``); callers then fall back to pure torch. ``require()`` raises
+build error, or ``GLM_NO_KERNELS=1``); the loader then picks the torch ops. ``require()`` raises
 instead, ``status()`` says in one line which path serves and why, and ``used_for(device, dtype)`` is
-the one test every caller makes of whether the kernels compute a tensor. The build happens once
+the one test of whether the kernels compute a model on `device` in `dtype`. The build happens once
 per (source, torch version, flags) into ``$GLM_KERNEL_CACHE`` or ``~/.cache/glm/kernels/<hash>``, so
 a fresh clone builds it on first use (about a minute) and later processes just load it.
 
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from . import settings
+from .. import settings
 
 log = logging.getLogger("glm")
 
@@ -228,8 +228,8 @@ def available() -> bool:
 
 def used_for(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether tensors on `device` in `dtype` are computed by the CPU kernels: the CPU, float32 or
-    bfloat16 (what every kernel takes), and the extension loaded. The loader's choice of fp16
-    linears, the quantized linears and the model's fused layers all ask this one question."""
+    bfloat16 (what every kernel takes), and the extension loaded. The loader asks it once, to
+    choose the model's ops."""
     return torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16) and get() is not None
 
 
@@ -242,7 +242,7 @@ def used_for(device: torch.device | str, dtype: torch.dtype) -> bool:
 def decode_attention(q, k, v, k_caches, v_caches, layer: int, slots: list[int], scale: float, cos=None, sin=None):
     """Write each sequence's new k, v ([B, groups, hd]) at its cache slot and attend q ([B, heads, hd])
     over that cache's slots 0..slot (attention.cpp); returns [B, heads, hd]. With cos, sin ([B, P]
-    float32), q and k get the rotary embedding first, exactly as glm.model.apply_rotary does it.
+    float32), q and k get the rotary embedding first, exactly as glm.ops.apply_rotary does it.
     q, k, v may be views into one qkv row per sequence."""
     q, k, v = (t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous() for t in (q, k, v))
     return get().decode_attention(q, k, v, k_caches, v_caches, layer, slots, scale, cos, sin)

@@ -10,7 +10,7 @@
 // reduction and store. The tile shape (R x MT, full or a row / token tail) only chooses how many
 // such independent dot products run side by side. A step must do the same arithmetic for every
 // (row, token) of its tile; never add per-M variants of it (split accumulators, a different x
-// layout for some M, ...). The build uses -ffp-contract=off (glm/kernels.py) so the compiler
+// layout for some M, ...). The build uses -ffp-contract=off (glm/cpu/kernels.py) so the compiler
 // cannot fuse plain C++ mul + add differently in different instantiations; FMAs are intrinsics.
 //
 // The frame carries no target attribute: each step type stamps it out in a `run` entry compiled
