@@ -285,7 +285,8 @@ def _specs(model: str, heads: int, groups: int, head_dim: int, rotary: bool):
              **{s: "i32" for s in ("q_stride_r", "q_stride_h", "k_stride_r", "k_stride_g", "v_stride_r",
                                    "v_stride_g", "cos_stride_r")}}
     parts = {"part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32"}
-    attend = {**{p: "*fp16" for p in ("q_ptr", "out_ptr", "pool_k_ptr", "pool_v_ptr")}, **parts, **rows, "scale": "fp32"}
+    attend = {**{p: "*fp16" for p in ("q_ptr", "out_ptr", "pool_k_ptr", "pool_v_ptr")}, **parts, **rows,
+              "scale": "fp32"}
     combine = {"out_ptr": "*fp16", **parts, "slot_ptr": "*i64"}
     split = {"HEAD_DIM": head_dim, "BLOCK_N": KEY_BLOCK, "SPLIT_KEYS": SPLIT_KEYS, "MAX_SPLITS": MAX_SPLITS}
     return [_spec(_store_rows_kernel, f"store rows {model}", store, {**shape, "ROTARY": rotary}),

@@ -73,6 +73,8 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, M, N, K_STORED, strid
     cols = tl.arange(0, T)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # stored columns, [T, VEC]
     x_cols = tl.arange(0, T)[:, None] * (VEC * PER_BYTE) + tl.arange(0, VEC * PER_BYTE)[None, :]
     w_rows = w_ptr + offs_n[:, None, None] * stride_wn
+    # One named accumulator per row (rows past M_PAD are compiled out): a row's sums never pass
+    # through a select or another row's registers.
     a0 = tl.zeros((BLOCK_N, T), dtype=tl.float32)
     a1 = a0
     a2 = a0
@@ -302,7 +304,7 @@ def _specs() -> list[KernelSpec]:
                 specs.append(KernelSpec(
                     kernel=_gemv_kernel, shape_class=f"decode {tag} M<={m_pad}",
                     signature=_signature(_gemv_kernel, {**common, **bias, "K_STORED": "i32",
-                                                        "x_ptr": "*fp32" if m_pad >= GEMV_FP32_X_ROWS else "*fp16",
+                                                        "x_ptr": _gemv_x_type(m_pad),
                                                         "stride_xm": "i32", "stride_wn": "i32",
                                                         "stride_ym": "i32"}),
                     constexprs={**nulls, "BITS": bits, "M_PAD": m_pad, "BLOCK_N": GEMV_BLOCK_N,
@@ -312,14 +314,18 @@ def _specs() -> list[KernelSpec]:
                     num_warps=GEMV_WARPS, no_spills=True))
             specs.append(KernelSpec(
                 kernel=_gemm_kernel, shape_class=f"prefill {tag} M>{DECODE_MAX_ROWS}",
-                signature=_signature(_gemm_kernel, {**common, **bias, "x_ptr": "*fp16", "K": "i32", "stride_xm": "i32",
-                                                    "stride_wn": "i32", "stride_ym": "i32"}),
+                signature=_signature(_gemm_kernel, {**common, **bias, "x_ptr": "*fp16", "K": "i32",
+                                                    "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}),
                 constexprs={**nulls, "BITS": bits, "BLOCK_M": GEMM_BLOCK_M, "BLOCK_N": GEMM_BLOCK_N,
                             "BLOCK_K": GEMM_BLOCK_K},
                 aligned=("x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "y_ptr", "N", "K", "stride_xm",
                          "stride_wn", "stride_ym"),
                 num_warps=GEMM_WARPS, num_stages=GEMM_STAGES))
     return specs
+
+
+def _gemv_x_type(m_pad: int) -> str:
+    return "*fp32" if m_pad >= GEMV_FP32_X_ROWS else "*fp16"
 
 
 def _signature(kernel, types: dict[str, str]) -> dict[str, str]:
