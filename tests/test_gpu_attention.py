@@ -57,9 +57,10 @@ def run_decode(cfg, pool, caches, slots, layer, seed=1, rotary=True):
     return got, wants, v
 
 
-@pytest.mark.parametrize("heads,groups,head_dim", [(4, 2, 16), (8, 8, 4), (2, 1, 32)])
+@pytest.mark.parametrize("heads,groups,head_dim", [(4, 2, 16), (8, 8, 4), (2, 1, 32), (32, 2, 16)])
 @pytest.mark.parametrize("rotary", [True, False])
 def test_decode_rows_match_float64_and_write_the_cache(heads, groups, head_dim, rotary):
+    """(32, 2, 16): ChatGLM2's groups of 16 heads, whose scores are one tl.dot per key block."""
     cfg = make_cfg(heads, groups, head_dim)
     pool = random_pool(cfg, 90)
     # lengths 0 (only the new token), one block, and past two key blocks of the kernel
@@ -73,8 +74,12 @@ def test_decode_rows_match_float64_and_write_the_cache(heads, groups, head_dim, 
         assert caches[b].k[0].abs().sum() > 0  # layer 0 untouched (random, not overwritten)
 
 
-def test_decode_rows_are_batch_invariant():
-    """A sequence's output is bitwise the same alone and beside others, in any order."""
+@pytest.mark.parametrize("split_keys", [None, 8])
+def test_decode_rows_are_batch_invariant(split_keys, monkeypatch):
+    """A sequence's output is bitwise the same alone and beside others, in any order (split over
+    programs or not)."""
+    if split_keys:
+        monkeypatch.setattr(attention, "SPLIT_KEYS", split_keys)
     cfg = make_cfg()
     outs = {}
     for order in ([0], [0, 1, 2], [2, 0, 1]):
@@ -96,10 +101,16 @@ def test_decode_rows_are_batch_invariant():
         assert all(torch.equal(ys[0], y) for y in ys[1:]), i
 
 
-def test_prefill_rows_are_causal_and_the_same_bits_as_decode_steps():
+@pytest.mark.parametrize("heads,split_keys,max_splits", [(4, None, None), (4, 16, 2), (32, 24, 8)])
+def test_prefill_rows_are_causal_and_the_same_bits_as_decode_steps(heads, split_keys, max_splits, monkeypatch):
     """A chunk of rows in one call: each row sees the earlier rows of the chunk (float64 causal
-    reference), and its output and cached k, v are the bits that one decode step per position gives."""
-    cfg = make_cfg()
+    reference), and its output and cached k, v are the bits that one decode step per position gives.
+    With split_keys, rows past it are split over programs (flash-decoding) up to max_splits: a
+    position's split depends only on its length, so prefill and decode still agree bitwise."""
+    if split_keys:
+        monkeypatch.setattr(attention, "SPLIT_KEYS", split_keys)
+        monkeypatch.setattr(attention, "MAX_SPLITS", max_splits)
+    cfg = make_cfg(heads=heads)
     g = torch.Generator().manual_seed(5)
     T, first, layer = 45, 7, 1
     q = torch.randn(T, cfg.num_heads, cfg.head_dim, generator=g).half()

@@ -71,3 +71,35 @@ def test_compile_refuses_to_run_under_the_interpreter():
 
 def without_interpreter() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def test_decode_kernels_issue_bounds_from_sm75_sass():
+    """The SASS count of bench.gpu_decode_bound: the int4 GEMV's K loop issues fast enough for a T4's
+    320 GB/s at 1 row and >= 200 GB/s at 8 (its FP32 pipe caps any fp32-exact int4 GEMV at 254), the
+    int8 one >= 300 at 8 rows, without an int-to-float conversion; attention fetches K and V with
+    vector loads (8 LDG per 32 keys of head_dim 128, not one per element)."""
+    code = """
+import json
+from bench import gpu_decode_bound as b
+from bench.gpu_prefill_bound import k_loop, sass
+from glm.gpu import attention, linear
+out = {}
+for spec in linear.COMPILE_SPECS:
+    if spec.shape_class in ("decode int4 M<=1", "decode int4 M<=8", "decode int8 M<=8"):
+        c = spec.constexprs
+        ops = k_loop(sass(spec))
+        cost = b.loop_cost(ops)
+        bound = b.issue_bound(c["BLOCK_N"] * c["BLOCK_K"] / spec.num_warps, cost["cycles"])
+        out[spec.shape_class] = [bound, cost["xu"]]
+spec = next(s for s in attention.COMPILE_SPECS if s.kernel.__name__ == "_attend_rows_kernel")
+out["attend LDG"] = k_loop(sass(spec))["LDG"]
+print(json.dumps(out))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=without_interpreter(),
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    got = __import__("json").loads(out.stdout.splitlines()[-1])
+    assert got["decode int4 M<=1"][0] >= 400e9 and got["decode int4 M<=1"][1] == 0, got
+    assert got["decode int4 M<=8"][0] >= 200e9 and got["decode int4 M<=8"][1] == 0, got
+    assert got["decode int8 M<=8"][0] >= 300e9 and got["decode int8 M<=8"][1] == 0, got
+    assert got["attend LDG"] == 8, got
