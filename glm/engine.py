@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-from .errors import EngineError, InputError
+from .errors import EngineError, InputError, sticky_device_error
 from .sampling import SamplingParams
 from .kvpool import KVPool
 from .output import OutputStage
@@ -81,7 +81,7 @@ class Engine:
                                    prefill_chunk=prefill_chunk,
                                    prefill_whole=getattr(model, "prefill_in_one_pass", False),
                                    prefix_cache_tokens=prefix_cache_tokens, kv=self.pool)
-        self.runner = ModelRunner(model, self.pool, device)
+        self.runner = ModelRunner(model, self.pool, device, max_batch)
         self.output = OutputStage(tokenizer, cfg)
         self._lock = threading.Lock()           # the queues and flags; never held over a forward pass
         self._wakeup = threading.Condition(self._lock)
@@ -174,7 +174,12 @@ class Engine:
                 batch = self.scheduler.schedule()
             if not batch:
                 return False
-            outcomes = self.runner.run(batch)
+            try:
+                outcomes = self.runner.run(batch)
+            except Exception as e:
+                if sticky_device_error(e):  # the device can run nothing more: health says so at once
+                    self._die(e)
+                raise
             self.output.postprocess(outcomes)
             return True
 
@@ -208,13 +213,16 @@ class Engine:
                         return
                 self._guarded_step()
         except BaseException as e:  # noqa: BLE001 - the loop cannot go on: say so to every request
-            self._die(e)
+            if self.dead is None:
+                self._die(e)
 
     def _guarded_step(self) -> None:
         try:
             self.step()
             self._failed_steps = 0
         except Exception:  # noqa: BLE001
+            if self.dead is not None:
+                raise
             self._failed_steps += 1
             log.exception("engine step failed (%d in a row)", self._failed_steps)
             if self._failed_steps >= MAX_FAILED_STEPS:

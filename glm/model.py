@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import kernels, staging
 from .config import ChatGLMConfig
 
 
@@ -275,8 +275,12 @@ class ChatGLM2(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache]) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden] for tokens [B, T] at positions starts[b]..; fills the caches."""
         T = tokens.shape[1]
-        positions = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
-        cos, sin = rotary_angles(self.cfg, positions)
+        step = staging.current()
+        if step is not None and step.rotary is not None:  # a staged decode step (glm/staging.py)
+            cos, sin = step.rotary_angles()
+        else:
+            positions = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
+            cos, sin = rotary_angles(self.cfg, positions)
         x = self.embedding(tokens, self.dtype)
         for block in self.encoder.layers:
             x = block(x, cos, sin, starts, caches)
