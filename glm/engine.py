@@ -91,6 +91,12 @@ class Engine:
         self._failed_steps = 0
         self.dead: BaseException | None = None  # why the loop stopped for good
 
+    def warm_up(self) -> None:
+        """Compile every kernel variant the engine will launch and capture the decode graphs (GPU),
+        before the first request: setup calls this once, before start()."""
+        with self._step_lock:
+            log.info("%s", self.runner.prepare(self.prefill_chunk))
+
     # ---- requests ----
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         params = params.validate().with_seed()

@@ -184,6 +184,11 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = N
     model.requires_grad_(False).eval()
     if int8_activations:
         _use_int8_activations(model, bits, device, dtype)
+    if backend == "triton" and device.type == "cuda":
+        from .gpu import selftest
+        failure = selftest.run_model(model, device)
+        if failure is not None:
+            backend = selftest.fallback(device, f"at the model's shapes: {failure}")
     _set_backend(model, backend)
     if cfg.quantization_bit == 0 and bits:
         cfg = _with_bits(cfg, bits)
@@ -205,7 +210,8 @@ def _backend(device: torch.device, requested: str | None) -> str:
     from . import gpu
     if not gpu.triton_available():
         if requested is None:
-            return "torch"
+            from .gpu import selftest
+            return selftest.fallback(device, "triton is not installed")
         raise CheckpointError("backend 'triton' needs the triton package (pip install triton)")
     if device.type == "cpu" and not gpu.interpreting():
         raise CheckpointError("backend 'triton' on the CPU runs only under the Triton interpreter: "

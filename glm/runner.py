@@ -51,6 +51,50 @@ class ModelRunner:
         self.staging = StepStaging(max(max_batch, 8), self.device, rotary)
         self.graphs = None  # glm.gpu.graphs.DecodeGraphs once prepare() has captured them
 
+    # ---- setup ----
+    @torch.inference_mode()
+    def prepare(self, prefill_chunk: int, buckets=None) -> str:
+        """Warm up every kernel variant the engine launches, then capture the decode graphs; run at
+        setup while the KV pool is unused (it writes scratch KV at the pool's first slots). Prefill
+        at row counts covering each decode-GEMV width, the GEMM's and a whole chunk, decode and
+        sampling at each bucket, so that nothing compiles after setup. Returns what it did."""
+        from .gpu.graphs import BUCKETS, DecodeGraphs
+        buckets = tuple(b for b in (buckets or BUCKETS) if b <= self.staging.rows)
+        cfg = self.pool.cfg
+        lengths = sorted({n for n in (1, 2, 3, 5, 16, 17, prefill_chunk) if n <= min(prefill_chunk, self.pool.tokens)})
+        for n in lengths:
+            cache = self.pool.cache(0, n)
+            self.model(torch.zeros(1, n, dtype=torch.long, device=self.device), [0], [cache], last_only=True)
+        scratch = self.pool.cache(0, 1)
+        for rows in buckets:
+            self._stage_rows([0] * rows, [0] * rows, [scratch] * rows, rows)
+            self.staging.write("temperature", [1.0] * rows)
+            self.staging.write("top_p_cut", [0.2] * rows)
+            self.staging.write("top_k", [0] * rows)
+            self.staging.write("penalty", [1.0] * rows)
+            self.staging.copy()
+            logits = self._eager(self.staging.inputs(rows), [0] * rows, [scratch] * rows)
+            warm = [RowState(torch.Generator(device=self.device).manual_seed(0), None) for _ in range(rows)]
+            sample_rows(logits[:, -1], None, self.staging.sampling(rows), [w.draws for w in warm]).tolist()
+        done = f"warm-up: prefill of {', '.join(map(str, lengths))} rows, decode and sampling at {', '.join(map(str, buckets))} rows"
+        if not (self.stage_layers and self.staging.rotary is not None and self.device.type == "cuda"):
+            return done
+        graphs = DecodeGraphs()
+        failure = graphs.capture(lambda inputs: self._eager(inputs, [0] * inputs.rows, [scratch] * inputs.rows),
+                                 self.staging, buckets)
+        if failure is not None:
+            log.error("CUDA graphs off, decode runs eagerly: %s", failure)
+            return done
+        self.graphs = graphs
+        return f"{done}; CUDA graphs captured and checked bitwise against eager decode at {', '.join(map(str, buckets))} rows"
+
+    def _eager(self, inputs, starts, caches) -> torch.Tensor:
+        if not self.stage_layers:
+            return self.model(inputs.tokens, starts, caches, last_only=True)
+        with staged(inputs):
+            return self.model(inputs.tokens, starts, caches, last_only=True)
+
+    # ---- steps ----
     @torch.inference_mode()
     def run(self, batch: Batch) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -102,13 +146,9 @@ class ModelRunner:
         self._stage_rows([s.tokens[-1] for s in seqs], starts, caches, rows)
         self._stage_sampling(seqs)
         self.staging.copy()
-        inputs = self.staging.inputs(rows)
         if graph:
             return self.graphs.replay(rows)
-        if not self.stage_layers:
-            return self.model(inputs.tokens, starts, caches, last_only=True)
-        with staged(inputs):
-            return self.model(inputs.tokens, starts, caches, last_only=True)
+        return self._eager(self.staging.inputs(rows), starts, caches)
 
     @staticmethod
     def _bucket(rows: int) -> int | None:
