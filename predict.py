@@ -278,6 +278,12 @@ class Predictor(BasePredictor):
         concurrency = _env_int("COG_MAX_CONCURRENCY", DEFAULT_CONCURRENCY)
         engine = self.model.use_engine(max_batch=concurrency,
                                        kv_budget_tokens=_env_int("GLM_KV_BUDGET_TOKENS", None))
+        if device.type == "cuda":
+            # Every kernel variant compiled and the decode graphs captured before READY: nothing
+            # compiles inside a request (the log line says what ran and whether graphs are on).
+            t0 = time.monotonic()
+            engine.warm_up()
+            log(f"GPU warm-up done in {time.monotonic() - t0:.1f}s")
         engine.start()
         log(f"engine: up to {concurrency} sequences per step, KV budget {engine.kv_budget_tokens} tokens")
         if device.type == "cpu":
