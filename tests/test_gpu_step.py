@@ -94,7 +94,7 @@ def test_a_decode_step_copies_in_once_and_out_once(fast, monkeypatch, rows):
         assert engine.step()
         batch_steps += 1
     assert transfers.counts == {"h2d": 2, "d2h": 2}, dict(transfers.where)
-    assert transfers.where["h2d"] == ["staging.py:" + transfers.where["h2d"][0].split(":")[1]] * 2
+    assert all(w.startswith("staging.py:") for w in transfers.where["h2d"])  # StepStaging.copy
     assert all(w.startswith("runner.py:") for w in transfers.where["d2h"])
     # per step: 2 layers x (2 norms, qkv, store rows, attend rows, dense, h_to_4h, swiglu, 4h_to_h)
     # + the final norm and the output layer, whatever the number of rows

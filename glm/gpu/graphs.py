@@ -13,13 +13,9 @@ keeps the graphs only if every output is bitwise equal (else one log line, and d
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..staging import StepStaging, staged
-
-log = logging.getLogger("glm")
 
 BUCKETS = (1, 2, 4, 8)
 
