@@ -60,7 +60,6 @@ class ModelRunner:
         sampling at each bucket, so that nothing compiles after setup. Returns what it did."""
         from .gpu.graphs import BUCKETS, DecodeGraphs
         buckets = tuple(b for b in (buckets or BUCKETS) if b <= self.staging.rows)
-        cfg = self.pool.cfg
         lengths = sorted({n for n in (1, 2, 3, 5, 16, 17, prefill_chunk) if n <= min(prefill_chunk, self.pool.tokens)})
         for n in lengths:
             cache = self.pool.cache(0, n)
