@@ -7,8 +7,8 @@ Concurrency: predict() is async, so the Cog server runs up to COG_MAX_CONCURRENC
 once (cog.yaml `concurrency.max`; beyond it the server answers 409), and the engine thread batches
 them into one forward step (glm.engine). predict() returns a (sync) generator of text chunks rather
 than being an async generator: coglet 0.23.1 collects an async generator's output and sends it only
-when it ends, but streams a generator returned by an async predict(). See `_on_server_cancel` for how
-a cancel reaches the engine in that mode.
+when it ends, but streams a generator returned by an async predict(). cog_compat.py has each coglet 0.23.1
+workaround, and why.
 
 Inputs mirror the public Replicate model nomagick/chatglm2-6b-int4
 (prompt, max_tokens, temperature, top_p) plus top_k, repetition_penalty,
@@ -20,13 +20,8 @@ naming the variable.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
-import logging
 import os
-import socket
-import sys
-import threading
 import time
 from typing import Callable, Iterator, List, Optional
 
@@ -38,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import cog  # noqa: E402
 from cog import BasePredictor, ConcatenateIterator, Input  # noqa: E402
 
+import cog_compat  # noqa: E402
 import glm  # noqa: E402
 from glm import settings  # noqa: E402
 from glm.cpu import kernels  # noqa: E402
@@ -77,33 +73,6 @@ MAX_CACHE_KEY_CHARS = 256
 def log(msg: str) -> None:
     """One log line; coglet captures stdout into the prediction's / setup's logs."""
     print(f"[chatglm] {msg}", flush=True)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at each record: coglet's writer, which files a line under
-    the setup or the prediction whose context it is written from."""
-
-    def __init__(self):
-        super().__init__()
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _):
-        pass
-
-
-def route_glm_logs() -> None:
-    """The `glm` logger's lines (engine, loader, kernels) into the server's logs."""
-    logger = logging.getLogger("glm")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("[glm] %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # one copy of each line, whatever the root logger has
 
 
 class WeightsError(RuntimeError):
@@ -165,74 +134,9 @@ def weights_root() -> str:
     return os.environ.get("COG_WEIGHTS") or DEFAULT_WEIGHTS_DIR
 
 
-def _whole_number(name: str, value):
-    """JSON Schema's integer accepts 16.0, and the server passes it on as a float."""
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        return int(value)
-    return value
-
-
-def _on_server_cancel(callback: Callable[[], None]) -> bool:
-    """Call `callback` when the server cancels the prediction whose predict() is running now.
-
-    coglet 0.23.1 runs an async predict() with asyncio.run_coroutine_threadsafe and cancels it by
-    calling cancel() on the concurrent.futures.Future it got back; it keeps calling that after
-    predict() has returned the generator it streams, when cancel() on the finished future is a
-    no-op. So we find that future (asyncio chains it to our task with a done-callback that holds
-    it) and wrap its cancel(). Returns False when it is not found (another server): the prediction
-    then runs to its end when cancelled. tests/test_service_http.py checks this against the real server.
-    """
-    task = asyncio.current_task()
-    for cb, _ in getattr(task, "_callbacks", None) or ():
-        for cell in getattr(cb, "__closure__", None) or ():
-            future = cell.cell_contents
-            if isinstance(future, concurrent.futures.Future):
-                server_cancel = future.cancel
-
-                def cancel() -> bool:
-                    callback()
-                    return server_cancel()
-
-                future.cancel = cancel
-                return True
-    return False
-
-
 def device_setting() -> str:
     """GLM_DEVICE: auto (default: the GPU when torch can use it), cpu or cuda."""
     return os.environ.get("GLM_DEVICE", "").strip().lower() or "auto"
-
-
-def _watch_server_shutdown(port: int, on_shutdown: Callable[[], None], interval: float = 0.5) -> bool:
-    """Call `on_shutdown` once the server stops accepting connections on `port`.
-
-    coglet 0.23.1 closes its listener on SIGTERM, then waits for every running prediction with no
-    deadline and tells the worker nothing; a refused connection is the one sign the worker can see.
-    Returns False (nothing watched) when the port does not accept now, e.g. a server bound elsewhere.
-    """
-    def accepting() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2):
-                return True
-        except ConnectionRefusedError:
-            return False
-        except OSError:
-            return True  # slow or unreachable is not a shutdown
-
-    if not accepting():
-        return False
-
-    def watch() -> None:
-        refused = 0
-        while refused < 2:  # twice in a row
-            time.sleep(interval)
-            refused = 0 if accepting() else refused + 1
-        on_shutdown()
-
-    threading.Thread(target=watch, name="glm-shutdown-watch", daemon=True).start()
-    return True
 
 
 
@@ -243,7 +147,7 @@ def _with_seed(error: Exception, seed: int) -> str:
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
-        route_glm_logs()
+        cog_compat.route_logs("glm")
         # Every setting read before the weights load: a bad one fails setup at once, by name.
         concurrency = settings.integer("COG_MAX_CONCURRENCY", DEFAULT_CONCURRENCY, at_least=1)
         kv_budget_tokens = settings.integer("GLM_KV_BUDGET_TOKENS", None, at_least=1)
@@ -294,7 +198,7 @@ class Predictor(BasePredictor):
             torch.set_num_threads(threads or torch.get_num_threads())
             log(f"cpu: {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
         self._running: dict[int, Callable[[], None]] = {}  # id(stream) -> its cancel
-        if not _watch_server_shutdown(port, self._drain):
+        if not cog_compat.watch_server_shutdown(port, self._drain):
             log("warning: cannot see the server's port; a shutdown waits for running predictions to end")
         # One-token warm-up so the first request does not pay for lazy init.
         t0 = time.monotonic()
@@ -373,8 +277,8 @@ class Predictor(BasePredictor):
         prompt = defaults["prompt"] if prompt is None else prompt
         temperature = defaults["temperature"] if temperature is None else temperature
         top_p = defaults["top_p"] if top_p is None else top_p
-        max_tokens, top_k = _whole_number("max_tokens", max_tokens), _whole_number("top_k", top_k)
-        seed = None if seed is None else _whole_number("seed", seed)
+        max_tokens, top_k = cog_compat.whole_number("max_tokens", max_tokens), cog_compat.whole_number("top_k", top_k)
+        seed = None if seed is None else cog_compat.whole_number("seed", seed)
         if not prompt.strip():
             raise ValueError("prompt is empty: give the text to continue, e.g. " + repr(self.family["prompt"]))
         if self.family["other_format"] in prompt:
@@ -387,8 +291,8 @@ class Predictor(BasePredictor):
         if top_p == 0:
             log("top_p=0: greedy decoding")  # as on the public model; the engine reads it so too
         # The cancel hook is in place before the request is queued, so no cancel falls in between.
-        cancel = _CancelLink()
-        if not _on_server_cancel(cancel):
+        cancel = cog_compat.CancelLink()
+        if not cog_compat.on_server_cancel(cancel):
             log("warning: this server's cancel cannot reach the engine; a cancelled prediction runs to its end")
 
         def submit():
@@ -452,27 +356,6 @@ def _inject_test_hang(engine, hang: float) -> None:
         time.sleep(hang)
 
     engine.before_run = hang_once
-
-
-class _CancelLink:
-    """The server's cancel for one prediction, callable before its stream exists."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._requested = False
-        self._stream = None
-
-    def __call__(self) -> None:
-        with self._lock:
-            self._requested, stream = True, self._stream
-        if stream is not None:
-            stream.cancel()
-
-    def attach(self, stream) -> None:
-        with self._lock:
-            self._stream, requested = stream, self._requested
-        if requested:
-            stream.cancel()
 
 
 def _report(stream) -> None:

@@ -69,7 +69,7 @@ def fake_checkpoint(dest: Path, model: str = "chatglm2-6b-int4", scale: float = 
 def project_tree(root: Path) -> Path:
     """The checkout's tracked files that matter to cog (cog.yaml, .dockerignore, code), no venv."""
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("cog.yaml", ".dockerignore", "predict.py", "requirements.txt", "requirements-test.txt"):
+    for name in ("cog.yaml", ".dockerignore", "predict.py", "cog_compat.py", "requirements.txt", "requirements-test.txt"):
         shutil.copy2(REPO / name, root / name)
     shutil.copytree(REPO / "glm", root / "glm", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "script", root / "script", ignore=shutil.ignore_patterns("__pycache__"))
@@ -148,9 +148,10 @@ def test_the_checkout_ships_one_checkpoint_and_its_code(tmp_path):
 
     ctx = cogport.context_files(str(REPO), cogport.weights_excludes(dirs, root_files))
     paths = [e.path for e in ctx]
-    assert {"predict.py", "cog.yaml", "requirements.txt", "glm/__init__.py", "glm/cpu/csrc/module.cpp"} <= set(paths)
+    assert {"predict.py", "cog_compat.py", "cog.yaml", "requirements.txt", "glm/__init__.py",
+            "glm/cpu/csrc/module.cpp"} <= set(paths)
     top = {p.split("/")[0] for p in paths}
-    assert top <= {"predict.py", "cog.yaml", "requirements.txt", "requirements-test.txt", "README.md", "glm",
+    assert top <= {"predict.py", "cog_compat.py", "cog.yaml", "requirements.txt", "requirements-test.txt", "README.md", "glm",
                    "script", "docs", "weights", ".dockerignore"}, top
     assert not [p for p in paths if "__pycache__" in p or p.endswith(".pyc")]
     assert not [p for p in paths if p.startswith("weights/") and p not in ("weights/README.md", "weights/manifest.json")]

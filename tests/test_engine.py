@@ -465,10 +465,10 @@ def test_predictor_health_follows_the_engine(tiny_model, monkeypatch):
 
 
 def test_server_cancel_before_the_stream_exists_cancels_it_when_it_is_attached(tiny_model):
-    import predict
+    import cog_compat
 
     engine = make_engine(tiny_model)
-    link = predict._CancelLink()
+    link = cog_compat.CancelLink()
     link()  # the server cancels while the request is still being submitted
     stream = submit(tiny_model, engine, max_new_tokens=50)
     link.attach(stream)

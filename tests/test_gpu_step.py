@@ -96,11 +96,12 @@ def test_a_decode_step_copies_in_once_and_out_once(fast, monkeypatch, rows):
     assert transfers.counts == {"h2d": 2, "d2h": 2}, dict(transfers.where)
     assert all(w.startswith("staging.py:") for w in transfers.where["h2d"])  # StepStaging.copy
     assert all(w.startswith("runner.py:") for w in transfers.where["d2h"])
-    # per step: 2 layers x (2 norms, qkv, store rows, attend rows, dense, h_to_4h, swiglu, 4h_to_h)
+    # per step: 2 layers x (2 norms, qkv, store rows, attend rows, combine the context splits, dense,
+    # h_to_4h, swiglu, 4h_to_h)
     # + the final norm and the output layer, whatever the number of rows
     per_step = {k: v // batch_steps for k, v in kernels.items()}
     assert per_step == {"_rms_norm_kernel": 5, "_gemv_kernel": 9, "_store_rows_kernel": 2,
-                        "_attend_rows_kernel": 2, "_swiglu_kernel": 2}, per_step
+                        "_attend_rows_kernel": 2, "_combine_splits_kernel": 2, "_swiglu_kernel": 2}, per_step
     print(f"\n{rows} rows: per decode step {sum(per_step.values())} Triton launches {per_step}, "
           f"1 host-to-device copy, 1 device-to-host copy")
 

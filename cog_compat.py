@@ -1,0 +1,142 @@
+"""What coglet 0.23.1 (the Cog server cog.yaml pins) needs worked around, in one place.
+
+predict.py adapts Cog to the engine; these are the server behaviours it has to go around:
+
+- Streaming: coglet collects an async generator's output and sends it only when it ends, but
+  streams a (sync) generator returned by an async predict(): predict.py returns one.
+- Cancel: coglet cancels an async predict() through the concurrent.futures.Future of
+  run_coroutine_threadsafe, also after predict() has returned the generator it streams, when that
+  cancel is a no-op (`on_server_cancel`, `CancelLink`).
+- Shutdown: on SIGTERM coglet closes its listener, then waits for every running prediction with no
+  deadline and tells the worker nothing (`watch_server_shutdown`).
+- Logs: coglet files a line under the setup or prediction whose context writes it, through the
+  sys.stderr it installs per context (`route_logs`).
+- Integers: its JSON Schema validation accepts 16.0 for an integer input and passes the float on
+  (`whole_number`).
+- An explicit null for an optional input is answered 422: clients leave the input out (README).
+
+tests/test_service_http.py and tests/test_hostile.py check each of these against the pinned server.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import socket
+import sys
+import threading
+import time
+from typing import Callable
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at each record: coglet's writer, which files a line under
+    the setup or the prediction whose context it is written from."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def route_logs(name: str) -> None:
+    """The `name` logger's lines into the server's logs, each in the context that writes it."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter(f"[{name}] %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # one copy of each line, whatever the root logger has
+
+
+def whole_number(name: str, value):
+    """JSON Schema's integer accepts 16.0, and the server passes it on as a float."""
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    return value
+
+
+def on_server_cancel(callback: Callable[[], None]) -> bool:
+    """Call `callback` when the server cancels the prediction whose predict() is running now.
+
+    coglet 0.23.1 runs an async predict() with asyncio.run_coroutine_threadsafe and cancels it by
+    calling cancel() on the concurrent.futures.Future it got back; it keeps calling that after
+    predict() has returned the generator it streams, when cancel() on the finished future is a
+    no-op. So we find that future (asyncio chains it to our task with a done-callback that holds
+    it) and wrap its cancel(). Returns False when it is not found (another server): the prediction
+    then runs to its end when cancelled. tests/test_service_http.py checks this against the real server.
+    """
+    task = asyncio.current_task()
+    for cb, _ in getattr(task, "_callbacks", None) or ():
+        for cell in getattr(cb, "__closure__", None) or ():
+            future = cell.cell_contents
+            if isinstance(future, concurrent.futures.Future):
+                server_cancel = future.cancel
+
+                def cancel() -> bool:
+                    callback()
+                    return server_cancel()
+
+                future.cancel = cancel
+                return True
+    return False
+
+
+def watch_server_shutdown(port: int, on_shutdown: Callable[[], None], interval: float = 0.5) -> bool:
+    """Call `on_shutdown` once the server stops accepting connections on `port`.
+
+    coglet 0.23.1 closes its listener on SIGTERM, then waits for every running prediction with no
+    deadline and tells the worker nothing; a refused connection is the one sign the worker can see.
+    Returns False (nothing watched) when the port does not accept now, e.g. a server bound elsewhere.
+    """
+    def accepting() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                return True
+        except ConnectionRefusedError:
+            return False
+        except OSError:
+            return True  # slow or unreachable is not a shutdown
+
+    if not accepting():
+        return False
+
+    def watch() -> None:
+        refused = 0
+        while refused < 2:  # twice in a row
+            time.sleep(interval)
+            refused = 0 if accepting() else refused + 1
+        on_shutdown()
+
+    threading.Thread(target=watch, name="glm-shutdown-watch", daemon=True).start()
+    return True
+
+
+class CancelLink:
+    """The server's cancel for one prediction, callable before its stream exists."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._requested = False
+        self._stream = None
+
+    def __call__(self) -> None:
+        with self._lock:
+            self._requested, stream = True, self._stream
+        if stream is not None:
+            stream.cancel()
+
+    def attach(self, stream) -> None:
+        with self._lock:
+            self._stream, requested = stream, self._requested
+        if requested:
+            stream.cancel()
