@@ -75,51 +75,6 @@ def log(msg: str) -> None:
     print(f"[chatglm] {msg}", flush=True)
 
 
-class WeightsError(RuntimeError):
-    """Setup cannot find or load the checkpoint. The message says what to do."""
-
-
-def _has_config(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json"))
-
-
-def find_checkpoint(root: str) -> str:
-    """Locate the checkpoint directory under `root`, deterministically.
-
-    - `root` itself when it holds config.json;
-    - else its one subdirectory holding config.json (as script/download-weights writes
-      weights/<name>/). When several do, the default model's directory wins if present,
-      otherwise the first in sorted name order; the choice is logged.
-    Hidden entries (download-weights' in-progress temp dirs start with '.') are ignored.
-    """
-    if "://" in root:
-        raise WeightsError(
-            f"COG_WEIGHTS={root!r} is a URL; this predictor needs a local checkpoint directory "
-            "(run script/download-weights first)"
-        )
-    if not os.path.isdir(root):
-        raise WeightsError(
-            f"weights directory {root!r} does not exist: run `script/download-weights` "
-            "or set COG_WEIGHTS to a checkpoint directory"
-        )
-    if _has_config(root):
-        return root
-    candidates = sorted(
-        name
-        for name in os.listdir(root)
-        if not name.startswith(".") and _has_config(os.path.join(root, name))
-    )
-    if not candidates:
-        raise WeightsError(
-            f"no checkpoint in {root!r}: expected config.json there or in a subdirectory "
-            "such as weights/chatglm2-6b-int4/ (run `script/download-weights`)"
-        )
-    chosen = DEFAULT_MODEL_NAME if DEFAULT_MODEL_NAME in candidates else candidates[0]
-    if len(candidates) > 1:
-        log(f"several checkpoints in {root}: {', '.join(candidates)}; using {chosen}")
-    return os.path.join(root, chosen)
-
-
 def parse_stop_sequences(text: str) -> List[str]:
     """Replicate style: comma-separated; surrounding spaces trimmed; empty items dropped.
     Refused before splitting when longer than any valid list (a split costs ~6 bytes per comma)."""
@@ -156,7 +111,7 @@ class Predictor(BasePredictor):
         port = settings.integer("PORT", 5000, at_least=1, at_most=65535)
         require_kernels, int8_activations = settings.flag("GLM_REQUIRE_KERNELS"), settings.flag("GLM_INT8_ACTIVATIONS")
         test_hang_s = settings.number("GLM_TEST_HANG_SECONDS", 0)
-        path = find_checkpoint(weights_root())
+        path = glm.find_checkpoint(weights_root(), DEFAULT_MODEL_NAME)
         # A GPU that torch cannot use, or kernels required but unusable, fail setup with one line
         # (health SETUP_FAILED) instead of serving at a fraction of the speed.
         device = glm.device.resolve(device_setting())
@@ -177,7 +132,7 @@ class Predictor(BasePredictor):
             self.model = glm.load(path, device=device, int8_activations=int8_activations)
         except glm.CheckpointError as e:
             # One clear line in the server's setup logs; no engine traceback chain.
-            raise WeightsError(f"cannot load checkpoint {path}: {e}") from None
+            raise glm.WeightsError(f"cannot load checkpoint {path}: {e}") from None
         cfg = self.model.config
         # Inputs left empty take the loaded model's own defaults (prompt, temperature, top_p).
         self.family = dict(FAMILY[cfg.family], **self.model.chat_defaults)

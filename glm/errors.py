@@ -9,6 +9,10 @@ class CheckpointError(GLMError):
     """The checkpoint directory is missing, incomplete or inconsistent."""
 
 
+class WeightsError(CheckpointError):
+    """No checkpoint where the weights should be, or one that cannot be loaded; the message says what to do."""
+
+
 class InputError(GLMError, ValueError):
     """A request cannot be served as given (bad parameter, prompt too long, ...)."""
 

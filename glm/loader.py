@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import nn
 from .config import ChatGLMConfig
 from .cpu import kernels
 from .device import resolve as resolve_device
-from .errors import CheckpointError
+from .errors import CheckpointError, WeightsError
 from .ops import TorchOps
 from .quant import HalfLinear, QuantLinear, quantize as quantize_weight
 
@@ -143,6 +144,47 @@ def swap_linears(model: nn.Module, cfg: ChatGLMConfig, bits: int, ops: TorchOps)
             else:
                 continue
         setattr(model.get_submodule(parent_name), attr, new)
+
+
+def _has_config(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def find_checkpoint(root: str, preferred: str | None = None) -> str:
+    """Locate the checkpoint directory under `root`, deterministically.
+
+    - `root` itself when it holds config.json;
+    - else its one subdirectory holding config.json (as script/download-weights writes
+      weights/<name>/). When several do, `preferred`'s directory wins if present,
+      otherwise the first in sorted name order; the choice is logged.
+    Hidden entries (download-weights' in-progress temp dirs start with '.') are ignored.
+    """
+    if "://" in root:
+        raise WeightsError(
+            f"COG_WEIGHTS={root!r} is a URL; this predictor needs a local checkpoint directory "
+            "(run script/download-weights first)"
+        )
+    if not os.path.isdir(root):
+        raise WeightsError(
+            f"weights directory {root!r} does not exist: run `script/download-weights` "
+            "or set COG_WEIGHTS to a checkpoint directory"
+        )
+    if _has_config(root):
+        return root
+    candidates = sorted(
+        name
+        for name in os.listdir(root)
+        if not name.startswith(".") and _has_config(os.path.join(root, name))
+    )
+    if not candidates:
+        raise WeightsError(
+            f"no checkpoint in {root!r}: expected config.json there or in a subdirectory "
+            "such as weights/chatglm2-6b-int4/ (run `script/download-weights`)"
+        )
+    chosen = preferred if preferred in candidates else candidates[0]
+    if len(candidates) > 1:
+        log.info("several checkpoints in %s: %s; using %s", root, ", ".join(candidates), chosen)
+    return os.path.join(root, chosen)
 
 
 def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import requests
 
-from predict import WeightsError, find_checkpoint, weights_root
+import glm
+from predict import DEFAULT_MODEL_NAME, weights_root
 from script.cogserver import REPO, CogServer, make_tiny_checkpoint
 
 # Under .cog/, which cog neither takes for weights nor copies into the image (script/cogport.py).
@@ -22,12 +23,13 @@ TINY = SCRATCH / "tiny-chatglm2-int4"
 
 
 def pick_weights() -> str:
-    """The checkpoint the server will find (predict.find_checkpoint), else the tiny random one."""
+    """The checkpoint the server will find (glm.find_checkpoint, as predict.py's setup calls it), else the
+    tiny random one."""
     try:
-        path = find_checkpoint(weights_root())
+        path = glm.find_checkpoint(weights_root(), DEFAULT_MODEL_NAME)
         print(f"demo: real weights found in {path}")
         return path
-    except WeightsError as e:
+    except glm.WeightsError as e:
         print(f"demo: NO REAL WEIGHTS ({e})\n"
               f"      -> using the project's own small RANDOM-WEIGHT checkpoint\n"
               f"      ({TINY.relative_to(REPO)}, made by `python -m glm.tiny`): the reply is random tokens, not\n"

@@ -1,5 +1,5 @@
-"""Unit tests of predict.py's own helpers, in-process (no server): weights discovery and
-stop-sequence parsing."""
+"""Unit tests of predict.py's own helpers, in-process (no server): weights discovery as setup does
+it (glm.find_checkpoint with the default model preferred) and stop-sequence parsing."""
 from __future__ import annotations
 
 import os
@@ -21,30 +21,36 @@ def _ckpt(path):
 
 
 def test_find_checkpoint_layouts(tmp_path):
+    import glm
+
     p = _predict_module()
+
+    def find(root):  # as setup looks: the default model's directory preferred
+        return glm.find_checkpoint(root, p.DEFAULT_MODEL_NAME)
+
     direct = _ckpt(tmp_path / "direct")
-    assert p.find_checkpoint(direct) == direct
+    assert find(direct) == direct
     one = tmp_path / "one"
     _ckpt(one / "chatglm2-6b")
     (one / ".tmp-chatglm2-6b-int4-x").mkdir()
     _ckpt(one / ".tmp-chatglm2-6b-int4-y")  # hidden (in-progress download): never picked
-    assert p.find_checkpoint(str(one)) == str(one / "chatglm2-6b")
+    assert find(str(one)) == str(one / "chatglm2-6b")
     many = tmp_path / "many"
     _ckpt(many / "chatglm-6b")
     _ckpt(many / "chatglm2-6b-int4")
     _ckpt(many / "aaa")
-    assert p.find_checkpoint(str(many)) == str(many / "chatglm2-6b-int4")
+    assert find(str(many)) == str(many / "chatglm2-6b-int4")
     nodefault = tmp_path / "nodefault"
     _ckpt(nodefault / "zeta")
     _ckpt(nodefault / "alpha")
-    assert p.find_checkpoint(str(nodefault)) == str(nodefault / "alpha")
-    with pytest.raises(p.WeightsError, match="does not exist"):
-        p.find_checkpoint(str(tmp_path / "nope"))
+    assert find(str(nodefault)) == str(nodefault / "alpha")
+    with pytest.raises(glm.WeightsError, match="does not exist"):
+        find(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(p.WeightsError, match="no checkpoint"):
-        p.find_checkpoint(str(tmp_path / "empty"))
-    with pytest.raises(p.WeightsError, match="URL"):
-        p.find_checkpoint("https://example.invalid/weights.tar")
+    with pytest.raises(glm.WeightsError, match="no checkpoint"):
+        find(str(tmp_path / "empty"))
+    with pytest.raises(glm.WeightsError, match="URL"):
+        find("https://example.invalid/weights.tar")
 
 
 def test_parse_stop_sequences():
