@@ -4,6 +4,7 @@ outside still leaves what it measured)."""
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import time
 import traceback
@@ -27,6 +28,12 @@ class Item:
     detail: str = ""
     figures: dict = field(default_factory=dict)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process and its finished children: wall time means little on a busy box
+
+
+def cpu_time() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 class Skip(Exception):
@@ -37,31 +44,33 @@ class Absent(Exception):
     """Raised by a check whose feature this checkout does not have yet."""
 
 
-class ItemTimeout(Exception):
-    pass
+class ItemTimeout(BaseException):
+    """A BaseException, as KeyboardInterrupt: the engine's per-sequence containment and Triton's
+    interpreter catch Exception, and a time limit must get through both."""
 
 
 class _Clock:
+    armed = False
     expired = False
 
 
 def _alarm(signum, frame):
-    _Clock.expired = True
-    raise ItemTimeout()
+    if _Clock.armed:
+        _Clock.expired = True
+        raise ItemTimeout()
 
 
 def run_item(name: str, kind: str, check: Callable[[], tuple[str, str, dict] | dict], limit_s: float) -> Item:
     """Run one check with a wall-clock limit (SIGALRM: it interrupts Python code, including the
     Triton interpreter, but not one long native call, which the run's overall deadline covers).
-    The alarm repeats every second once the limit is reached: the engine contains an error inside a
-    step to its sequences, and a check must still end.
+    The alarm repeats every second once the limit is reached, in case the check swallows even that.
 
     A check returns figures (a dict: status "figure"), or (status, detail, figures)."""
     item = Item(name, kind)
     old = signal.signal(signal.SIGALRM, _alarm)
-    _Clock.expired = False
+    _Clock.armed, _Clock.expired = True, False
     signal.setitimer(signal.ITIMER_REAL, limit_s, 1.0)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), cpu_time()
     try:
         result = check()
         if isinstance(result, dict):
@@ -79,11 +88,13 @@ def run_item(name: str, kind: str, check: Callable[[], tuple[str, str, dict] | d
         where = f" ({Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
         item.status, item.detail = "fail", f"{type(e).__name__}: {e}{where}"[:2000]
     finally:
+        _Clock.armed = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
     if _Clock.expired:  # also when the timeout surfaced wrapped (Triton's InterpreterError, a failed request)
         item.status, item.detail = "fail", f"timed out after {limit_s:.0f}s"
     item.seconds = round(time.perf_counter() - t, 2)
+    item.cpu_seconds = round(cpu_time() - cpu, 2)
     assert item.status in STATUSES, item.status
     return item
 
@@ -127,7 +138,7 @@ def _short(v) -> str:
 def line(item: Item) -> str:
     """One item for the human summary: status, name, time, detail."""
     detail = f"  {item.detail}" if item.detail else ""
-    return f"{item.status.upper():7} {item.kind[:11]:11} {item.name:28} {item.seconds:7.1f}s{detail}"
+    return f"{item.status.upper():7} {item.kind[:11]:11} {item.name:30} {item.seconds:6.1f}s{detail}"
 
 
 def figures_lines(item: Item) -> list[str]:
