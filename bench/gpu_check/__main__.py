@@ -23,6 +23,7 @@ import argparse
 import faulthandler
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -91,6 +92,7 @@ def main(argv=None) -> int:
     report = Report(out / "gpu-check.json", meta)
     start = time.monotonic()
     faulthandler.dump_traceback_later(args.deadline + 20, exit=True)  # a hang in native code: stop, JSON kept
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still removes the work folder
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     try:
         run_all(Checks(args, report, start), args, device, work)
@@ -122,7 +124,7 @@ def run_all(check: Checks, args, device, work: Path) -> None:
     # The interpreter takes about 2 CPU-seconds a forward pass of the tiny model: fewer streams and tokens there.
     streams, new_tokens = (8, 12) if cuda else (3, 4)
     check("batch_invariance", "correctness", lambda: correctness.batch_invariance(tiny_model(), streams, new_tokens), 240)
-    check("prefix_cache_exact", "correctness", lambda: correctness.prefix_cache_exact(tiny_model(), new_tokens), 180)
+    check("prefix_cache_exact", "correctness", lambda: correctness.prefix_cache_exact(tiny_model(), 8 if cuda else 2), 180)
     check("cuda_graphs", "correctness", lambda: correctness.cuda_graphs(tiny_model), 120)
     check("device_tests", "correctness",
           lambda: correctness.device_tests(cuda, work, args.reference, check.left() - 15), 300)
