@@ -3,7 +3,7 @@ tiny checkpoint, on the GPU unless --interpret; its metrics and the service's lo
 from __future__ import annotations
 
 import importlib.util
-import os
+import json
 import shutil
 import subprocess
 import sys
@@ -25,6 +25,14 @@ def install_wheels(wheels: Path, timeout_s: float) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"pip install from {wheels} failed: {(proc.stderr or proc.stdout)[-1000:]}")
     return f"installed cog, coglet from {wheels}"
+
+
+def message(line: str) -> str:
+    """The text of one server log line (coglet writes JSON records: fields.message)."""
+    try:
+        return json.loads(line)["fields"]["message"].strip()
+    except (ValueError, KeyError, TypeError):
+        return line.strip()
 
 
 def missing_packages() -> list[str]:
@@ -52,7 +60,7 @@ def streamed_prediction(tiny_checkpoint: Path, workdir: Path, cuda: bool, wheels
     done = next((e["data"] for e in events if e["event"] == "completed"), None) or {}
     streamed = "".join(e["data"]["chunk"] for e in outputs)
     want = in_process_text(tiny_checkpoint, cuda, body["input"])
-    lines = [ln.strip()[:300] for ln in log.splitlines() if any(m in ln for m in LOG_MARKERS)][-12:]
+    lines = [message(ln)[:300] for ln in log.splitlines() if any(m in ln for m in LOG_MARKERS)][-12:]
     figures = {"events": len(events), "output_events": len(outputs), "status": done.get("status"),
                "metrics": done.get("metrics"), "output": "".join(done.get("output") or [])[:200], "log": lines}
     device_line = f"on {'cuda' if cuda else 'cpu'}"

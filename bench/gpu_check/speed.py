@@ -72,7 +72,7 @@ def write_checkpoint(out: Path, family: str, full_size: bool, reference: Path, c
     if proc.returncode != 0:
         raise RuntimeError(f"glm.tiny failed: {(proc.stderr or proc.stdout)[-1500:]}")
     size = sum(f.stat().st_size for f in out.iterdir())
-    return {"write_s": round(time.perf_counter() - t, 2), "checkpoint_gb": round(size / 1e9, 3), "path": str(out)}
+    return {"write_s": round(time.perf_counter() - t, 2), "checkpoint_mb": round(size / 1e6, 1)}
 
 
 def load(run: Run, path: Path) -> dict:
