@@ -183,7 +183,8 @@ def prefix_cache_exact(model, new_tokens: int = 8):
     """Round 2 of a chat reusing round 1's cached KV gives exactly the tokens of a full recomputation
     (as the engine computes rows with the cache on: glm.engine, model.compute_rows_exactly)."""
     import glm
-    cached_engine = model.use_engine(max_batch=2)  # cache on: rows computed exactly from here on
+    # Cache on, keyless requests in one scope (as one chat client's): rows computed exactly from here on.
+    cached_engine = model.use_engine(max_batch=2, prefix_cache_scope="shared")
     if not model.model.reuses_kv_exactly:
         return "fail", "the engine left the prefix cache off: the model cannot reuse KV exactly", {}
     tok = model.tokenizer
