@@ -67,8 +67,9 @@ def device_tests(cuda: bool, workdir: Path, reference: Path, timeout_s: float):
 
 
 # ---- THUDM's reference vectors and the kernel self-test
-def _vector_models(reference: Path):
-    """(name, model, DataReader positioned at the inputs) for chatglm.cpp's model vectors."""
+def _vector_models(reference: Path, ops):
+    """(name, cfg, model computing with `ops`, DataReader positioned at the inputs) for chatglm.cpp's
+    model vectors."""
     os.environ["GLM_REFERENCE"] = str(reference)
     if str(REPO / "tests") not in sys.path:
         sys.path.insert(0, str(REPO / "tests"))
@@ -87,11 +88,11 @@ def _vector_models(reference: Path):
         ckpt |= {"transformer." + k: v for k, v in read_glm2_weights(r, cfg, "encoder.layers.0.").items()}
         ckpt["transformer.encoder.final_layernorm.weight"] = torch.from_numpy(r.read(cfg.hidden_size))
         ckpt["transformer.output_layer.weight"] = torch.zeros(cfg.vocab_size, cfg.hidden_size)
-        model = ChatGLM2(cfg)
+        model = ChatGLM2(cfg, ops)
         load_by_checkpoint_names(model, ckpt)
         yield name, cfg, model, r
     r = DataReader("glm_model.data")
-    model = ChatGLM(VEC_CFG)
+    model = ChatGLM(VEC_CFG, ops)
     model.load_state_dict(read_glm_model_weights(r, VEC_CFG), strict=True)
     yield "glm_model.data", VEC_CFG, model, r
 
@@ -99,15 +100,14 @@ def _vector_models(reference: Path):
 def reference_vectors(device, reference: Path):
     """chatglm.cpp's vectors (prefill 3 tokens, then 2 decode steps) through the Triton backend on the
     device, on a pool-backed cache as the engine uses it: within 2% of the largest value."""
+    from glm.gpu.ops import TritonOps
     from glm.kvpool import KVPool
-    from glm.loader import _set_backend
 
     if not (reference / "chatglm_cpp" / "glm2_model.data").is_file():
         raise Skip(f"no reference vectors under {reference} (pass --reference DIR: a copy of shared/reference)")
     figures, bad = {}, []
-    for name, cfg, model, r in _vector_models(reference):
+    for name, cfg, model, r in _vector_models(reference, TritonOps()):
         model = model.half().to(device).eval()
-        _set_backend(model, "triton")
         cache = KVPool(cfg, 8, device, torch.float16).cache(0, 8)
         worst, start = 0.0, 0
         for n in (3, 1, 1):
@@ -181,11 +181,11 @@ def batch_invariance(model, n: int = 8, new_tokens: int = 12):
 
 def prefix_cache_exact(model, new_tokens: int = 8):
     """Round 2 of a chat reusing round 1's cached KV gives exactly the tokens of a full recomputation
-    (as the engine computes rows with the cache on: glm.engine, model.compute_rows_exactly)."""
+    (the cached engine's steps compute rows exactly: glm.engine, ops.rows_exactly)."""
     import glm
-    # Cache on, keyless requests in one scope (as one chat client's): rows computed exactly from here on.
+    # Cache on, keyless requests in one scope (as one chat client's).
     cached_engine = model.use_engine(max_batch=2, prefix_cache_scope="shared")
-    if not model.model.reuses_kv_exactly:
+    if not cached_engine.exact_rows:
         return "fail", "the engine left the prefix cache off: the model cannot reuse KV exactly", {}
     tok = model.tokenizer
     round1 = tok.encode(tok.build_prompt("你好"))

@@ -87,7 +87,7 @@ def _attention_setup(device, size: str):
 
 def _row_attention(device, size: str, rows: list[int]):
     from glm.gpu.attention import row_attention
-    from glm.gpu.blocks import row_plan
+    from glm.gpu.ops import row_plan
     cfg, pool, caches, starts, q, k, v, cos, sin = _attention_setup(device, size)
     pick = torch.tensor(rows, device=device)
     plan = row_plan([caches[r] for r in rows], [starts[r] for r in rows], 1, device)
