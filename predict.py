@@ -282,6 +282,12 @@ class Predictor(BasePredictor):
         # (prompt + max_tokens) within the budget (the engine's default unless GLM_KV_BUDGET_TOKENS
         # says otherwise): a request that does not fit yet waits.
         engine = self.model.use_engine(max_batch=concurrency, kv_budget_tokens=kv_budget_tokens)
+        if device.type == "cuda":
+            # Every kernel variant compiled and the decode graphs captured before READY: nothing
+            # compiles inside a request (the log line says what ran and whether graphs are on).
+            t0 = time.monotonic()
+            engine.warm_up()
+            log(f"GPU warm-up done in {time.monotonic() - t0:.1f}s")
         engine.start()
         log(f"engine: up to {concurrency} sequences per step, KV budget {engine.kv_budget_tokens} tokens")
         if device.type == "cpu":

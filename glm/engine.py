@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from . import prefix_cache, settings
-from .errors import EngineError, InputError
+from .errors import EngineError, InputError, sticky_device_error
 from .sampling import SamplingParams
 from .kvpool import KVPool
 from .output import OutputStage
@@ -109,7 +109,7 @@ class Engine:
         self.scheduler = Scheduler(max_batch=max_batch, kv_budget_tokens=self.kv_budget_tokens,
                                    prefill_chunk=prefill_chunk, prefill_whole=model.prefill_whole,
                                    prefix_cache_tokens=prefix_cache_tokens, kv=self.pool, max_wait_s=kv_wait_s)
-        self.runner = ModelRunner(model, self.pool, device)
+        self.runner = ModelRunner(model, self.pool, device, max_batch)
         self.output = OutputStage(tokenizer, cfg)
         self._lock = threading.Lock()           # the queues and flags; never held over a forward pass
         self._wakeup = threading.Condition(self._lock)
@@ -124,6 +124,12 @@ class Engine:
         # Called with each step's batch before its forward pass: tests inject a fault here (a hang);
         # only code in this process can set it.
         self.before_run: Callable[[Batch], None] | None = None
+
+    def warm_up(self) -> None:
+        """Compile every kernel variant the engine will launch and capture the decode graphs (GPU),
+        before the first request: setup calls this once, before start()."""
+        with self._step_lock, self.model.ops.rows_exactly(self.exact_rows):
+            log.info("%s", self.runner.prepare(self.prefill_chunk))
 
     # ---- requests ----
     def cache_scope(self, cache_key: str | None) -> int | None:
@@ -222,6 +228,10 @@ class Engine:
                     self.before_run(batch)
                 with self.model.ops.rows_exactly(self.exact_rows):
                     outcomes = self.runner.run(batch)
+            except Exception as e:
+                if sticky_device_error(e):  # the device can run nothing more: health says so at once
+                    self._die(e)
+                raise
             finally:
                 self._running_step = None
             self.output.postprocess(outcomes)
@@ -268,13 +278,16 @@ class Engine:
                 if self.dead is not None:  # the watchdog gave up on the step that just returned
                     return
         except BaseException as e:  # noqa: BLE001 - the loop cannot go on: say so to every request
-            self._die(e)
+            if self.dead is None:
+                self._die(e)
 
     def _guarded_step(self) -> None:
         try:
             self.step()
             self._failed_steps = 0
         except Exception:  # noqa: BLE001
+            if self.dead is not None:
+                raise
             self._failed_steps += 1
             log.exception("engine step failed (%d in a row)", self._failed_steps)
             if self._failed_steps >= MAX_FAILED_STEPS:

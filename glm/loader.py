@@ -186,6 +186,13 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = N
     _check_unexpected(ckpt, model)
     model.load_state_dict(state, assign=True, strict=True)
     model.requires_grad_(False).eval()
+    if ops.name == "triton" and device.type == "cuda":
+        # The kernels at this model's shapes; on failure the torch ops (or GLM_REQUIRE_GPU_KERNELS' error).
+        from .gpu import selftest
+        failure = selftest.run_model(model, device)
+        if failure is not None:
+            backend = selftest.fallback(device, f"at the model's shapes: {failure}")
+            return load(path, device, dtype, quantize, int8_activations, backend)
     if cfg.quantization_bit == 0 and bits:
         cfg = _with_bits(cfg, bits)
     log.info("loaded %s (%s, %s, %s, ops %s) in %.1fs", path, cfg.family, f"int{bits}" if bits else "fp16",
@@ -206,7 +213,8 @@ def _backend(device: torch.device, requested: str | None) -> str:
     from . import gpu
     if not gpu.triton_available():
         if requested is None:
-            return "torch"
+            from .gpu import selftest
+            return selftest.fallback(device, "triton is not installed")
         raise CheckpointError("backend 'triton' needs the triton package (pip install triton)")
     if device.type == "cpu" and not gpu.interpreting():
         raise CheckpointError("backend 'triton' on the CPU runs only under the Triton interpreter: "

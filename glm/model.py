@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import staging
 from .config import ChatGLMConfig
 from .kvpool import KVCache
-from .ops import TorchOps
+from .ops import TorchOps, rotary_angles
 from .quant import HalfLinear
 
 
@@ -36,19 +37,6 @@ class Embedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.word_embeddings(tokens).to(dtype)
-
-
-def rotary_angles(cfg: ChatGLMConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [*positions.shape, rot/2] for the rotated half of each head (fp32).
-
-    rope_ratio (ChatGLM2-32K) interpolates positions; it does not change the base. Computed in fp32
-    for every position (THUDM's HF code rounds positions > 2048 to fp16 under torch_dtype=float16;
-    chatglm.cpp and we do not).
-    """
-    rot = cfg.head_dim // 2
-    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, rot, 2, device=positions.device, dtype=torch.float32) / rot))
-    angles = (positions.float() / cfg.rope_ratio)[..., None] * inv_freq
-    return torch.cos(angles), torch.sin(angles)
 
 
 class SelfAttention(nn.Module):
@@ -126,8 +114,12 @@ class ChatGLM2(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache]) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden] for tokens [B, T] at positions starts[b]..; fills the caches."""
         T = tokens.shape[1]
-        positions = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
-        cos, sin = rotary_angles(self.cfg, positions)
+        step = staging.current()
+        if step is not None and step.rotary is not None:  # a staged decode step (glm/staging.py)
+            cos, sin = step.rotary_angles()
+        else:
+            positions = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
+            cos, sin = rotary_angles(self.cfg, positions)
         x = self.embedding(tokens, self.dtype)
         for block in self.encoder.layers:
             x = block(x, cos, sin, starts, caches)

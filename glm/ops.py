@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from .config import ChatGLMConfig
 from .quant import dequantize, int8_activation_linear
 
 # Output rows of an fp16 weight widened at a time for a dense GEMM (bf16 prefill, or no kernels):
@@ -119,6 +120,19 @@ class TorchOps:
             else:
                 out.append(F.scaled_dot_product_attention(qb, keys, values, attn_mask=masks[b]))
         return torch.stack(out).transpose(1, 2)
+
+
+def rotary_angles(cfg: ChatGLMConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [*positions.shape, rot/2] for the rotated half of each head (fp32).
+
+    rope_ratio (ChatGLM2-32K) interpolates positions; it does not change the base. Computed in fp32
+    for every position (THUDM's HF code rounds positions > 2048 to fp16 under torch_dtype=float16;
+    chatglm.cpp and we do not).
+    """
+    rot = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, rot, 2, device=positions.device, dtype=torch.float32) / rot))
+    angles = (positions.float() / cfg.rope_ratio)[..., None] * inv_freq
+    return torch.cos(angles), torch.sin(angles)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,6 @@ import queue
 import threading
 import time
 
-import torch
-
 from .sampling import SamplingParams
 
 log = logging.getLogger("glm")
@@ -28,7 +26,7 @@ class Sequence:
         self.params = params
         self.cache_scope = cache_scope  # its prefix-cache scope (glm.prefix_cache); None: shares nothing
         self.tokens = list(prompt_ids)
-        self.generator = torch.Generator().manual_seed(params.seed)
+        self.sampling = None            # its generator and seen tokens on the model's device (glm.sampling.RowState), the runner's
         self.pos = 0                    # tokens already in the KV cache: the next prefill starts here
         self.cached_tokens = 0          # prompt tokens whose KV came from the prefix cache
         self.extent: int | None = None  # start of its tokens in the engine's KV pool while admitted

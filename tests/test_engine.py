@@ -215,14 +215,15 @@ def test_a_fault_in_reaping_leaves_the_others_and_later_requests_working(tiny_mo
 def test_a_fault_in_one_sequences_sampling_fails_only_that_sequence(tiny_model, threaded, monkeypatch):
     from glm import runner
 
-    real = runner.sample
+    real = runner.sample_rows
 
-    def faulty_sample(logits, history, params, generator):
-        if params.seed == 666 and len(history) == 0:
+    def faulty_sample_rows(logits, seen, rows, generators):
+        # a batch holding the bad sequence's row fails; the runner then samples each row alone
+        if any(g is not None and g.initial_seed() == 666 for g in generators):
             raise FloatingPointError("injected sampling fault")
-        return real(logits, history, params, generator)
+        return real(logits, seen, rows, generators)
 
-    monkeypatch.setattr(runner, "sample", faulty_sample)
+    monkeypatch.setattr(runner, "sample_rows", faulty_sample_rows)
     engine = threaded()
     streams, results, took = _fault_run(tiny_model, engine, 666)
     assert took < 10

@@ -172,7 +172,8 @@ def test_stop_string_is_cut_and_never_streamed(tiny_model, prompt):
 
 def test_eos_ends_generation_without_text(tiny_model, monkeypatch):
     script = iter([100, 200, 2, 300])
-    monkeypatch.setattr("glm.runner.sample", lambda *a: next(script))
+    monkeypatch.setattr("glm.runner.sample_rows",
+                        lambda logits, seen, rows, generators: torch.tensor([next(script) for _ in generators]))
     s, chunks = run(tiny_model, PROMPTS[0], max_new_tokens=10)
     assert s.finish_reason == "eos" and s.new_tokens == 2
     assert "".join(chunks) == tiny_model.tokenizer.decode([100, 200])

@@ -235,6 +235,8 @@ def test_bench_device_cuda_logic_runs_under_the_interpreter(models, capsys):
     assert main(["--device", "interpret", "--tiny", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["backend"] == "triton" and result["layers"] == 2
+    # decode through the engine with sampling on, as users send it (graphs only on CUDA)
+    assert result["decode_sampling"] == "temperature 0.8, top_p 0.8" and result["cuda_graphs"] is False
     for key in ("prefill_tok_s", "prefill_exact_rows_tok_s", "batch1_decode_tok_s", "batch8_decode_tok_s",
                 "ttft_s", "chat_round2_ttft_cached_s", "chat_round2_ttft_uncached_s", "peak_rss_bytes",
                 "roofline_fraction_batch1", "roofline_fraction_batch8"):

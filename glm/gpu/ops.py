@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import staging
 from ..ops import TorchOps, apply_rotary
 from . import attention, linear, pointwise
 
@@ -74,6 +75,9 @@ def row_plan(caches, starts: list[int], T: int, device):
     if views is None:
         return None
     flat_k, flat_v, offsets = views
+    step = staging.current()
+    if step is not None and T == 1:  # a decode step: the runner staged the plan with its rows
+        return flat_k, flat_v, step.cache_offsets, step.cache_slots, step.slots
     first = [c.slot(s, T) for c, s in zip(caches, starts)]
     key = (tuple(o for o in offsets for _ in range(T)),
            tuple(c.k.shape[2] for c in caches for _ in range(T)),
