@@ -206,9 +206,63 @@ def prefix_cache_exact(model, new_tokens: int = 8):
     return "pass", f"round 2 with {cached}/{len(round2)} prompt tokens from the cache = recomputed", figures
 
 
-def cuda_graphs(load_model):
-    """CUDA graph replay = the eager step. Needs glm.gpu.graphs (issue 23); absent until it exists."""
+def cuda_graphs(model, cuda: bool, n: int = 8, new_tokens: int = 12):
+    """CUDA graph replay = the eager step: n concurrent seeded streams decode to the same tokens with
+    the engine's decode graphs (captured and checked by Engine.warm_up, glm/gpu/graphs.py) as with
+    the graphs off. Decode batches of 1..n rows replay every bucket, padded ones included. Under the
+    interpreter nothing can be captured: what a graph computes (the eager forward on the staged rows
+    padded to the bucket) stands in for the replay, which checks the padding, not the capture."""
     if importlib.util.find_spec("glm.gpu.graphs") is None:
         raise Absent("glm.gpu.graphs is not in this checkout: no CUDA graph replay to check")
-    return "fail", ("glm.gpu.graphs exists but no replay-vs-eager check is wired for it: "
-                    "bench/gpu_check/correctness.py cuda_graphs"), {}
+    prompts, params = batch_requests(model, n, new_tokens)
+    engine = model.use_engine(max_batch=n, prefix_cache_tokens=0)
+    runner = engine.runner
+    if cuda:
+        engine.warm_up()
+        if runner.graphs is None:
+            return "fail", "Engine.warm_up captured no decode graph (its log line 'CUDA graphs off' says why)", {}
+        graphs = runner.graphs
+    else:
+        graphs = _PaddedEagerGraphs(runner)
+    runner.graphs = replays = _CountedReplays(graphs)
+    replayed, peak = _run_alone_or_together(engine, prompts, params, together=True)
+    runner.graphs = None
+    eager, _ = _run_alone_or_together(engine, prompts, params, together=True)
+    figures = {"captured": cuda, "streams": n, "peak_batch": peak, "replays_by_bucket": dict(sorted(replays.counts.items()))}
+    differ = [i for i in range(n) if replayed[i] != eager[i]]
+    if differ:
+        return "fail", f"requests {differ} differ with graph replay vs eager decode", figures
+    if not replays.counts:
+        return "fail", "no decode step replayed a graph: the check did not test replay", figures
+    how = "graph replay" if cuda else "the graphs' padded-bucket computation (interpreter: no capture)"
+    return "pass", f"{n} streams decode the same tokens by {how} as eagerly; buckets {sorted(replays.counts)}", figures
+
+
+class _CountedReplays:
+    """A DecodeGraphs that counts its replays per bucket."""
+
+    def __init__(self, graphs):
+        self.graphs, self.counts = graphs, {}
+
+    def get(self, rows):
+        return self.graphs.get(rows)
+
+    def replay(self, rows):
+        self.counts[rows] = self.counts.get(rows, 0) + 1
+        return self.graphs.replay(rows)
+
+
+class _PaddedEagerGraphs:
+    """In place of the captured graphs where CUDA is not: each bucket runs the forward that
+    ModelRunner.prepare captures, eagerly, on the staged rows padded to the bucket."""
+
+    def __init__(self, runner):
+        from glm.gpu.graphs import BUCKETS
+        self.runner, self.buckets = runner, [b for b in BUCKETS if b <= runner.staging.rows]
+
+    def get(self, rows):
+        return rows if rows in self.buckets else None
+
+    def replay(self, rows):
+        scratch = self.runner.pool.cache(0, 1)
+        return self.runner._eager(self.runner.staging.inputs(rows), [0] * rows, [scratch] * rows)

@@ -85,9 +85,8 @@ def load(run: Run, path: Path) -> dict:
     m = glm.load(path, device=run.device, backend="triton")
     run.sync()
     load_s = time.perf_counter() - t
-    backend = {mod.backend for mod in m.model.modules() if hasattr(mod, "backend")}
-    if backend != {"triton"}:
-        raise RuntimeError(f"loaded on backend {backend}, not triton: the self-test failed on this device (see the log)")
+    if m.model.ops.name != "triton":
+        raise RuntimeError(f"loaded with ops {m.model.ops.name!r}, not triton: the self-test failed on this device (see the log)")
     run.model, run.checkpoint = m, path
     out = {"load_s": round(load_s, 2), "layers": m.config.num_layers, "family": m.config.family,
            "bits": m.config.quantization_bit}
