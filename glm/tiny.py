@@ -1,6 +1,6 @@
 """Make a small random-weight ChatGLM2 (or ChatGLM-6B) checkpoint in exactly THUDM's on-disk layout.
 
-    python -m glm.tiny OUTDIR [--family chatglm2|chatglm3|chatglm] [--bits 4|8|0] [--layers N] [--full-size]
+    python -m glm.tiny OUTDIR [--family chatglm2|chatglm3|chatglm] [--bits 4|8|0] [--layers N] [--full-size] [--device cuda]
 
 Deterministic (fixed seeds, fixed corpus) and written in seconds: config.json, a SentencePiece
 tokenizer.model trained locally on glm/data/tiny_corpus.txt, and pytorch_model.bin with int8-packed
@@ -112,7 +112,8 @@ def config_json_v1(shape: dict, vocab: int, bits: int, specials: dict[str, int])
 
 
 def normal_fp16(g: torch.Generator, *shape, std: float = 0.02) -> torch.Tensor:
-    return (torch.randn(*shape, generator=g) * std).half()
+    """Drawn on the generator's device (a GPU draws a full-size checkpoint in moments), returned on the CPU."""
+    return (torch.randn(*shape, generator=g, device=g.device) * std).half().cpu()
 
 
 def rotary_inv_freq(dim: int) -> torch.Tensor:
@@ -124,8 +125,9 @@ def random_linear(key: str, n: int, k: int, bits: int, g: torch.Generator, rando
     """One block linear's tensors: fp16 N(0, 0.02) weights, THUDM-quantized when bits is set
     (random_codes: int codes and scales drawn directly, fast at 6B size)."""
     if bits and random_codes:
-        return {key + ".weight": torch.randint(-128, 128, (n, k * bits // 8), generator=g, dtype=torch.int8),
-                key + ".weight_scale": (torch.rand(n, generator=g) * 0.004 + 0.001).half()}
+        codes = torch.randint(-128, 128, (n, k * bits // 8), generator=g, dtype=torch.int8, device=g.device)
+        return {key + ".weight": codes.cpu(),
+                key + ".weight_scale": (torch.rand(n, generator=g, device=g.device) * 0.004 + 0.001).half().cpu()}
     w = (torch.randn(n, k, generator=g) * 0.02).half()
     if not bits:
         return {key + ".weight": w}
@@ -133,9 +135,11 @@ def random_linear(key: str, n: int, k: int, bits: int, g: torch.Generator, rando
     return {key + ".weight": q, key + ".weight_scale": scale}
 
 
-def random_state_dict_v1(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_codes: bool = False) -> dict:
-    """THUDM's v1 tensor names (all four block linears with biases; lm_head a copy of the embeddings)."""
-    g = torch.Generator().manual_seed(seed)
+def random_state_dict_v1(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_codes: bool = False,
+                         device: str = "cpu") -> dict:
+    """THUDM's v1 tensor names (all four block linears with biases; lm_head a copy of the embeddings).
+    device: where the random numbers are drawn (the tensors are returned on the CPU)."""
+    g = torch.Generator(device).manual_seed(seed)
     normal = partial(normal_fp16, g)
     h, p = cfg.hidden_size, "transformer.layers"
     sd = {"transformer.word_embeddings.weight": normal(cfg.vocab_size, h, std=0.5)}
@@ -188,9 +192,11 @@ def chatglm3_files(cfg: dict) -> dict[str, str]:
     return {"tokenizer_config.json": json.dumps(tok_cfg, indent=2) + "\n"}
 
 
-def random_state_dict(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_codes: bool = False) -> dict:
-    """THUDM-named tensors. random_codes: draw int4/int8 codes directly (fast at 6B size)."""
-    g = torch.Generator().manual_seed(seed)
+def random_state_dict(cfg: ChatGLMConfig, bits: int, seed: int = 0, random_codes: bool = False,
+                      device: str = "cpu") -> dict:
+    """THUDM-named tensors. random_codes: draw int4/int8 codes directly (fast at 6B size).
+    device: where the random numbers are drawn (the tensors are returned on the CPU)."""
+    g = torch.Generator(device).manual_seed(seed)
     normal = partial(normal_fp16, g)
     h, p = cfg.hidden_size, "transformer.encoder.layers"
     sd = {"transformer.embedding.word_embeddings.weight": normal(cfg.vocab_size, h, std=1.0)}
@@ -237,8 +243,9 @@ def place_tokenizer(dest: Path, given: str | Path | None, full_size: bool, train
 
 def write_checkpoint(out: str | Path, *, bits: int = 4, full_size: bool = False, layers: int | None = None,
                      tokenizer: str | Path | None = None, rope_ratio: float | None = None, seed: int = 0,
-                     chatglm3: bool = False) -> Path:
-    """A ChatGLM2 (or, same model, ChatGLM3) checkpoint (see write_checkpoint_v1 for the first generation)."""
+                     chatglm3: bool = False, device: str = "cpu") -> Path:
+    """A ChatGLM2 (or, same model, ChatGLM3) checkpoint (see write_checkpoint_v1 for the first generation).
+    device: where the random weights are drawn ("cuda": a full-size checkpoint in seconds)."""
     with staged(out) as tmp:
         place_tokenizer(tmp / "tokenizer.model", tokenizer, full_size, train_tokenizer, "ChatGLM2 tokenizer.model")
         import sentencepiece as spm
@@ -252,12 +259,12 @@ def write_checkpoint(out: str | Path, *, bits: int = 4, full_size: bool = False,
             (tmp / name).write_text(text)
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
         cfg = ChatGLMConfig.from_dict(cfg_dict)
-        torch.save(random_state_dict(cfg, bits, seed, random_codes=full_size), tmp / "pytorch_model.bin")
+        torch.save(random_state_dict(cfg, bits, seed, random_codes=full_size, device=device), tmp / "pytorch_model.bin")
     return Path(out)
 
 
 def write_checkpoint_v1(out: str | Path, *, bits: int = 8, full_size: bool = False, layers: int | None = None,
-                        tokenizer: str | Path | None = None, seed: int = 0) -> Path:
+                        tokenizer: str | Path | None = None, seed: int = 0, device: str = "cpu") -> Path:
     """A ChatGLM-6B checkpoint: config.json, ice_text.model, pytorch_model.bin."""
     from .tokenizer_v1 import ChatGLMTokenizer
 
@@ -272,7 +279,7 @@ def write_checkpoint_v1(out: str | Path, *, bits: int = 8, full_size: bool = Fal
         cfg_dict = config_json_v1(shape, vocab, bits, specials)
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
         cfg = ChatGLMConfig.from_dict(cfg_dict)
-        torch.save(random_state_dict_v1(cfg, bits, seed, random_codes=full_size), tmp / "pytorch_model.bin")
+        torch.save(random_state_dict_v1(cfg, bits, seed, random_codes=full_size, device=device), tmp / "pytorch_model.bin")
     return Path(out)
 
 
@@ -288,17 +295,21 @@ def main(argv=None) -> None:
     ap.add_argument("--tokenizer", help="copy this tokenizer.model (ice_text.model) instead of training one")
     ap.add_argument("--rope-ratio", type=float, help="write rope_ratio (as chatglm2-6b-32k does)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu",
+                    help="where the random weights are drawn: cpu, or cuda (a full-size checkpoint in seconds; "
+                         "other values than the CPU's)")
     a = ap.parse_args(argv)
     if a.family == "chatglm":
         if a.rope_ratio:
             ap.error("--rope-ratio is a ChatGLM2 option")
         path = write_checkpoint_v1(a.outdir, bits=8 if a.bits is None else a.bits, full_size=a.full_size,
-                                   layers=a.layers, tokenizer=a.tokenizer, seed=a.seed)
+                                   layers=a.layers, tokenizer=a.tokenizer, seed=a.seed, device=a.device)
         print(f"wrote {path}/ (config.json, ice_text.model, pytorch_model.bin)")
         return
     a.bits = 4 if a.bits is None else a.bits
     path = write_checkpoint(a.outdir, bits=a.bits, full_size=a.full_size, layers=a.layers,
-                            tokenizer=a.tokenizer, rope_ratio=a.rope_ratio, seed=a.seed, chatglm3=a.family == "chatglm3")
+                            tokenizer=a.tokenizer, rope_ratio=a.rope_ratio, seed=a.seed, chatglm3=a.family == "chatglm3",
+                            device=a.device)
     extra = ", tokenizer_config.json" if a.family == "chatglm3" else ""
     print(f"wrote {path}/ (config.json{extra}, tokenizer.model, pytorch_model.bin)")
 
