@@ -2,7 +2,7 @@
 the launcher the service tests and script/demo.py share.
 
 - `make_tiny_checkpoint()` writes the small random-weight checkpoint (`python -m glm.tiny`).
-- `make_app_dir()` lays out a throwaway project dir (predict.py, a symlink to glm/,
+- `make_app_dir()` lays out a throwaway project dir (predict.py, cog_compat.py, a symlink to glm/,
   .cog/openapi_schema.json written by script/openapi-schema: the Input schema as `cog build`
   reads it statically, so the tests serve what the image serves) so tests never touch
   the work tree.
@@ -43,9 +43,10 @@ def free_port() -> int:
 
 
 def make_app_dir(dest: str) -> str:
-    """A copy of the service as `cog build` would lay it out: predict.py, glm/, .cog/."""
+    """A copy of the service as `cog build` would lay it out: predict.py, cog_compat.py, glm/, .cog/."""
     os.makedirs(dest, exist_ok=True)
-    shutil.copy2(os.path.join(REPO, "predict.py"), os.path.join(dest, "predict.py"))
+    for name in ("predict.py", "cog_compat.py"):
+        shutil.copy2(os.path.join(REPO, name), os.path.join(dest, name))
     os.symlink(os.path.join(REPO, "glm"), os.path.join(dest, "glm"))
     proc = subprocess.run(
         [PYTHON, os.path.join(REPO, "script", "openapi-schema")],
