@@ -93,7 +93,7 @@ def test_development_tools_stay_out_of_the_image():
     runtime = {r.split("==")[0].lower() for r in _requirements("requirements.txt")}
     assert not runtime & {"protobuf", "huggingface_hub", "huggingface-hub"}
     assert _pin("protobuf", "requirements-test.txt") and _pin("huggingface_hub", "requirements-test.txt")
-    service = [os.path.join(REPO, "predict.py")] + [
+    service = [os.path.join(REPO, "predict.py"), os.path.join(REPO, "cog_compat.py")] + [
         os.path.join(REPO, "glm", f) for f in os.listdir(os.path.join(REPO, "glm")) if f.endswith(".py") and f != "tiny.py"]
     for path in service:
         with open(path, encoding="utf-8") as fh:
