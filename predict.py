@@ -89,11 +89,6 @@ def weights_root() -> str:
     return os.environ.get("COG_WEIGHTS") or DEFAULT_WEIGHTS_DIR
 
 
-def device_setting() -> str:
-    """GLM_DEVICE: auto (default: the GPU when torch can use it), cpu or cuda."""
-    return os.environ.get("GLM_DEVICE", "").strip().lower() or "auto"
-
-
 
 def _with_seed(error: Exception, seed: int) -> str:
     """A failed prediction's error: coglet returns no logs with it, so the seed goes in the text."""
@@ -111,10 +106,12 @@ class Predictor(BasePredictor):
         port = settings.integer("PORT", 5000, at_least=1, at_most=65535)
         require_kernels, int8_activations = settings.flag("GLM_REQUIRE_KERNELS"), settings.flag("GLM_INT8_ACTIVATIONS")
         test_hang_s = settings.number("GLM_TEST_HANG_SECONDS", 0)
+        # auto: the GPU when torch can use it
+        device_choice = settings.choice("GLM_DEVICE", "auto", ("auto", "cpu", "cuda"))
         path = glm.find_checkpoint(weights_root(), DEFAULT_MODEL_NAME)
         # A GPU that torch cannot use, or kernels required but unusable, fail setup with one line
         # (health SETUP_FAILED) instead of serving at a fraction of the speed.
-        device = glm.device.resolve(device_setting())
+        device = glm.device.resolve(device_choice)
         if device.type == "cpu":
             if require_kernels:
                 try:
