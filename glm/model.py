@@ -5,6 +5,8 @@ rename-free assignment. Semantics: ../shared/reference/FORMATS.md, section 2.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -272,6 +274,23 @@ class ChatGLM2(nn.Module):
                     m.exact_rows = True
         return self.reuses_kv_exactly
 
+    @property
+    def decode_writes_prefill_kv(self) -> bool:
+        """Whether a decode step writes the same KV bits as a prefill of that token. The CPU kernels
+        compute every row alike; on Triton, prefill multiplies on the tensor cores in fixed-size
+        chunks and decode in the GEMV, so the engine recomputes a reply's rows as prefill before the
+        prefix cache keeps them."""
+        return self.backend != "triton"
+
+    def prefill_rows(self, prefill: bool):
+        """The context a forward pass runs in: with exact rows on Triton, a prefill computes its
+        rows in fixed-size GEMMs (glm.gpu.prefill.exact_chunks), so a position's KV is the same bits
+        whichever chunk holds it."""
+        if prefill and self.backend == "triton" and self.reuses_kv_exactly:
+            from .gpu import prefill as gpu_prefill
+            return gpu_prefill.exact_chunks()
+        return contextlib.nullcontext()
+
     def hidden_states(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache]) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden] for tokens [B, T] at positions starts[b]..; fills the caches."""
         T = tokens.shape[1]
@@ -283,9 +302,11 @@ class ChatGLM2(nn.Module):
         return self.encoder.final_layernorm(x)
 
     def forward(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache],
-                last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) in the compute dtype."""
-        x = self.hidden_states(tokens, starts, caches)
+                last_only: bool = False, prefill: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) in the compute dtype. `prefill`:
+        the rows are prompt rows whose KV the prefix cache may keep (prefill_rows)."""
+        with self.prefill_rows(prefill):
+            x = self.hidden_states(tokens, starts, caches)
         if last_only:
             x = x[:, -1:]
         return self.output_layer(x)

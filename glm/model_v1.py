@@ -203,8 +203,9 @@ class ChatGLM(nn.Module):
         return self.final_layernorm(x)
 
     def forward(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache],
-                last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) in the compute dtype."""
+                last_only: bool = False, prefill: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) in the compute dtype. `prefill`
+        changes nothing here (no prefix cache: a prompt's rows are never reused)."""
         x = self.hidden_states(tokens, starts, caches)
         if last_only:
             x = x[:, -1:]
