@@ -176,7 +176,22 @@ class Engine:
                 return False
             outcomes = self.runner.run(batch)
             self.output.postprocess(outcomes)
+            self._recompute_replies(batch)
             return True
+
+    def _recompute_replies(self, batch) -> None:
+        """Sequences that ended in this step and will be cached with decoded rows that a prefill
+        would compute differently (the Triton path): those rows recomputed as prefill now, so
+        every cached row is what a fresh prefill writes (glm/prefix_cache.py)."""
+        if not self.scheduler.prefix_cache.max_tokens:
+            return
+        for seq in batch.sequences:
+            if seq.done and seq.error is None and seq.exact_pos < seq.pos:
+                try:
+                    self.runner.recompute_reply(seq, self.prefill_chunk)
+                except Exception as e:  # noqa: BLE001 - the reply is out; only its caching is lost
+                    seq.log(logging.WARNING, "recomputing the reply's KV for the prefix cache failed: %s: %s",
+                            type(e).__name__, e)
 
     def start(self) -> None:
         """Run the loop in a daemon thread until stop()."""
