@@ -62,9 +62,13 @@ class Engine:
         (model.compute_rows_exactly: ChatGLM-6B's bidirectional context, the CPU path without its kernels)."""
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         self.max_batch = max_batch
-        self.kv_budget_tokens = kv_budget_tokens or max_batch * cfg.max_context
         self.prefill_chunk = prefill_chunk
-        if torch.device(device).type == "cuda":  # fail here, with numbers, if the budget cannot fit
+        on_gpu = torch.device(device).type == "cuda"
+        if on_gpu and not kv_budget_tokens:  # max_batch contexts, or what fits beside the weights
+            from .gpu import memory
+            kv_budget_tokens = memory.default_kv_budget(model, cfg, max_batch, prefill_chunk, device)
+        self.kv_budget_tokens = kv_budget_tokens or max_batch * cfg.max_context
+        if on_gpu:  # fail here, with numbers, if the budget cannot fit
             from .gpu import memory
             memory.check_device(model, cfg, self.kv_budget_tokens, max_batch, prefill_chunk, device)
         # The KV memory for the whole budget, allocated once; the scheduler's allocator is its bookkeeping.
