@@ -80,7 +80,7 @@ def test_scale_is_applied_once():
     # An all-ones layer with scale 2: each output is 2 * sum(x), not 4 * sum(x) and not sum(x).
     q = torch.full((4, 8), 0x11, dtype=torch.int8, device=DEVICE)  # nibbles 1, 1
     scale = torch.full((4,), 2.0, dtype=torch.float16, device=DEVICE)
-    x = torch.ones(70, 16, dtype=torch.float16, device=DEVICE)
+    x = torch.ones(gpu_prefill.MIN_ROWS, 16, dtype=torch.float16, device=DEVICE)
     y = gpu_linear.quant_linear(x, q, scale, torch.ones(4, dtype=torch.float16, device=DEVICE), 4)
     assert y.cpu().unique().tolist() == [33.0]
 
@@ -126,3 +126,23 @@ def test_scratch_is_shared_between_layers():
     assert torch.equal(gpu_prefill.quant_linear(x, qa, sa, None, 4), ya)
     assert_fp16_of(yb, z, dequantize(qb.cpu(), sb.cpu(), 8, torch.float16))
     assert gpu_prefill.SCRATCH.reserve(0, DEVICE).numel() >= 48 * 256
+
+
+# ---- the tiny int4 ChatGLM2 and int8 ChatGLM-6B checkpoints with every linear on the tensor-core
+# path (exact chunks of 16 rows: the int4/int8 dequantize + matmul and the fp16 output layer)
+
+from test_gpu_model import FAMILIES, assert_close, models, prompts, tiny_v1  # noqa: E402,F401
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tensor_core_linears_match_the_float32_cpu_path(models, name):  # noqa: F811
+    fast, ref = models[name]
+    total = agree = 0
+    with gpu_prefill.exact_chunks(16):
+        for p in prompts(ref.tokenizer):
+            ids = ref.tokenizer.encode(p)
+            got, want = fast.logits(ids), ref.logits(ids)
+            assert_close(got, want, f"{name} {p!r}")
+            agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+            total += len(ids)
+    assert agree >= 0.95 * total, f"{name}: top-1 equal at {agree}/{total} positions"
