@@ -70,7 +70,8 @@ class Engine:
         self.kv_budget_tokens = kv_budget_tokens or max_batch * cfg.max_context
         if on_gpu:  # fail here, with numbers, if the budget cannot fit
             from .gpu import memory
-            memory.check_device(model, cfg, self.kv_budget_tokens, max_batch, prefill_chunk, device)
+            memory.reserve_scratch(memory.check_device(model, cfg, self.kv_budget_tokens, max_batch,
+                                                       prefill_chunk, device), device)
         # The KV memory for the whole budget, allocated once; the scheduler's allocator is its bookkeeping.
         self.pool = KVPool(cfg, self.kv_budget_tokens, device, model.dtype)
         if prefix_cache_tokens is None:

@@ -133,12 +133,15 @@ def default_kv_budget(model, cfg, max_batch: int, prefill_chunk: int, device) ->
 
 
 def check_device(model, cfg, kv_tokens: int, max_batch: int, prefill_chunk: int, device) -> MemoryPlan:
-    """The engine's setup check on a CUDA device; then the prefill scratch is allocated, before the
-    KV pool takes the rest."""
+    """The engine's setup check on a CUDA device."""
     free, total = device_memory(device)
     p = plan(model, cfg, kv_tokens, max_batch, prefill_chunk, model.dtype, free, total)
     check(p, kv_tokens)
+    return p
+
+
+def reserve_scratch(p: MemoryPlan, device) -> None:
+    """Allocate the planned prefill scratch now, before the KV pool takes the rest."""
     if p.scratch:
         from . import prefill
         prefill.SCRATCH.reserve(p.scratch // 2, device)
-    return p
