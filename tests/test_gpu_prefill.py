@@ -128,6 +128,23 @@ def test_scratch_is_shared_between_layers():
     assert gpu_prefill.SCRATCH.reserve(0, DEVICE).numel() >= 48 * 256
 
 
+def test_causal_attention_close_to_sdpa_and_the_same_bits_in_any_chunk():
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(11)
+    heads, groups, hd, S = 4, 2, 128, 70
+    q = torch.randn(heads, S, hd, generator=g).half().to(DEVICE)
+    k, v = (torch.randn(groups, S, hd, generator=g).half().to(DEVICE) for _ in range(2))
+    whole = gpu_prefill.causal_attention(q, k, v)
+    ke, ve = (t.float().repeat_interleave(heads // groups, 0)[None] for t in (k, v))
+    ref = F.scaled_dot_product_attention(q.float()[None], ke, ve, is_causal=True)[0]
+    assert (whole.float() - ref).abs().max() < 2e-3
+    # rows s..e as a prefill chunk over slots 0..e: within a 32-row block, across blocks, one row
+    for s, e in ((0, 1), (5, 40), (33, 70), (69, 70), (31, 33)):
+        part = gpu_prefill.causal_attention(q[:, s:e], k[:, :e], v[:, :e])
+        assert torch.equal(part, whole[:, s:e]), f"rows {s}:{e} differ from the whole prompt's"
+
+
 # ---- the tiny int4 ChatGLM2 and int8 ChatGLM-6B checkpoints with every linear on the tensor-core
 # path (exact chunks of 16 rows: the int4/int8 dequantize + matmul and the fp16 output layer)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import attention, pointwise
+from . import attention, pointwise, prefill
 
 
 # The per-row tensors of the last call, keyed by the values they hold: every layer of a step asks
@@ -47,13 +47,15 @@ def mlp(mlp, x: torch.Tensor) -> torch.Tensor:
 
 def chatglm2_attention(attn, x, cos, sin, layer: int, starts: list[int], caches) -> torch.Tensor:
     """ChatGLM2's SelfAttention.forward: decode steps, and prefill when attn.exact_rows, as rows at
-    their own slots (attention.row_attention); other prefill through SDPA."""
+    their own slots (attention.row_attention); a prefill the prefix cache keeps (inside
+    prefill.exact_chunks) through prefill.causal_attention; other prefill through SDPA."""
     from ..model import apply_rotary  # the SDPA path rotates with the same torch ops as the CPU
 
     cfg = attn.cfg
     B, T, _ = x.shape
     q, k, v = attn.query_key_value(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-    if T == 1 or attn.exact_rows:
+    exact_prefill = prefill.chunk_rows() is not None  # rows the prefix cache keeps: prefill.causal_attention
+    if (T == 1 or attn.exact_rows) and not exact_prefill:
         plan = row_plan(caches, starts, T, x.device)
         if plan is not None:
             y = attention.row_attention(
@@ -67,7 +69,10 @@ def chatglm2_attention(attn, x, cos, sin, layer: int, starts: list[int], caches)
     out = []
     for b in range(B):
         keys, values = caches[b].update(layer, starts[b], k[b].transpose(0, 1), v[b].transpose(0, 1))
-        out.append(attention.prefill_attention(q[b].transpose(0, 1), keys, values, caches[b].offset + starts[b]))
+        if exact_prefill:
+            out.append(prefill.causal_attention(q[b].transpose(0, 1), keys, values))
+        else:
+            out.append(attention.prefill_attention(q[b].transpose(0, 1), keys, values, caches[b].offset + starts[b]))
     return attn.dense(torch.stack(out).transpose(1, 2).reshape(B, T, cfg.q_size))
 
 

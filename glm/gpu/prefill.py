@@ -168,6 +168,71 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
         return matmul(x, w, bias, rows)
 
 
+# Causal prefill attention for exact rows: query rows per program, keys per iteration.
+ATTN_BLOCK_M = 32
+ATTN_BLOCK_N = 32
+ATTN_WARPS = 4
+
+
+@triton.jit
+def _causal_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, T, S, scale,
+                             stride_qh, stride_qt, stride_kg, stride_ks, stride_vg, stride_vs,
+                             stride_oh, stride_ot,
+                             HEADS_PER_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (block of query rows, head): softmax(q k^T * scale) v, row t over slots 0..S-T+t.
+    Every row walks the key blocks from slot 0 in the same order; blocks past its own slot (there
+    because a later row of its block needs them) leave it unchanged bit for bit (alpha = exp(0) = 1,
+    p = 0), so a row's result does not depend on which rows share its program."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    head = tl.program_id(1)
+    group = head // HEADS_PER_GROUP
+    d = tl.arange(0, HEAD_DIM)
+    slot = S - T + rows  # every row has key 0, the padding rows past T included
+    q = tl.load(q_ptr + head * stride_qh + rows[:, None] * stride_qt + d[None, :],
+                mask=(rows < T)[:, None], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    k_base = k_ptr + group * stride_kg
+    v_base = v_ptr + group * stride_vg
+    end = tl.minimum(S - T + tl.program_id(0) * BLOCK_M + BLOCK_M, S)
+    for n0 in range(0, end, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + keys[:, None] * stride_ks + d[None, :], mask=(keys < S)[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale
+        visible = (keys[None, :] <= slot[:, None]) & (keys < S)[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        v = tl.load(v_base + keys[:, None] * stride_vs + d[None, :], mask=(keys < S)[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + head * stride_oh + rows[:, None] * stride_ot + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(rows < T)[:, None])
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One sequence's prefill attention with exact rows: q [heads, T, hd] at the last T of the S
+    slots of k, v [groups, S, hd] (all unit stride in hd); [heads, T, hd] in q's dtype. Row t's bits
+    depend only on its own q row and the keys up to its slot, whatever chunk it is computed in."""
+    heads, T, hd = q.shape
+    groups, S, _ = k.shape
+    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
+        raise ValueError("causal_attention: q, k, v need unit stride in head_dim")
+    out = torch.empty(heads, T, hd, dtype=q.dtype, device=q.device)
+    grid = (triton.cdiv(T, ATTN_BLOCK_M), heads)
+    _causal_attention_kernel[grid](q, k, v, out, T, S, hd ** -0.5, q.stride(0), q.stride(1),
+                                   k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                   out.stride(0), out.stride(1), HEADS_PER_GROUP=heads // groups,
+                                   HEAD_DIM=hd, BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_BLOCK_N,
+                                   num_warps=ATTN_WARPS)
+    return out
+
+
 def _specs() -> list[KernelSpec]:
     specs = []
     for bits in (4, 8):
@@ -179,6 +244,15 @@ def _specs() -> list[KernelSpec]:
             constexprs={"BITS": bits, "BLOCK_N": DEQUANT_BLOCK_N, "BLOCK_K": DEQUANT_BLOCK_BYTES},
             aligned=("q_ptr", "scale_ptr", "w_ptr", "N", "K_STORED", "stride_qn", "stride_wn"),
             num_warps=DEQUANT_WARPS, no_spills=True))
+    attn = {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "out_ptr": "*fp16", "T": "i32", "S": "i32",
+            "scale": "fp32", **{name: "i32" for name in ("stride_qh", "stride_qt", "stride_kg", "stride_ks",
+                                                         "stride_vg", "stride_vs", "stride_oh", "stride_ot")}}
+    specs.append(KernelSpec(
+        kernel=_causal_attention_kernel, shape_class="prefill causal attention ChatGLM2 (16 heads per group, hd 128)",
+        signature={name: attn.get(name, "constexpr") for name in _causal_attention_kernel.arg_names},
+        constexprs={"HEADS_PER_GROUP": 16, "HEAD_DIM": 128, "BLOCK_M": ATTN_BLOCK_M, "BLOCK_N": ATTN_BLOCK_N},
+        aligned=tuple(name for name in attn if name.startswith(("q_", "k_", "v_", "out_", "stride"))),
+        num_warps=ATTN_WARPS))
     return specs
 
 
