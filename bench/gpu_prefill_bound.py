@@ -16,9 +16,10 @@ mostly hide on a T4.
 Then the tensor-core prefill (glm/gpu/prefill.py) and the time to first token it gives: per
 256-row chunk, the dequantize pass (the larger of its DRAM bytes and its SASS issue cycles), the
 cuBLAS fp16 GEMM at CUBLAS_EFFICIENCY of the T4's 65 TFLOPS (or its weight bytes, if more), the
-pointwise ops' bytes; attention per prompt, either the per-row kernel (exact rows: the issue cycles
-of its key loop from SASS, or the K/V bytes a row's group reads, whichever is more) or SDPA's
-memory-efficient kernel at SDPA_EFFICIENCY of the tensor-core rate; and the output layer's row.
+pointwise ops' bytes; attention per prompt: with exact rows prefill.causal_attention (the issue
+cycles of its key loop from SASS; the per-row decode kernel beside it for comparison), without
+them SDPA's memory-efficient kernel at SDPA_EFFICIENCY of the tensor-core rate; and the output
+layer's row.
 """
 from __future__ import annotations
 
@@ -122,6 +123,15 @@ class TensorCorePrefill:
         self.attend_cycles = sum(loop.values()) * spec.num_warps  # per key block per (row, head)
         self.key_block = spec.constexprs["BLOCK_N"]
         self.attend_note = f"{sum(loop.values())} instructions/warp per {self.key_block} keys"
+        spec = find_spec(prefill, "prefill causal attention")
+        loop = k_loop(sass(spec))
+        c_ = spec.constexprs
+        # one iteration: BLOCK_M rows x BLOCK_N keys of one head
+        self.tiled_cycles_per_row_key = max(sum(loop.values()), 2 * sum(loop[o] for o in FP32)) * spec.num_warps / (
+            c_["BLOCK_M"] * c_["BLOCK_N"])
+        self.tiled_block = (c_["BLOCK_M"], c_["BLOCK_N"])
+        self.tiled_note = (f"{sum(loop.values())} instructions/warp ({sum(loop[o] for o in FP32)} FP32) per "
+                           f"{c_['BLOCK_M']} rows x {c_['BLOCK_N']} keys")
         h = c.hidden_size
         # rms_norm x2, swiglu, the residual adds and the linears' inputs and outputs, fp16
         self.pointwise_bytes_per_row = c.num_layers * 2 * (
@@ -143,13 +153,23 @@ class TensorCorePrefill:
         kv_bytes = c.num_layers * keys * 2 * c.kv_size * 2 / T4_DRAM_BYTES_S  # a group's k, v per row
         return max(issue, kv_bytes)
 
+    def tiled_attention_s(self, start: int, rows: int) -> float:
+        """prefill.causal_attention (exact rows): issue cycles of its key loop, blocks of rows x keys."""
+        c = self.cfg
+        bm, bn = self.tiled_block
+        pairs = 0
+        for r0 in range(0, rows, bm):
+            last = start + min(r0 + bm, rows)  # keys the block's last row sees
+            pairs += bm * (-(-last // bn) * bn)
+        return c.num_layers * c.num_heads * pairs * self.tiled_cycles_per_row_key / (T4_SUBPARTITIONS * T4_CLOCK_HZ)
+
     def sdpa_s(self, start: int, rows: int) -> float:
         c = self.cfg
         keys = sum(p + 1 for p in range(start, start + rows))
         return c.num_layers * 4 * c.num_heads * c.head_dim * keys / (T4_TENSOR_FLOPS * SDPA_EFFICIENCY)
 
     def ttft_s(self, start: int, rows: int, exact: bool) -> float:
-        attention = self.row_attention_s(start, rows) if exact else self.sdpa_s(start, rows)
+        attention = self.tiled_attention_s(start, rows) if exact else self.sdpa_s(start, rows)
         return self.linears_s(rows, padded=exact) + attention + self.head_s
 
 
@@ -160,19 +180,19 @@ def tensor_core_table(before_rate: float, gemm_rate: float) -> None:
     print(f"  dequantize per chunk {t.dequant_s * 1e3:.0f} ms ({t.dequant_note}); "
           f"GEMM per chunk {t.linears_s(CHUNK) * 1e3 - t.dequant_s * 1e3:.0f} ms with pointwise; "
           f"output layer row {t.head_s * 1e3:.1f} ms")
-    print(f"  per-row attention: {t.attend_note}")
-    print(f"  {'prompt':>7s} {'row attn':>9s} {'SDPA':>7s} {'exact (cache on)':>17s} {'cache off':>10s}"
-          f" {'before: GEMV x 8':>17s} {'before: FMA GEMM':>17s}")
+    print(f"  per-row attention: {t.attend_note}; exact causal attention: {t.tiled_note}")
+    print(f"  {'prompt':>7s} {'row attn':>9s} {'exact attn':>10s} {'SDPA':>7s} {'exact (cache on)':>17s} "
+          f"{'cache off':>10s} {'before: GEMV x 8':>17s} {'before: FMA GEMM':>17s}")
     for n in (1000, 1024, 8192, 32768):
         before = n / before_rate + t.row_attention_s(0, n) + t.head_s
         gemm = n / gemm_rate + t.sdpa_s(0, n) + t.head_s
-        print(f"  {n:7d} {t.row_attention_s(0, n):8.2f}s {t.sdpa_s(0, n):6.2f}s {t.ttft_s(0, n, True):16.2f}s "
-              f"{t.ttft_s(0, n, False):9.2f}s {before:16.2f}s {gemm:16.2f}s")
+        print(f"  {n:7d} {t.row_attention_s(0, n):8.2f}s {t.tiled_attention_s(0, n):9.2f}s {t.sdpa_s(0, n):6.2f}s "
+              f"{t.ttft_s(0, n, True):16.2f}s {t.ttft_s(0, n, False):9.2f}s {before:16.2f}s {gemm:16.2f}s")
     history, new = 1303, 65  # chat round 2: a 1,300-token history cached, 65 new tokens
     cached, uncached = t.ttft_s(history, new, True), t.ttft_s(0, history + new, True)
     print(f"  chat round 2, {history} cached + {new} new: {cached:.2f} s cached vs {uncached:.2f} s uncached "
           f"({cached / uncached:.2f}x); a 300-token reply recomputed before caching: "
-          f"{t.linears_s(300) + t.row_attention_s(1000, 300):.2f} s after round 1")
+          f"{t.linears_s(300) + t.tiled_attention_s(1000, 300):.2f} s after round 1")
 
 
 def main() -> int:
