@@ -22,6 +22,7 @@ Exact rows (`chunk_rows`): with a fixed GEMM shape, row i of the output depends 
 the input (the kernel, its tiling and each element's reduction order are chosen from the shape
 alone), so prefill that always multiplies CHUNK_ROWS-row blocks, zero-padded, computes a position
 the same way whichever chunk holds it: the property the prefix cache needs (glm/prefix_cache.py).
+Attention for those rows is `causal_attention`, tiled but row-invariant in the same sense.
 """
 from __future__ import annotations
 
