@@ -169,10 +169,11 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
         return matmul(x, w, bias, rows)
 
 
-# Causal prefill attention for exact rows: query rows per program, keys per iteration.
+# Causal prefill attention for exact rows: query rows per program, keys per iteration; 8 warps keep
+# the fp32 accumulator of 32 rows x 128 dims in registers on sm_75 (4 spill: 255 registers).
 ATTN_BLOCK_M = 32
 ATTN_BLOCK_N = 32
-ATTN_WARPS = 4
+ATTN_WARPS = 8
 
 
 @triton.jit
@@ -253,7 +254,7 @@ def _specs() -> list[KernelSpec]:
         signature={name: attn.get(name, "constexpr") for name in _causal_attention_kernel.arg_names},
         constexprs={"HEADS_PER_GROUP": 16, "HEAD_DIM": 128, "BLOCK_M": ATTN_BLOCK_M, "BLOCK_N": ATTN_BLOCK_N},
         aligned=tuple(name for name in attn if name.startswith(("q_", "k_", "v_", "out_", "stride"))),
-        num_warps=ATTN_WARPS))
+        num_warps=ATTN_WARPS, no_spills=True))
     return specs
 
 
