@@ -7,7 +7,7 @@
 
 Measures decode tok/s at batch 1 and 8 through the engine as a server runs it (setup's warm-up and
 CUDA graphs, the staged step, sampling on the device with temperature 0.8 and top_p 0.8 as users send
-it, the ids copied back each step), prefill tok/s (the GEMM + SDPA path, then `prefill_exact_rows_tok_s`: rows through the decode kernels,
+it, the ids copied back each step), prefill tok/s (the GEMM + SDPA path, then `prefill_exact_rows_tok_s`: fixed-size tensor-core chunks,
 as with the prefix cache on), time to first token through the engine, a 2-round chat's round-2 time
 to first token with and without the prefix cache, peak device memory, and the roofline
 fraction: decode tok/s x bytes moved per step (from glm.gpu.linear.bytes_moved, the kernels' own
@@ -26,8 +26,11 @@ from pathlib import Path
 T4_BANDWIDTH = 320e9
 
 # (prompt tokens, decode steps) per size: the tiny workload keeps the interpreter under minutes.
-WORKLOADS = {"full": dict(prompt=512, decode=128, batch_decode=32, ttft_prompt=512, chat_turn=64, chat_reply=32),
-             "tiny": dict(prompt=12, decode=4, batch_decode=2, ttft_prompt=16, chat_turn=4, chat_reply=2)}
+# ttft_prompt + chat_reply: round 2's history (the bound table's 1,300 tokens); long_prompt: its 8k row.
+WORKLOADS = {"full": dict(prompt=512, decode=128, batch_decode=32, ttft_prompt=1000, chat_turn=64, chat_reply=300,
+                          long_prompt=8192),
+             "tiny": dict(prompt=12, decode=4, batch_decode=2, ttft_prompt=16, chat_turn=4, chat_reply=2,
+                          long_prompt=40)}
 
 
 def checkpoint(args) -> Path:
@@ -92,9 +95,9 @@ def run(args) -> dict:
         n = w["prompt"] + w["decode"]
         return [pool.cache(i * n, n) for i in range(b)]
 
-    def prefill(cs, n):
+    def prefill(cs, n, exact=False):
         for c in cs:
-            model(ids(n), [0], [c], last_only=True)
+            model(ids(n), [0], [c], last_only=True, prefill=exact)
 
     def engine_decode(batch, steps):
         """Seconds of each engine step that decoded, and the tokens they made, for `batch` sampled
@@ -120,6 +123,15 @@ def run(args) -> dict:
                 made += new
         return times, made
 
+    def first_token(engine, prompt, reply=2):
+        stream = Stream(engine, engine.submit(prompt, SamplingParams(max_new_tokens=reply, temperature=0)))
+        for _ in stream:
+            pass
+        engine.step()  # reaped: into the prefix cache
+        return stream
+
+    budget = max(2 * (w["ttft_prompt"] + w["chat_turn"] + w["chat_reply"]), w["long_prompt"] + 4)
+    long_prompt = ids(w["long_prompt"] - 2)[0].tolist()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode():
@@ -138,29 +150,30 @@ def run(args) -> dict:
     out["batch8_decode_tok_s"] = round(made / sum(times), 2)
     out["batch8_decode_ms_median"] = round(1000 * statistics.median(times), 2)
     out["cuda_graphs"] = m.engine.runner.graphs is not None
+    with torch.inference_mode():
+        # A long prompt without the prefix cache: tensor-core linears and SDPA.
+        out["ttft_long_prompt_tokens"] = len(long_prompt)
+        out["ttft_long_uncached_engine_s"] = round(first_token(
+            m.use_engine(max_batch=1, kv_budget_tokens=budget, prefix_cache_tokens=0), long_prompt).time_to_first_token, 3)
     with torch.inference_mode(), model.ops.rows_exactly():  # prefill as in an engine step with the prefix cache on
         cs = caches(1)
-        prefill(cs, w["prompt"])
+        prefill(cs, w["prompt"], exact=True)
         sync()
         t = time.perf_counter()
-        prefill(cs, w["prompt"])
+        prefill(cs, w["prompt"], exact=True)
         sync()
         out["prefill_exact_rows_tok_s"] = round(w["prompt"] / (time.perf_counter() - t), 2)
 
-    def first_token(engine, prompt, reply=2):
-        stream = Stream(engine, engine.submit(prompt, SamplingParams(max_new_tokens=reply, temperature=0)))
-        for _ in stream:
-            pass
-        engine.step()  # reaped: into the prefix cache
-        return stream
-
     # Time to first token through the engine (queue, prefill, first sample), one request.
-    budget = 2 * (w["ttft_prompt"] + w["chat_turn"] + w["chat_reply"])
     eng = m.use_engine(max_batch=1, kv_budget_tokens=budget, prefix_cache_scope="shared")  # one client
-    turn1 = first_token(eng, ids(w["ttft_prompt"])[0].tolist(), w["chat_reply"])
-    out["ttft_s"] = round(turn1.time_to_first_token, 3)
+    out["ttft_long_cache_on_s"] = round(first_token(eng, long_prompt).time_to_first_token, 3)
+    prompt1 = tuple(ids(w["ttft_prompt"])[0].tolist())
+    turn1 = first_token(eng, list(prompt1), w["chat_reply"])
+    out["ttft_prompt_tokens"] = w["ttft_prompt"]
+    out["ttft_s"] = round(turn1.time_to_first_token, 3)  # prefix cache on: the exact-rows prefill
     # Round 2 of a chat: the history is cached (this engine) or prefilled again (one without the cache).
-    history = next(iter(eng.prefix_cache.entries)).tokens  # prompt + reply, as far as computed
+    history = next(e.tokens for e in eng.prefix_cache.entries  # prompt + reply, as far as computed
+                   if e.tokens[:len(prompt1)] == prompt1)
     turn2 = history + tuple(ids(w["chat_turn"])[0].tolist())
     cached = first_token(eng, list(turn2))
     uncached = first_token(m.use_engine(max_batch=1, kv_budget_tokens=budget, prefix_cache_tokens=0), list(turn2))

@@ -87,11 +87,16 @@ class Engine:
             "GLM_STEP_TIMEOUT_SECONDS", STEP_TIMEOUT_S.get(device_type, STEP_TIMEOUT_S["cpu"]), above=True)
         kv_wait_s = kv_wait_s or settings.number("GLM_KV_WAIT_SECONDS", KV_WAIT_S, above=True)
         self.max_batch = max_batch
-        self.kv_budget_tokens = kv_budget_tokens or max_batch * cfg.max_context
         self.prefill_chunk = prefill_chunk
-        if device_type == "cuda":  # fail here, with numbers, if the budget cannot fit
+        on_gpu = device_type == "cuda"
+        if on_gpu and not kv_budget_tokens:  # max_batch contexts, or what fits beside the weights
             from .gpu import memory
-            memory.check_device(model, cfg, self.kv_budget_tokens, max_batch, prefill_chunk, device)
+            kv_budget_tokens = memory.default_kv_budget(model, cfg, max_batch, prefill_chunk, device)
+        self.kv_budget_tokens = kv_budget_tokens or max_batch * cfg.max_context
+        if on_gpu:  # fail here, with numbers, if the budget cannot fit
+            from .gpu import memory
+            memory.reserve_scratch(memory.check_device(model, cfg, self.kv_budget_tokens, max_batch,
+                                                       prefill_chunk, device), device)
         # The KV memory for the whole budget, allocated once; the scheduler's allocator is its bookkeeping.
         self.pool = KVPool(cfg, self.kv_budget_tokens, device, model.dtype)
         if prefix_cache_tokens is None:
@@ -228,14 +233,29 @@ class Engine:
                     self.before_run(batch)
                 with self.model.ops.rows_exactly(self.exact_rows):
                     outcomes = self.runner.run(batch)
+                    self.output.postprocess(outcomes)  # which sequences ended: their replies' rows next
+                    self._recompute_replies(batch)
             except Exception as e:
                 if sticky_device_error(e):  # the device can run nothing more: health says so at once
                     self._die(e)
                 raise
             finally:
                 self._running_step = None
-            self.output.postprocess(outcomes)
             return True
+
+    def _recompute_replies(self, batch) -> None:
+        """Sequences that ended in this step and will be cached with decoded rows that a prefill
+        would compute differently (the Triton path): those rows recomputed as prefill now, so
+        every cached row is what a fresh prefill writes (glm/prefix_cache.py)."""
+        if not self.scheduler.prefix_cache.max_tokens:
+            return
+        for seq in batch.sequences:
+            if seq.done and seq.error is None and seq.exact_pos < seq.pos:
+                try:
+                    self.runner.recompute_reply(seq, self.prefill_chunk)
+                except Exception as e:  # noqa: BLE001 - the reply is out; only its caching is lost
+                    seq.log(logging.WARNING, "recomputing the reply's KV for the prefix cache failed: %s: %s",
+                            type(e).__name__, e)
 
     def start(self) -> None:
         """Run the loop in a daemon thread until stop()."""

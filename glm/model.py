@@ -6,6 +6,8 @@ with the `ops` the loader chose (glm.ops).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -111,6 +113,13 @@ class ChatGLM2(nn.Module):
         half_weights = any(isinstance(m, HalfLinear) for m in self.encoder.layers.modules())
         return self.ops.computes_rows_exactly(self.dtype, half_weights)
 
+    @property
+    def decode_writes_prefill_kv(self) -> bool:
+        """Whether a decode step writes the same KV bits as an exact prefill of that token (the ops
+        say: not on Triton, whose exact prefill multiplies in fixed-size tensor-core chunks), else
+        the engine recomputes a reply's rows as prefill before the prefix cache keeps them."""
+        return self.ops.decode_writes_prefill_kv
+
     def hidden_states(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache]) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden] for tokens [B, T] at positions starts[b]..; fills the caches."""
         T = tokens.shape[1]
@@ -126,9 +135,11 @@ class ChatGLM2(nn.Module):
         return self.encoder.final_layernorm(x)
 
     def forward(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache],
-                last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) in the compute dtype."""
-        x = self.hidden_states(tokens, starts, caches)
+                last_only: bool = False, prefill: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) in the compute dtype. `prefill`:
+        the rows are prompt rows whose KV the prefix cache may keep (ops.prefill_rows)."""
+        with self.ops.prefill_rows() if prefill else contextlib.nullcontext():
+            x = self.hidden_states(tokens, starts, caches)
         if last_only:
             x = x[:, -1:]
         return self.output_layer(x)

@@ -154,6 +154,7 @@ class ChatGLM(nn.Module):
     # A prompt token's KV depends on the tokens after it (bidirectional context), so a cached
     # conversation's KV is not the KV of a longer prompt that starts with it: no prefix cache.
     exact_kv_reuse = False
+    decode_writes_prefill_kv = True  # moot: without exact KV reuse nothing is cached
 
     def __init__(self, cfg: ChatGLMConfig, ops: TorchOps):
         super().__init__()
@@ -192,8 +193,9 @@ class ChatGLM(nn.Module):
         return self.final_layernorm(x)
 
     def forward(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache],
-                last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) in the compute dtype."""
+                last_only: bool = False, prefill: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) in the compute dtype. `prefill`
+        changes nothing here (no prefix cache: a prompt's rows are never reused)."""
         x = self.hidden_states(tokens, starts, caches)
         if last_only:
             x = x[:, -1:]

@@ -5,13 +5,17 @@ The loader picks one implementation when it loads a model and hands it to every 
 `glm.gpu.ops.TritonOps` (the Triton kernels). The models call `ops.<op>` and nothing else, so they
 have one path whatever computes them; an implementation overrides what its kernels do better.
 
-Exact rows: with `exact_rows` on, every row of a prefill chunk is computed as a decode step
+Exact rows: with `exact_rows` on, a position's row is the same bits in whatever prefill chunk
 computes it, so cached KV reproduces a recomputation bit for bit (the engine's prefix cache turns
 it on for its steps with `rows_exactly`). `computes_rows_exactly` says whether that is possible.
+A model runs a prompt's rows (rows the prefix cache may keep) inside `prefill_rows()`. Where a
+decode step computes a row as such a prefill does, `decode_writes_prefill_kv` is True; where not
+(TritonOps: prefill in fixed-size tensor-core chunks, decode in the GEMV), the engine recomputes a
+reply's decoded rows as prefill before the cache keeps them.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +41,16 @@ class TorchOps:
     # Whether fp16 checkpoint weights are read as they are (else the loader casts them once).
     reads_half_weights = False
     exact_rows = False
+    # Whether a decode step writes a position's KV as an exact prefill of it would (prefill_rows).
+    decode_writes_prefill_kv = True
 
     def __init__(self, int8_activations: bool = False):
         self.int8_activations = int8_activations
 
     # ---- the exact-rows setting ----
     def computes_rows_exactly(self, dtype: torch.dtype, half_weights: bool) -> bool:
-        """Whether, with exact_rows on, every row is the same bits in any prefill chunk or decode
-        step, for activations in `dtype` (half_weights: the blocks have fp16 dense linears). torch's
+        """Whether, with exact_rows on, every row is the same bits in any prefill chunk (and in a
+        decode step where decode_writes_prefill_kv), for activations in `dtype` (half_weights: the blocks have fp16 dense linears). torch's
         GEMMs and SDPA round a row differently depending on how many rows there are: never."""
         return False
 
@@ -56,6 +62,10 @@ class TorchOps:
             yield
         finally:
             self.exact_rows = before
+
+    def prefill_rows(self):
+        """The context a prompt's rows run in (the same as any other rows here)."""
+        return nullcontext()
 
     # ---- pointwise ----
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

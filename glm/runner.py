@@ -99,9 +99,7 @@ class ModelRunner:
 
     def _prefill(self, seq: Sequence, end: int) -> list[Outcome]:
         try:
-            tokens = torch.tensor([seq.prompt_ids[seq.pos:end]], device=self.device)
-            logits = self.model(tokens, [seq.pos], [self._cache(seq)], last_only=True)
-            seq.pos = end
+            logits = self._prefill_rows(seq, seq.prompt_ids, end)
         except Exception as e:  # noqa: BLE001
             if sticky_device_error(e):
                 raise
@@ -113,6 +111,25 @@ class ModelRunner:
         self.staging.copy()
         return self._sample([seq], logits[:, -1])
 
+    def _prefill_rows(self, seq: Sequence, ids: list[int], end: int) -> torch.Tensor:
+        """ids[seq.pos:end] through the model as prefill rows; their KV counts as exact."""
+        tokens = torch.tensor([ids[seq.pos:end]], device=self.device)
+        logits = self.model(tokens, [seq.pos], [self._cache(seq)], last_only=True, prefill=True)
+        seq.pos = seq.exact_pos = end
+        return logits
+
+    @torch.inference_mode()
+    def recompute_reply(self, seq: Sequence, chunk: int) -> None:
+        """Rewrite the KV of an ended sequence's decoded tokens as prefill computes them (`chunk`
+        rows per pass), so that the prefix cache keeps only rows a fresh prefill would write. On
+        failure the rows stay inexact and the cache keeps the exact prefix only (seq.exact_pos)."""
+        end, seq.pos = seq.pos, seq.exact_pos
+        try:
+            while seq.pos < end:
+                self._prefill_rows(seq, seq.tokens, min(seq.pos + chunk, end))
+        finally:
+            seq.pos = end
+
     def _decode(self, seqs: list[Sequence]) -> list[Outcome]:
         try:
             logits = self._forward_decode(seqs)
@@ -122,8 +139,11 @@ class ModelRunner:
             if len(seqs) == 1:
                 return [(seqs[0], e)]
             return [outcome for s in seqs for outcome in self._decode([s])]
+        exact = self.model.decode_writes_prefill_kv
         for s in seqs:
             s.pos += 1
+            if exact and s.exact_pos == s.pos - 1:
+                s.exact_pos = s.pos
             s.peak_batch = max(s.peak_batch, len(seqs))
         return self._sample(seqs, logits[:len(seqs), -1])
 

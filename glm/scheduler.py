@@ -149,7 +149,7 @@ class Scheduler:
         seq.extent = start
         if entry is not None and entry in self.prefix_cache:
             self.kv.copy_rows(entry.start, entry.size, start, seq.capacity, cached)
-            seq.pos = seq.cached_tokens = cached
+            seq.pos = seq.cached_tokens = seq.exact_pos = cached
         return True
 
     # ---- leaving ----
@@ -170,19 +170,21 @@ class Scheduler:
         self.running = keep
 
     def release(self, seq: Sequence) -> None:
-        """Free the sequence's extent, or keep its computed KV (seq.pos tokens) in the prefix cache."""
+        """Free the sequence's extent, or keep its exact KV (seq.exact_pos tokens) in the prefix cache."""
         seq.cache = None
         if seq.extent is None:
             return
         start, seq.extent = seq.extent, None
+        # The last sampled token never went through the model: its KV is not there. Rows a decode
+        # step wrote in a way a prefill would not (seq.exact_pos < seq.pos) are not kept either.
+        keep = min(seq.pos, seq.exact_pos)
         if (self.prefix_cache.max_tokens == 0 or seq.cache_scope is None or seq.error is not None
-                or seq.pos < self.prefix_cache.block):
+                or keep < self.prefix_cache.block):
             self.allocator.free(start, seq.capacity)
             return
-        # The last sampled token never went through the model: its KV is not there.
-        self.kv.shrink(start, seq.capacity, seq.pos)
-        self.allocator.free(start + seq.pos, seq.capacity - seq.pos)
-        self.prefix_cache.insert(seq.tokens[:seq.pos], start, seq.cache_scope)
+        self.kv.shrink(start, seq.capacity, keep)
+        self.allocator.free(start + keep, seq.capacity - keep)
+        self.prefix_cache.insert(seq.tokens[:keep], start, seq.cache_scope)
 
     def remove_waiting(self, seq: Sequence) -> bool:
         """Take a not-yet-admitted sequence out of the queue; False if it is not there."""

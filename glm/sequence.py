@@ -29,6 +29,7 @@ class Sequence:
         self.sampling = None            # its generator and seen tokens on the model's device (glm.sampling.RowState), the runner's
         self.pos = 0                    # tokens already in the KV cache: the next prefill starts here
         self.cached_tokens = 0          # prompt tokens whose KV came from the prefix cache
+        self.exact_pos = 0              # leading tokens whose KV is what a prefill computes (cacheable)
         self.extent: int | None = None  # start of its tokens in the engine's KV pool while admitted
         self.cache = None               # its KVCache (a view of the pool), made by the runner
         self.text = None                # its detokenizer / stop state, the output stage's

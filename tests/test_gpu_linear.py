@@ -10,6 +10,7 @@ from glm.gpu.ops import TritonOps
 from glm.quant import HalfLinear, QuantLinear, dequantize, half_weight_linear, quantize
 
 gpu_linear = pytest.importorskip("glm.gpu.linear", exc_type=ImportError)
+from glm.gpu import prefill as gpu_prefill  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -42,13 +43,17 @@ def assert_close_to(y: torch.Tensor, ref: torch.Tensor):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 70])  # decode GEMV (<= 8 rows) and prefill GEMM, M tails
+# decode GEMV (<= 8 rows), prefill GEMM, dequantize + tensor-core GEMM (>= 80 rows), M tails
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 79, 85])
 @pytest.mark.parametrize("n,k", [(37, 300), (64, 512), (5, 2)])  # N and K tails, K < one tile
 def test_quant_linear_matches_float64_reference(bits, m, n, k):
     qweight, scale = packed_weights(n, k, bits)
     bias = (torch.randn(n) * 0.1).half().to(DEVICE)
     x = activations(m, k)
-    w = dequantize(qweight.cpu(), scale.cpu(), bits, torch.float64)
+    # From MIN_ROWS rows the weights are dequantized to fp16 first (each product rounded to half,
+    # as THUDM's kernel does): the reference multiplies those.
+    dtype = torch.float16 if m >= gpu_prefill.MIN_ROWS else torch.float64
+    w = dequantize(qweight.cpu(), scale.cpu(), bits, dtype)
     y = gpu_linear.quant_linear(x, qweight, scale, bias, bits)
     assert_close_to(y, reference(x.cpu(), w, bias.cpu()))
     assert_close_to(gpu_linear.quant_linear(x, qweight, scale, None, bits), reference(x.cpu(), w))

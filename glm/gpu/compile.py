@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Kernel modules of the GPU path, imported by name; one that does not exist yet is skipped.
-MODULES = ("glm.gpu.linear", "glm.gpu.attention", "glm.gpu.pointwise")
+MODULES = ("glm.gpu.linear", "glm.gpu.prefill", "glm.gpu.attention", "glm.gpu.pointwise")
 
 
 @dataclass(frozen=True)

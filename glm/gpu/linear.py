@@ -13,9 +13,10 @@ Two kernels, one per regime:
     batch-mates), so a sequence's output is bitwise the same alone or in a batch.
   prefill (more rows): _gemm_kernel, a tiled GEMM that dequantizes each K tile of the weights in
     registers and multiplies with tl.dot in fp16 with fp32 accumulation (an FMA loop on sm_75,
-    mma from sm_80). Its rows round differently from the GEMV's, so with exact_rows (the prefix
-    cache: a position's KV must be the same bits from a prefill chunk or a decode step) prefill
-    runs the GEMV over blocks of DECODE_MAX_ROWS rows instead.
+    mma from sm_80). With exact_rows, the GEMV over blocks of DECODE_MAX_ROWS rows instead.
+From glm.gpu.prefill.MIN_ROWS rows on, and for every row inside prefill.exact_chunks() (a prefill
+whose KV the prefix cache keeps), glm.gpu.prefill: the weights dequantized once, then cuBLAS on the
+tensor cores.
 Nothing here needs sm_80: no bf16, no cp.async-only paths, no TMA.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import prefill
 from .compile import KernelSpec
 
 # Rows the decode GEMV takes per call: the engine's decode batch. More rows go to the GEMM.
@@ -224,6 +226,12 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     return _linear(x, qweight, qweight.shape[1] * 8 // bits, scale.contiguous(), bias, bits, exact_rows)
 
 
+def _on_tensor_cores(x, w, scale, bias, bits, rows):
+    if bits == 16:
+        return prefill.matmul(x, w, bias, rows)
+    return prefill.quant_linear(x, w, scale, bias, bits, rows)
+
+
 def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 exact_rows: bool = False) -> torch.Tensor:
     """x fp16 [M, K] @ weight^T + bias -> fp16 [M, N], weight fp16 [N, K] (the output layer)."""
@@ -241,6 +249,9 @@ def _linear(x, w, k, scale, bias, bits, exact_rows):
     if bias is not None:
         bias = bias.to(torch.float16).contiguous()
     m, n = x.shape[0], w.shape[0]
+    chunk_rows = prefill.chunk_rows()
+    if m and (chunk_rows is not None or (m >= prefill.MIN_ROWS and not exact_rows)):
+        return _on_tensor_cores(x, w, scale, bias, bits, chunk_rows)
     y = torch.empty(m, n, dtype=torch.float16, device=x.device)
     if m == 0:
         return y

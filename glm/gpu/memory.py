@@ -33,10 +33,16 @@ class MemoryPlan:
     workspace: int    # activations of the largest step (a prefill chunk, or a decode batch)
     free: int         # device memory free now (after the weights)
     total: int
+    scratch: int = 0  # the fp16 weights of the largest quantized layer, for prefill (glm.gpu.prefill)
 
     @property
     def needed(self) -> int:
-        return self.kv_pool + self.workspace + RESERVE
+        return self.kv_pool + self.workspace + self.scratch + RESERVE
+
+    @property
+    def room_for_kv(self) -> int:
+        """Bytes left for the KV pool beside everything else."""
+        return max(self.free - self.workspace - self.scratch - RESERVE, 0)
 
     @property
     def fits(self) -> bool:
@@ -46,7 +52,7 @@ class MemoryPlan:
         def gib(n):
             return f"{n / GiB:.2f} GiB"
         return (f"weights {gib(self.weights)}, KV pool {gib(self.kv_pool)}, workspace {gib(self.workspace)}, "
-                f"reserve {gib(RESERVE)}; device {gib(self.total)} total, {gib(self.free)} free after the weights")
+                f"prefill scratch {gib(self.scratch)}, reserve {gib(RESERVE)}; device {gib(self.total)} total, {gib(self.free)} free after the weights")
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -72,12 +78,35 @@ def workspace_bytes(cfg, max_batch: int, prefill_chunk: int, dtype: torch.dtype,
     return activations + sdpa + logits
 
 
+def scratch_bytes(model: torch.nn.Module) -> int:
+    """The prefill scratch of a model on the Triton backend (glm.gpu.prefill), else 0."""
+    from . import prefill
+    from .ops import TritonOps
+    if not isinstance(model.ops, TritonOps):
+        return 0
+    return 2 * prefill.scratch_elements(model)
+
+
 def plan(model: torch.nn.Module, cfg, kv_tokens: int, max_batch: int, prefill_chunk: int,
          dtype: torch.dtype, free: int, total: int) -> MemoryPlan:
     from ..kvpool import KVPool
     return MemoryPlan(weights=model_bytes(model), kv_pool=kv_tokens * KVPool.bytes_per_token(cfg, dtype),
                       workspace=workspace_bytes(cfg, max_batch, prefill_chunk, dtype, model.prefill_whole),
-                      free=free, total=total)
+                      free=free, total=total, scratch=scratch_bytes(model))
+
+
+def kv_budget_that_fits(p: MemoryPlan, cfg, dtype: torch.dtype, max_batch: int) -> int:
+    """The default KV budget: max_batch full contexts, or fewer tokens if only fewer fit beside the
+    weights, the workspace and the scratch (a long-context model on a T4)."""
+    from ..kvpool import KVPool
+    room = p.room_for_kv // KVPool.bytes_per_token(cfg, dtype)
+    if room <= 0:
+        raise MemoryPlanError(f"GPU memory: no room for any KV cache ({p.describe()}); "
+                              f"lower the batch size or use a smaller (int4) model")
+    budget = min(max_batch * cfg.max_context, room)
+    log.info("KV budget: %d tokens (%s; %d fit beside the weights, workspace and scratch)", budget,
+             "max_batch x context" if budget == max_batch * cfg.max_context else "all that fits", room)
+    return budget
 
 
 def device_memory(device) -> tuple[int, int]:
@@ -89,11 +118,18 @@ def check(p: MemoryPlan, kv_tokens: int) -> None:
     """Log the plan; raise MemoryPlanError with the numbers when it does not fit."""
     if not p.fits:
         per_token = p.kv_pool // max(kv_tokens, 1)
-        room = max(p.free - p.workspace - RESERVE, 0) // max(per_token, 1)
+        room = p.room_for_kv // max(per_token, 1)
         raise MemoryPlanError(f"GPU memory: the KV budget of {kv_tokens} tokens does not fit ({p.describe()}); "
                               f"at most {room} tokens fit: lower the KV budget (GLM_KV_BUDGET_TOKENS) "
                               f"or the batch size, or use a smaller (int4) model")
     log.info("GPU memory plan: %s", p.describe())
+
+
+def default_kv_budget(model, cfg, max_batch: int, prefill_chunk: int, device) -> int:
+    """The engine's KV budget when none is given, on a CUDA device (kv_budget_that_fits)."""
+    free, total = device_memory(device)
+    return kv_budget_that_fits(plan(model, cfg, 0, max_batch, prefill_chunk, model.dtype, free, total),
+                               cfg, model.dtype, max_batch)
 
 
 def check_device(model, cfg, kv_tokens: int, max_batch: int, prefill_chunk: int, device) -> MemoryPlan:
@@ -102,3 +138,10 @@ def check_device(model, cfg, kv_tokens: int, max_batch: int, prefill_chunk: int,
     p = plan(model, cfg, kv_tokens, max_batch, prefill_chunk, model.dtype, free, total)
     check(p, kv_tokens)
     return p
+
+
+def reserve_scratch(p: MemoryPlan, device) -> None:
+    """Allocate the planned prefill scratch now, before the KV pool takes the rest."""
+    if p.scratch:
+        from . import prefill
+        prefill.SCRATCH.reserve(p.scratch // 2, device)

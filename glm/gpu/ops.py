@@ -1,25 +1,38 @@
-"""The model's operations on the Triton kernels (fp16 activations): the linears of glm.gpu.linear, the
-row-wise kernels of glm.gpu.pointwise and the attention of glm.gpu.attention.
+"""The model's operations on the Triton kernels (fp16 activations): the linears of glm.gpu.linear (and
+glm.gpu.prefill's tensor-core path from prefill.MIN_ROWS rows), the row-wise kernels of
+glm.gpu.pointwise and the attention of glm.gpu.attention.
 
-Decode steps, and prefill rows when `exact_rows` is on, run attention as rows at their own cache
-slots (attention.row_attention) and the linears through the decode GEMV, so a position's output and
-KV are the same bits from a prefill chunk or a decode step; other prefill runs the GEMM and SDPA.
+Decode steps run attention as rows at their own cache slots (attention.row_attention) and the
+linears through the decode GEMV. A prompt's rows with `exact_rows` on (the prefix cache keeps them:
+prefill_rows) run in glm.gpu.prefill's fixed-size chunks -- zero-padded GEMMs of CHUNK_ROWS rows and
+the row-invariant causal_attention -- so a position's KV is the same bits whichever chunk holds it.
+Those bits differ from a decode step's (decode_writes_prefill_kv = False): the engine recomputes a
+reply's rows as prefill before the cache keeps them. Other rows with `exact_rows` on (a decode
+step's, the reply recomputation's own are prefill) run as decode rows; other prefill runs the
+GEMM or cuBLAS and SDPA.
 """
 from __future__ import annotations
 
 import torch
 
+from contextlib import nullcontext
+
 from .. import staging
 from ..ops import TorchOps, apply_rotary
-from . import attention, linear, pointwise
+from . import attention, linear, pointwise, prefill
 
 
 class TritonOps(TorchOps):
     name = "triton"
     reads_half_weights = True
+    decode_writes_prefill_kv = False
 
     def computes_rows_exactly(self, dtype: torch.dtype, half_weights: bool) -> bool:
         return True
+
+    def prefill_rows(self):
+        """With exact rows, a prompt's rows in glm.gpu.prefill's fixed-size chunks."""
+        return prefill.exact_chunks() if self.exact_rows else nullcontext()
 
     def rms_norm(self, x, weight, eps):
         return pointwise.rms_norm(x, weight, eps)
@@ -35,7 +48,8 @@ class TritonOps(TorchOps):
 
     def attention(self, q, k, v, cos, sin, layer, starts, caches):
         B, T, heads, hd = q.shape
-        if T == 1 or self.exact_rows:
+        exact_prefill = prefill.chunk_rows() is not None  # inside prefill_rows(): causal_attention
+        if (T == 1 or self.exact_rows) and not exact_prefill:
             plan = row_plan(caches, starts, T, q.device)
             if plan is not None:
                 y = attention.row_attention(
@@ -47,7 +61,10 @@ class TritonOps(TorchOps):
         out = []
         for b, cache in enumerate(caches):
             keys, values = cache.update(layer, starts[b], k[b].transpose(0, 1), v[b].transpose(0, 1))
-            out.append(attention.prefill_attention(q[b].transpose(0, 1), keys, values, cache.offset + starts[b]))
+            if exact_prefill:
+                out.append(prefill.causal_attention(q[b].transpose(0, 1), keys, values))
+            else:
+                out.append(attention.prefill_attention(q[b].transpose(0, 1), keys, values, cache.offset + starts[b]))
         return torch.stack(out).transpose(1, 2)
 
     def masked_attention(self, q, k, v, masks, layer, starts, caches):
