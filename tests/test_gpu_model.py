@@ -108,9 +108,8 @@ def prompts(tok):
     return [tok.build_prompt("你好"), tok.build_prompt("晚上睡不着应该怎么办", [("你好", "你好!")]), "hello world"]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_logits_match_the_float32_cpu_path(models, name):
-    fast, ref = models[name]
+def assert_logits_match(fast, ref, name: str) -> None:
+    """fast's logits within the GPU tolerance of ref's on every prompt, top-1 equal at >= 95% of positions."""
     total = agree = 0
     for p in prompts(ref.tokenizer):
         ids = ref.tokenizer.encode(p)
@@ -119,6 +118,11 @@ def test_logits_match_the_float32_cpu_path(models, name):
         agree += int((got.argmax(-1) == want.argmax(-1)).sum())
         total += len(ids)
     assert agree >= 0.95 * total, f"{name}: top-1 equal at {agree}/{total} positions"
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logits_match_the_float32_cpu_path(models, name):
+    assert_logits_match(*models[name], name)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
