@@ -247,10 +247,8 @@ class Engine:
         """Sequences that ended in this step and will be cached with decoded rows that a prefill
         would compute differently (the Triton path): those rows recomputed as prefill now, so
         every cached row is what a fresh prefill writes (glm/prefix_cache.py)."""
-        if not self.scheduler.prefix_cache.max_tokens:
-            return
         for seq in batch.sequences:
-            if seq.done and seq.error is None and seq.exact_pos < seq.pos:
+            if seq.done and seq.exact_pos < seq.pos and self.scheduler.may_cache(seq):
                 try:
                     self.runner.recompute_reply(seq, self.prefill_chunk)
                 except Exception as e:  # noqa: BLE001 - the reply is out; only its caching is lost

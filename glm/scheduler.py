@@ -178,13 +178,17 @@ class Scheduler:
         # The last sampled token never went through the model: its KV is not there. Rows a decode
         # step wrote in a way a prefill would not (seq.exact_pos < seq.pos) are not kept either.
         keep = min(seq.pos, seq.exact_pos)
-        if (self.prefix_cache.max_tokens == 0 or seq.cache_scope is None or seq.error is not None
-                or keep < self.prefix_cache.block):
+        if not self.may_cache(seq) or keep < self.prefix_cache.block:
             self.allocator.free(start, seq.capacity)
             return
         self.kv.shrink(start, seq.capacity, keep)
         self.allocator.free(start + keep, seq.capacity - keep)
         self.prefix_cache.insert(seq.tokens[:keep], start, seq.cache_scope)
+
+    def may_cache(self, seq: Sequence) -> bool:
+        """Whether the prefix cache may keep this ended sequence's KV: the cache is on, the request
+        has a scope (a private request has none) and ended without an error."""
+        return self.prefix_cache.max_tokens > 0 and seq.cache_scope is not None and seq.error is None
 
     def remove_waiting(self, seq: Sequence) -> bool:
         """Take a not-yet-admitted sequence out of the queue; False if it is not there."""

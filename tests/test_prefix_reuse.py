@@ -329,6 +329,27 @@ def test_requests_reuse_only_their_own_scopes_kv(model):
     assert engine.cache_scope(None) is None
 
 
+def test_only_replies_the_cache_will_keep_are_recomputed(model, monkeypatch):
+    """Where decode rows differ from prefill rows (the Triton path), an ended reply is recomputed as
+    prefill before caching, and only then: a keyless (private) request's reply is never kept, so
+    it costs no recomputation."""
+    engine = make_engine(model, 4096, prefix_cache_scope=None)
+    monkeypatch.setattr(model.model.ops, "decode_writes_prefill_kv", False)
+    recomputed = []
+    real = engine.runner.recompute_reply
+    monkeypatch.setattr(engine.runner, "recompute_reply",
+                        lambda seq, chunk: (recomputed.append(seq.cache_scope), real(seq, chunk)))
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    for key in (None, "alice"):
+        seq = engine.submit(ids(40, seed=23), params, cache_key=key)
+        while not seq.done:
+            engine.step()
+        engine.step()
+    assert recomputed == [engine.cache_scope("alice")]
+    (entry,) = engine.prefix_cache.entries
+    assert entry.tokens == tuple(seq.tokens[:seq.pos])  # the recomputed reply rows are kept
+
+
 def test_shared_scope_from_the_environment(model, monkeypatch):
     monkeypatch.setenv("GLM_PREFIX_CACHE_SCOPE", "shared")
     assert Engine(model.model, model.tokenizer, model.config, model.device).shared_scope
