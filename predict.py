@@ -100,7 +100,7 @@ class Predictor(BasePredictor):
         cog_compat.route_logs("glm")
         # Every setting read before the weights load: a bad one fails setup at once, by name.
         concurrency = settings.integer("COG_MAX_CONCURRENCY", DEFAULT_CONCURRENCY, at_least=1)
-        kv_budget_tokens = settings.integer("GLM_KV_BUDGET_TOKENS", None, at_least=1)
+        engine_config = glm.EngineConfig.from_env(max_batch=concurrency)  # KV budget, prefix cache, watchdog
         threads = settings.integer("GLM_THREADS", None, at_least=1)
         self.drain_seconds = settings.number("GLM_DRAIN_SECONDS", DEFAULT_DRAIN_SECONDS, at_most=MAX_DRAIN_SECONDS)
         port = settings.integer("PORT", 5000, at_least=1, at_most=65535)
@@ -137,7 +137,7 @@ class Predictor(BasePredictor):
         # One engine thread batches every running prediction; KV cache is reserved per request
         # (prompt + max_tokens) within the budget (the engine's default unless GLM_KV_BUDGET_TOKENS
         # says otherwise): a request that does not fit yet waits.
-        engine = self.model.use_engine(max_batch=concurrency, kv_budget_tokens=kv_budget_tokens)
+        engine = self.model.use_engine(engine_config)
         if device.type == "cuda":
             # Every kernel variant compiled and the decode graphs captured before READY: nothing
             # compiles inside a request (the log line says what ran and whether graphs are on).

@@ -10,7 +10,8 @@ from .device import DeviceError
 from .errors import CheckpointError, EngineError, GLMError, InputError, WeightsError
 from .sampling import MAX_SEED, SamplingParams, random_seed
 from .loader import find_checkpoint, load
+from .engine import EngineConfig
 from .pipeline import GLM, Stream
 
-__all__ = ["load", "find_checkpoint", "WeightsError", "GLM", "Stream", "ChatGLMConfig", "SamplingParams", "MAX_SEED", "random_seed", "GLMError", "CheckpointError", "InputError",
+__all__ = ["load", "find_checkpoint", "WeightsError", "GLM", "Stream", "EngineConfig", "ChatGLMConfig", "SamplingParams", "MAX_SEED", "random_seed", "GLMError", "CheckpointError", "InputError",
            "EngineError", "DeviceError"]

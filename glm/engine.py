@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -59,33 +60,56 @@ class StepTimeout(EngineError):
     """A step ran longer than the watchdog's bound; the engine is unhealthy."""
 
 
-def prefix_cache_tokens_from_env(default: int) -> int:
-    """GLM_PREFIX_CACHE_TOKENS: most tokens of finished requests' KV kept for reuse (0 = off)."""
-    return settings.integer("GLM_PREFIX_CACHE_TOKENS", default, at_least=0)
+@dataclass(frozen=True)
+class EngineConfig:
+    """A deployment's engine settings; a None field takes the engine's default for its model and device.
+
+    kv_budget_tokens: KV memory for every running sequence together (None: max_batch contexts, on a
+    GPU at most what fits beside the weights). prefix_cache_tokens: cap of the prefix cache (None:
+    the whole budget, since cached entries yield their memory whenever a request needs it; 0: off).
+    prefix_cache_scope: what keyless requests share, "private" (nothing) or "shared" (one scope).
+    step_timeout_s, kv_wait_s: the watchdog's bound on one step (None: per device) and the longest
+    a request waits for KV memory.
+    """
+    max_batch: int = 8
+    kv_budget_tokens: int | None = None
+    prefill_chunk: int = 256
+    prefix_cache_tokens: int | None = None
+    prefix_cache_scope: str = "private"
+    step_timeout_s: float | None = None
+    kv_wait_s: float = KV_WAIT_S
+
+    def __post_init__(self):
+        if self.prefix_cache_scope not in SCOPES:
+            raise ValueError(f"prefix_cache_scope must be one of {', '.join(SCOPES)}, got {self.prefix_cache_scope!r}")
+
+    @classmethod
+    def from_env(cls, **given) -> "EngineConfig":
+        """The settings a deployment makes in its environment, `given` fields over them:
+        GLM_KV_BUDGET_TOKENS, GLM_PREFIX_CACHE_TOKENS, GLM_PREFIX_CACHE_SCOPE, GLM_STEP_TIMEOUT_SECONDS,
+        GLM_KV_WAIT_SECONDS (glm.settings: a value it cannot use raises, naming the variable)."""
+        env = dict(kv_budget_tokens=settings.integer("GLM_KV_BUDGET_TOKENS", None, at_least=1),
+                   prefix_cache_tokens=settings.integer("GLM_PREFIX_CACHE_TOKENS", None, at_least=0),
+                   prefix_cache_scope=settings.choice("GLM_PREFIX_CACHE_SCOPE", "private", SCOPES),
+                   step_timeout_s=settings.number("GLM_STEP_TIMEOUT_SECONDS", None, above=True),
+                   kv_wait_s=settings.number("GLM_KV_WAIT_SECONDS", KV_WAIT_S, above=True))
+        return cls(**(env | given))
 
 
 class Engine:
-    def __init__(self, model, tokenizer, cfg, device, *, max_batch: int = 8,
-                 kv_budget_tokens: int | None = None, prefill_chunk: int = 256,
-                 prefix_cache_tokens: int | None = None, prefix_cache_scope: str | None = None,
-                 step_timeout_s: float | None = None, kv_wait_s: float | None = None):
-        """prefix_cache_tokens: cap of the prefix cache (None: GLM_PREFIX_CACHE_TOKENS, else the whole
-        KV budget, since cached entries yield their memory whenever a request needs it; 0 = off).
-        On, every step computes prefill rows as decode rows (model.ops.rows_exactly), and the cache
+    def __init__(self, model, tokenizer, cfg, device, config: EngineConfig | None = None, **fields):
+        """config (default: EngineConfig()) with `fields` replacing some of its values. With the prefix
+        cache on, every step computes prefill rows as decode rows (model.ops.rows_exactly); the cache
         stays off where cached KV would still not reproduce a recomputation bit for bit
-        (model.exact_kv_reuse: ChatGLM-6B's bidirectional context, the CPU path without its kernels).
-        prefix_cache_scope: "private" or "shared", what keyless requests share (None: GLM_PREFIX_CACHE_SCOPE,
-        else private). step_timeout_s, kv_wait_s: the watchdog's bound on one step and the longest wait
-        for KV memory (None: GLM_STEP_TIMEOUT_SECONDS / GLM_KV_WAIT_SECONDS, else the defaults above)."""
+        (model.exact_kv_reuse: ChatGLM-6B's bidirectional context, the CPU path without its kernels)."""
+        config = replace(config or EngineConfig(), **fields)
+        self.config = config
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         device_type = torch.device(device).type
-        scope = prefix_cache_scope or settings.choice("GLM_PREFIX_CACHE_SCOPE", "private", SCOPES)
-        if scope not in SCOPES:
-            raise ValueError(f"prefix_cache_scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-        self.shared_scope = scope == "shared"
-        self.step_timeout_s = step_timeout_s or settings.number(
-            "GLM_STEP_TIMEOUT_SECONDS", STEP_TIMEOUT_S.get(device_type, STEP_TIMEOUT_S["cpu"]), above=True)
-        kv_wait_s = kv_wait_s or settings.number("GLM_KV_WAIT_SECONDS", KV_WAIT_S, above=True)
+        max_batch, prefill_chunk = config.max_batch, config.prefill_chunk
+        kv_budget_tokens, prefix_cache_tokens = config.kv_budget_tokens, config.prefix_cache_tokens
+        self.shared_scope = config.prefix_cache_scope == "shared"
+        self.step_timeout_s = config.step_timeout_s or STEP_TIMEOUT_S.get(device_type, STEP_TIMEOUT_S["cpu"])
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         on_gpu = device_type == "cuda"
@@ -100,7 +124,7 @@ class Engine:
         # The KV memory for the whole budget, allocated once; the scheduler's allocator is its bookkeeping.
         self.pool = KVPool(cfg, self.kv_budget_tokens, device, model.dtype)
         if prefix_cache_tokens is None:
-            prefix_cache_tokens = prefix_cache_tokens_from_env(self.kv_budget_tokens)
+            prefix_cache_tokens = self.kv_budget_tokens
         prefix_cache_tokens = min(prefix_cache_tokens, self.kv_budget_tokens)
         if prefix_cache_tokens and not model.exact_kv_reuse:
             log.info("prefix cache off: this model's cached KV would not reproduce a recomputation exactly")
@@ -113,7 +137,7 @@ class Engine:
         self.exact_rows = bool(prefix_cache_tokens)
         self.scheduler = Scheduler(max_batch=max_batch, kv_budget_tokens=self.kv_budget_tokens,
                                    prefill_chunk=prefill_chunk, prefill_whole=model.prefill_whole,
-                                   prefix_cache_tokens=prefix_cache_tokens, kv=self.pool, max_wait_s=kv_wait_s)
+                                   prefix_cache_tokens=prefix_cache_tokens, kv=self.pool, max_wait_s=config.kv_wait_s)
         self.runner = ModelRunner(model, self.pool, device, max_batch)
         self.output = OutputStage(tokenizer, cfg)
         self._lock = threading.Lock()           # the queues and flags; never held over a forward pass

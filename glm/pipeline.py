@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .engine import Engine
+from .engine import Engine, EngineConfig
 from .errors import InputError
 from .kvpool import KVCache
 from .sampling import SamplingParams
@@ -36,15 +36,15 @@ class GLM:
     def engine(self) -> Engine:
         with self._engine_lock:
             if self._engine is None:
-                self._engine = Engine(self.model, self.tokenizer, self.config, self.device)
+                self._engine = Engine(self.model, self.tokenizer, self.config, self.device, EngineConfig.from_env())
             return self._engine
 
-    def use_engine(self, **kwargs) -> Engine:
-        """Replace the engine (e.g. a server's batch size and KV budget); returns it."""
+    def use_engine(self, config: EngineConfig | None = None, **fields) -> Engine:
+        """Replace the engine (e.g. a server's EngineConfig.from_env()); returns it."""
         with self._engine_lock:
             if self._engine is not None:
                 self._engine.stop()
-            self._engine = Engine(self.model, self.tokenizer, self.config, self.device, **kwargs)
+            self._engine = Engine(self.model, self.tokenizer, self.config, self.device, config, **fields)
             return self._engine
 
     @torch.inference_mode()

@@ -24,7 +24,7 @@ from .kvpool import KVPool
 from .sampling import RowParams, RowState, sample_rows
 from .scheduler import Batch
 from .sequence import Sequence
-from .staging import StepStaging, staged
+from .staging import StepStaging, bucket_for, padded, staged
 
 log = logging.getLogger("glm")
 
@@ -165,12 +165,10 @@ class ModelRunner:
 
     @staticmethod
     def _bucket(rows: int) -> int | None:
-        from .gpu.graphs import bucket_for
         return bucket_for(rows)
 
     def _stage_rows(self, tokens: list[int], starts: list[int], caches, rows: int) -> None:
         """Each row's token, position and attention plan, padded to `rows` rows by repeating row 0."""
-        from .gpu.graphs import padded
         plan = [(self.pool.element_offset(c), c.k.shape[2], c.slot(s)) for c, s in zip(caches, starts)]
         offsets, slot_counts, slots = zip(*padded(plan, rows))
         st = self.staging

@@ -26,6 +26,22 @@ FIELDS = (("tokens", torch.int64), ("positions", torch.int64), ("cache_offsets",
 ROW_BYTES = 8
 
 
+# Decode row counts a step is padded to where CUDA graphs replay it (glm.gpu.graphs): one graph each.
+BUCKETS = (1, 2, 4, 8)
+
+
+def bucket_for(rows: int, buckets=BUCKETS) -> int | None:
+    """The smallest bucket that holds `rows` rows, or None when none does (the step runs eagerly)."""
+    return next((b for b in sorted(buckets) if b >= rows), None)
+
+
+def padded(values: list, rows: int) -> list:
+    """values extended to `rows` entries by repeating the first (the padding rows' inputs)."""
+    if not values or len(values) > rows:
+        raise ValueError(f"cannot pad {len(values)} rows to {rows}")
+    return list(values) + [values[0]] * (rows - len(values))
+
+
 @dataclass(frozen=True)
 class StepInputs:
     """The device tensors of one decode step of `rows` rows (views of the staged buffer)."""

@@ -5,6 +5,7 @@ waits for a step) and fail on demand (to check that a failure stays with the req
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -342,13 +343,13 @@ def test_a_request_waiting_for_kv_memory_past_the_bound_fails_naming_the_wait(ti
 def test_watchdog_and_wait_bounds_from_the_environment(tiny_model, monkeypatch):
     monkeypatch.setenv("GLM_STEP_TIMEOUT_SECONDS", "2.5")
     monkeypatch.setenv("GLM_KV_WAIT_SECONDS", "7")
-    engine = make_engine(tiny_model)
+    engine = make_engine(tiny_model, config=glm.EngineConfig.from_env())
     assert engine.step_timeout_s == 2.5 and engine.scheduler.max_wait_s == 7
     for name, bad in (("GLM_STEP_TIMEOUT_SECONDS", "inf"), ("GLM_STEP_TIMEOUT_SECONDS", "0"),
                       ("GLM_KV_WAIT_SECONDS", "nan"), ("GLM_KV_WAIT_SECONDS", "-1")):
         monkeypatch.setenv(name, bad)
         with pytest.raises(glm.GLMError, match=f"{name}='{bad}' must be a finite number > 0"):
-            make_engine(tiny_model)
+            glm.EngineConfig.from_env()
         monkeypatch.delenv(name)
 
 
@@ -473,3 +474,19 @@ def test_server_cancel_before_the_stream_exists_cancels_it_when_it_is_attached(t
     stream = submit(tiny_model, engine, max_new_tokens=50)
     link.attach(stream)
     assert stream.finish_reason == "canceled" and not engine.waiting and not engine.active
+
+
+def test_the_cpu_path_never_imports_the_gpu_package(tiny_dir):
+    """Serving on the CPU loads, prefills, decodes and samples without importing glm.gpu (whose
+    import brings triton in wherever TRITON_INTERPRET is set): a CPU worker keeps no GPU stack."""
+    import subprocess
+    import sys
+
+    code = ("import sys, glm\n"
+            f"m = glm.load({str(tiny_dir)!r}, device='cpu')\n"
+            "text = ''.join(m.generate(m.chat_defaults['prompt'], max_new_tokens=4, temperature=0.8, seed=1))\n"
+            "print(sorted(n for n in sys.modules if n.startswith(('glm.gpu', 'triton'))))\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

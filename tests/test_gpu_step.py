@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import glm
+from glm import staging
 from glm.engine import Engine
 from glm.errors import sticky_device_error
 from glm.gpu import graphs, selftest
@@ -137,14 +138,14 @@ def test_rotary_table_rows_equal_the_angles_computed_per_position(fast):
 
 
 def test_buckets_and_padding():
-    assert [graphs.bucket_for(n) for n in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, None]
-    assert graphs.bucket_for(3, (8, 2)) == 8
-    assert graphs.padded([7, 8, 9], 4) == [7, 8, 9, 7]
-    assert graphs.padded([5], 1) == [5]
+    assert [staging.bucket_for(n) for n in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, None]
+    assert staging.bucket_for(3, (8, 2)) == 8
+    assert staging.padded([7, 8, 9], 4) == [7, 8, 9, 7]
+    assert staging.padded([5], 1) == [5]
     with pytest.raises(ValueError):
-        graphs.padded([1, 2, 3], 2)
+        staging.padded([1, 2, 3], 2)
     with pytest.raises(ValueError):
-        graphs.padded([], 2)
+        staging.padded([], 2)
 
 
 def test_padded_rows_leave_the_real_rows_and_their_cache_unchanged(fast):

@@ -7,7 +7,7 @@ import torch
 
 import glm
 from glm.cpu import kernels
-from glm.engine import Engine
+from glm.engine import Engine, EngineConfig
 from glm.sampling import SamplingParams
 from glm.kvpool import KVCache
 from glm.prefix_cache import BLOCK
@@ -293,23 +293,25 @@ def test_exact_rows_hold_for_the_steps_of_an_engine_with_a_cache_only(model, mon
 
 
 def test_cache_size_from_the_environment(model, monkeypatch):
+    def from_env(**fields):
+        return Engine(model.model, model.tokenizer, model.config, model.device, EngineConfig.from_env(**fields))
+
     monkeypatch.setenv("GLM_PREFIX_CACHE_TOKENS", "0")
-    assert Engine(model.model, model.tokenizer, model.config, model.device).prefix_cache.max_tokens == 0
+    assert from_env().prefix_cache.max_tokens == 0
     monkeypatch.setenv("GLM_PREFIX_CACHE_TOKENS", "300")
-    assert Engine(model.model, model.tokenizer, model.config, model.device).prefix_cache.max_tokens == 300
+    assert from_env().prefix_cache.max_tokens == 300
     monkeypatch.delenv("GLM_PREFIX_CACHE_TOKENS")
-    engine = Engine(model.model, model.tokenizer, model.config, model.device, kv_budget_tokens=500)
-    assert engine.prefix_cache.max_tokens == 500
+    assert from_env(kv_budget_tokens=500).prefix_cache.max_tokens == 500
     for bad in ("-1", "lots"):
         monkeypatch.setenv("GLM_PREFIX_CACHE_TOKENS", bad)
         with pytest.raises(ValueError, match=f"GLM_PREFIX_CACHE_TOKENS='{bad}' must be an integer >= 0"):
-            Engine(model.model, model.tokenizer, model.config, model.device)
+            EngineConfig.from_env()
 
 
 def test_requests_reuse_only_their_own_scopes_kv(model):
     """Private by default: a key reuses what the same key left, never another key's or a keyless
     request's KV, and a keyless request neither reuses nor leaves anything."""
-    engine = make_engine(model, 4096, prefix_cache_scope=None)
+    engine = make_engine(model, 4096, prefix_cache_scope="private")
     assert not engine.shared_scope
     prompt = ids(50, seed=21)
 
@@ -333,7 +335,7 @@ def test_only_replies_the_cache_will_keep_are_recomputed(model, monkeypatch):
     """Where decode rows differ from prefill rows (the Triton path), an ended reply is recomputed as
     prefill before caching, and only then: a keyless (private) request's reply is never kept, so
     it costs no recomputation."""
-    engine = make_engine(model, 4096, prefix_cache_scope=None)
+    engine = make_engine(model, 4096, prefix_cache_scope="private")
     monkeypatch.setattr(model.model.ops, "decode_writes_prefill_kv", False)
     recomputed = []
     real = engine.runner.recompute_reply
@@ -352,10 +354,11 @@ def test_only_replies_the_cache_will_keep_are_recomputed(model, monkeypatch):
 
 def test_shared_scope_from_the_environment(model, monkeypatch):
     monkeypatch.setenv("GLM_PREFIX_CACHE_SCOPE", "shared")
-    assert Engine(model.model, model.tokenizer, model.config, model.device).shared_scope
+    assert Engine(model.model, model.tokenizer, model.config, model.device, EngineConfig.from_env()).shared_scope
+    assert not Engine(model.model, model.tokenizer, model.config, model.device).shared_scope  # only from_env reads it
     monkeypatch.setenv("GLM_PREFIX_CACHE_SCOPE", "everyone")
     with pytest.raises(ValueError, match="GLM_PREFIX_CACHE_SCOPE='everyone' must be one of private, shared"):
-        Engine(model.model, model.tokenizer, model.config, model.device)
+        EngineConfig.from_env()
 
 
 # ---- the same on the Triton backend (the CUDA path's kernels under TRITON_INTERPRET=1), with

@@ -4,7 +4,7 @@ A step of n rows replays the graph of the smallest bucket >= n: its ~250 kernel 
 graph launch instead of one Python launcher call each. Every input of a graph is a view of the
 runner's staging buffer (glm/staging.py), whose address never changes, and its output (the logits)
 is a static tensor of the graph's memory pool, read before the next replay. Rows past n repeat row 0
-(`padded`): they compute row 0's token at row 0's slot again, so they write the same k, v bits there,
+(glm.staging.padded): they compute row 0's token at row 0's slot again, so they write the same k, v bits there,
 and their logits are dropped. Rows never depend on each other, so row 0's result is unchanged.
 
 Captured at setup, after the eager warm-up has compiled every kernel at these shapes, and only where
@@ -15,22 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..staging import StepStaging, staged
-
-BUCKETS = (1, 2, 4, 8)
-
-
-def bucket_for(rows: int, buckets=BUCKETS) -> int | None:
-    """The smallest bucket that holds `rows` rows, or None when none does (the step runs eagerly)."""
-    return next((b for b in sorted(buckets) if b >= rows), None)
-
-
-def padded(values: list, rows: int) -> list:
-    """values extended to `rows` entries by repeating the first (the padding rows' inputs)."""
-    if not values or len(values) > rows:
-        raise ValueError(f"cannot pad {len(values)} rows to {rows}")
-    return list(values) + [values[0]] * (rows - len(values))
-
+from ..staging import BUCKETS, StepStaging, staged
 
 class DecodeGraphs:
     """The graphs of one model's decode forward over one staging buffer, by bucket."""
