@@ -143,8 +143,8 @@ def _forcing(model, token: int, when):
     (end: the number of tokens in the cache after the call)."""
     inner = model.model.forward
 
-    def forward(tokens, starts, caches, last_only=False):
-        logits = inner(tokens, starts, caches, last_only)
+    def forward(tokens, starts, caches, last_only=False, **kw):
+        logits = inner(tokens, starts, caches, last_only, **kw)
         if when(starts[0] + tokens.shape[1]):
             logits[..., token] = 1e4
         return logits

@@ -273,9 +273,9 @@ def test_long_prompt_prefills_in_one_pass(model):
     assert len(ids) > 300
     inner, calls = model.model.forward, []
 
-    def forward(tokens, starts, caches, last_only=False):
+    def forward(tokens, starts, caches, last_only=False, **kw):
         calls.append((starts[0], tokens.shape[1]))
-        return inner(tokens, starts, caches, last_only)
+        return inner(tokens, starts, caches, last_only, **kw)
 
     model.model.forward = forward
     try:
