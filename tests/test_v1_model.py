@@ -307,8 +307,8 @@ def test_generate_streams_stops_at_eos_and_is_seeded(model):
     inner = model.model.forward
     prompt_len = len(tok.encode(prompt))
 
-    def forward(tokens, starts, caches, last_only=False):
-        logits = inner(tokens, starts, caches, last_only)
+    def forward(tokens, starts, caches, last_only=False, **kw):
+        logits = inner(tokens, starts, caches, last_only, **kw)
         if starts[0] + tokens.shape[1] >= prompt_len + 3:
             logits[..., tok.eos_id] = 1e4
         return logits
