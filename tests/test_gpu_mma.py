@@ -18,8 +18,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from glm.gpu import linear, mma  # noqa: E402
-from glm.quant import dequantize, quantize  # noqa: E402
+from glm.gpu import interpreting, linear, mma, selftest  # noqa: E402
+from glm.quant import QuantLinear, dequantize, quantize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 while not (ROOT / "glm").is_dir():  # tests/ or a folder below it
@@ -225,14 +225,36 @@ def test_a_rows_result_does_not_depend_on_its_batch_mates():
     assert np.array_equal(a[3], b[3]) and not np.array_equal(a[2], b[2])
 
 
+@pytest.mark.skipif(not interpreting(), reason="checks the interpreter")
 def test_the_interpreter_never_selects_the_mma_gemv():
-    assert linear.decode_variant() == "fma"
-    x = torch.randn(8, 64).half()
     q, scale = quantize(torch.randn(32, 64).half(), 4)
+    model = torch.nn.Module()
+    model.proj = QuantLinear(64, 32, 4, ops=None)
+    model.proj.weight, model.proj.weight_scale = q, scale
+    assert selftest.select_decode_gemv(model, torch.device("cpu")) == "fma"
+    assert linear.decode_variant() == "fma"
     with pytest.raises(RuntimeError, match="interpreter"):
         linear.set_decode_variant("mma")
-    y = linear.quant_linear(x, q, scale, None, 4)
+    x = torch.randn(8, 64).half()
+    y = linear.quant_linear(x, q, scale, None, 4)  # the FMA GEMV
     assert torch.allclose(y.float(), x.float() @ dequantize(q, scale, 4).t(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mma kernel runs on a CUDA device only")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mma_gemv_matches_the_fma_gemv_on_the_device(bits):
+    g = torch.Generator().manual_seed(bits)
+    q, scale = quantize(torch.randn(64, 13696, generator=g).half(), bits)
+    model = torch.nn.Module()
+    model.proj = QuantLinear(13696, 64, bits, bias=True, ops=None)
+    model.proj.weight, model.proj.weight_scale = q.cuda(), scale.cuda()
+    model.proj.bias = torch.randn(64, generator=g).half().cuda()
+    assert selftest.compare_decode_gemvs(model.proj, torch.device("cuda")) <= selftest.TOLERANCE
+    try:
+        assert selftest.select_decode_gemv(model, torch.device("cuda")) == "mma"
+        assert linear.decode_variant() == "mma"
+    finally:
+        linear.set_decode_variant("fma")
 
 
 def test_sm75_sass_one_hmma_per_128_weights_and_the_issue_bound():
