@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 
 from glm.gpu import interpreting, linear, mma, selftest  # noqa: E402
 from glm.quant import QuantLinear, dequantize, quantize  # noqa: E402
+from glm.settings import SettingError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 while not (ROOT / "glm").is_dir():  # tests/ or a folder below it
@@ -238,6 +239,15 @@ def test_the_interpreter_never_selects_the_mma_gemv():
     x = torch.randn(8, 64).half()
     y = linear.quant_linear(x, q, scale, None, 4)  # the FMA GEMV
     assert torch.allclose(y.float(), x.float() @ dequantize(q, scale, 4).t(), rtol=1e-2, atol=1e-2)
+
+
+def test_glm_decode_gemv_fma_keeps_the_fma_gemv_and_a_bad_value_names_the_variable(monkeypatch):
+    model = torch.nn.Module()
+    monkeypatch.setenv("GLM_DECODE_GEMV", "fma")
+    assert selftest.select_decode_gemv(model, torch.device("cpu")) == "fma"
+    monkeypatch.setenv("GLM_DECODE_GEMV", "tensor")
+    with pytest.raises(SettingError, match="GLM_DECODE_GEMV='tensor' must be one of auto, fma"):
+        selftest.select_decode_gemv(model, torch.device("cpu"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the mma kernel runs on a CUDA device only")

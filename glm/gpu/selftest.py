@@ -206,10 +206,15 @@ def compare_decode_gemvs(module, device, buckets=BUCKETS) -> float:
 def select_decode_gemv(model, device, buckets=BUCKETS) -> str:
     """"mma" (glm.gpu.mma) for every decode and exact row when it runs on this device and matches the
     FMA GEMV on each of the model's quantized linears within TOLERANCE, batch-invariantly; else
-    "fma", with one log line saying why (never the torch fallback for this)."""
+    "fma", with one log line saying why (never the torch fallback for this). GLM_DECODE_GEMV=fma
+    (default auto) keeps the FMA GEMV without trying: the operator's way out should a device fault
+    in the new kernel, which no self-test survives (a sticky CUDA error ends the process)."""
     from ..quant import QuantLinear
     from . import interpreting, linear, mma
     linear.set_decode_variant("fma")
+    if settings.choice("GLM_DECODE_GEMV", "auto", ("auto", "fma")) == "fma":
+        log.info("decode GEMV: FMA (GLM_DECODE_GEMV=fma)")
+        return "fma"
     device = torch.device(device)
     quantized = {}
     for m in model.modules():
