@@ -12,7 +12,7 @@ from glm.config import ChatGLMConfig
 from glm.kvpool import KVCache
 from glm.loader import choose_ops
 from glm.model_v1 import ChatGLM, GLMBlock, TiedHead, apply_rotary_2d, attention_mask, positions_2d, rotary_2d
-from glm.pipeline import GLM
+from glm.llm import GLM
 from glm.quant import QuantLinear, dequantize
 from glm.response import process_response
 from glm.tiny import write_checkpoint_v1
@@ -327,7 +327,7 @@ def test_batched_decode_equals_solo(model):
     tok = model.tokenizer
     prompts = [tok.build_prompt("你好"), tok.build_prompt("晚上睡不着应该怎么办", [("你好", "你好!")])]
     solo = ["".join(model.generate(p, max_new_tokens=12, temperature=0.7, seed=5)) for p in prompts]
-    engine = model.engine
+    engine = model.use_engine()  # stepped here: not the one generate() started
     seqs = [engine.submit(tok.encode(p), glm.SamplingParams(max_new_tokens=12, temperature=0.7, seed=5))
             for p in prompts]
     while engine.step():
