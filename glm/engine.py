@@ -140,7 +140,7 @@ class Engine:
                                    prefill_chunk=prefill_chunk, prefill_whole=model.prefill_whole,
                                    prefix_cache_tokens=prefix_cache_tokens, kv=self.pool, max_wait_s=config.kv_wait_s)
         self.runner = ModelRunner(model, self.pool, device, max_batch)
-        self.output = OutputStage(tokenizer, cfg)
+        self.output = OutputStage(tokenizer)
         self._lock = threading.Lock()           # the queues and flags; never held over a forward pass
         self._wakeup = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None

@@ -442,7 +442,7 @@ def test_a_large_request_neither_blocks_small_ones_nor_starves(tiny_model):
 # ---- output stage hooks and statistics ----
 
 class FilteringTokenizer:
-    """The tiny tokenizer with the two hooks a tokenizer may give the output stage."""
+    """The tiny tokenizer with its stop ids and response filter (what it declares to the output stage) replaced."""
 
     def __init__(self, tok, stop_ids):
         self.tok, self.stop_ids = tok, frozenset(stop_ids)

@@ -8,7 +8,8 @@ import torch
 
 import glm
 from glm.engine import Engine
-from glm.sampling import SamplingParams, StopMatcher, process_logits
+from glm.output import StopMatcher
+from glm.sampling import SamplingParams, process_logits
 
 PROMPTS = ["[Round 1]\n\n问：你好\n\n答：",
            "[Round 1]\n\n问：What is the capital of France?\n\n答：",

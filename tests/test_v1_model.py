@@ -14,7 +14,7 @@ from glm.loader import choose_ops
 from glm.model_v1 import ChatGLM, GLMBlock, TiedHead, apply_rotary_2d, attention_mask, positions_2d, rotary_2d
 from glm.llm import GLM
 from glm.quant import QuantLinear, dequantize
-from glm.response import process_response
+from glm.output import process_response
 from glm.tiny import write_checkpoint_v1
 
 from reference import DataReader
@@ -24,7 +24,7 @@ TOL = 5e-4
 # end (<sop>) at index 2 and its mask at index 1: ids 2 and 1 play <sop> and [gMASK].
 VEC_CFG = ChatGLMConfig(family="chatglm", num_layers=1, hidden_size=32, num_heads=8, kv_heads=8, head_dim=4,
                         ffn_hidden_size=128, vocab_size=5, seq_length=8, max_context=8, norm_eps=1e-5,
-                        eos_token_id=4, pad_token_id=3, bos_token_id=2, gmask_token_id=1, mask_token_id=0)
+                        pad_token_id=3, bos_token_id=2, gmask_token_id=1, mask_token_id=0)
 BLOCK_NAMES = ("input_layernorm.weight", "input_layernorm.bias", "attention.query_key_value.weight",
                "attention.query_key_value.bias", "attention.dense.weight", "attention.dense.bias",
                "post_attention_layernorm.weight", "post_attention_layernorm.bias",
@@ -290,7 +290,7 @@ def test_long_prompt_prefills_in_one_pass(model):
 
 def test_generate_streams_stops_at_eos_and_is_seeded(model):
     tok, prompt = model.tokenizer, model.tokenizer.build_prompt("你好")
-    assert prompt == "你好" and model.config.eos_token_id == tok.eos_id
+    assert prompt == "你好" and model.tokenizer.stop_ids == {tok.eos_id}
     runs = []
     for _ in range(2):
         stream = model.generate(prompt, max_new_tokens=24, temperature=0.9, top_p=0.9, seed=1234)
