@@ -25,9 +25,11 @@ engine it never starts, to take the loop one step at a time.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -95,6 +97,18 @@ class EngineConfig:
                    step_timeout_s=settings.number("GLM_STEP_TIMEOUT_SECONDS", None, above=True),
                    kv_wait_s=settings.number("GLM_KV_WAIT_SECONDS", KV_WAIT_S, above=True))
         return cls(**(env | given))
+
+
+# Loops running now. At interpreter exit each gets to finish its step: a daemon thread still inside a
+# torch op while Python finalizes aborts the process ("terminate called without an active exception").
+_RUNNING: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+EXIT_STEP_WAIT_S = 30.0  # a step stuck longer (a hung kernel) does not hold the exit
+
+
+@atexit.register
+def _stop_running_engines() -> None:
+    for engine in list(_RUNNING):
+        engine.stop(timeout=EXIT_STEP_WAIT_S)
 
 
 class Engine:
@@ -304,16 +318,19 @@ class Engine:
             self._watchdog = threading.Thread(target=self._watch, args=(stop,), name="glm-watchdog", daemon=True)
             self._thread.start()
             self._watchdog.start()
+            _RUNNING.add(self)
 
-    def stop(self) -> None:
-        """Stop the thread after its current step; queued and running requests stay for the next start()."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the thread after its current step; queued and running requests stay for the next start().
+        timeout: the longest wait for that step (None: as long as it takes)."""
         with self._wakeup:
             thread, watchdog, self._thread, self._watchdog = self._thread, self._watchdog, None, None
             self._thread_stop.set()
             self._wakeup.notify_all()
+        _RUNNING.discard(self)
         for t in (thread, watchdog):
             if t is not None and t is not threading.current_thread():
-                t.join()
+                t.join(timeout)
 
     def _run(self, stop: threading.Event) -> None:
         try:
