@@ -1,6 +1,6 @@
 """What cog 0.23.1 does with this checkout when it builds and pushes an image, ported from its Go
-source (the PyPI sdist cog-0.23.1.tar.gz) so that script/deploy and the tests can check a tree
-without Docker or the cog CLI. Standard library only: script/deploy runs it with any python3.
+source (the PyPI sdist cog-0.23.1.tar.gz) so that script/deploy (devtools.deploy) and the tests can
+check a tree without Docker or the cog CLI. Standard library only: script/deploy runs it with any python3.
 
 - find_weights: pkg/weightslegacy/weights.go FindWeights (lines 13-166). `--separate-weights`
   walks the whole project (filepath.Walk never follows a symlink) and takes every directory that

@@ -1,9 +1,9 @@
 """Run the real Cog prediction server (cog/coglet from PyPI) on this checkout as a subprocess:
-the launcher the service tests and script/demo.py share.
+the launcher the service tests and the demo (devtools.demo) share.
 
-- `make_tiny_checkpoint()` writes the small random-weight checkpoint (`python -m glm.tiny`).
+- `make_tiny_checkpoint()` writes the small random-weight checkpoint (`python -m devtools.tiny`).
 - `make_app_dir()` lays out a throwaway project dir (predict.py, cog_compat.py, a symlink to glm/,
-  .cog/openapi_schema.json written by script/openapi-schema: the Input schema as `cog build`
+  .cog/openapi_schema.json written by devtools.openapi_schema: the Input schema as `cog build`
   reads it statically, so the tests serve what the image serves) so tests never touch
   the work tree.
 - `CogServer` starts `python -m cog.server.http` on a free port in its own process
@@ -49,21 +49,21 @@ def make_app_dir(dest: str) -> str:
         shutil.copy2(os.path.join(REPO, name), os.path.join(dest, name))
     os.symlink(os.path.join(REPO, "glm"), os.path.join(dest, "glm"))
     proc = subprocess.run(
-        [PYTHON, os.path.join(REPO, "script", "openapi-schema")],
-        cwd=dest, capture_output=True, text=True, timeout=300, env=_env({}),
+        [PYTHON, "-m", "devtools.openapi_schema"],  # reads dest's predict.py: cwd first on sys.path
+        cwd=dest, capture_output=True, text=True, timeout=300, env=_env({"PYTHONPATH": REPO}),
     )
     if proc.returncode != 0:
-        raise ServerError(f"script/openapi-schema failed:\n{proc.stdout}\n{proc.stderr}")
+        raise ServerError(f"python -m devtools.openapi_schema failed:\n{proc.stdout}\n{proc.stderr}")
     return dest
 
 
 def make_tiny_checkpoint(dest: str, *args: str) -> str:
     proc = subprocess.run(
-        [PYTHON, "-m", "glm.tiny", dest, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+        [PYTHON, "-m", "devtools.tiny", dest, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
         env=_env({}),
     )
     if proc.returncode != 0:
-        raise ServerError(f"python -m glm.tiny failed:\n{proc.stdout}\n{proc.stderr}")
+        raise ServerError(f"python -m devtools.tiny failed:\n{proc.stdout}\n{proc.stderr}")
     return dest
 
 

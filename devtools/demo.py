@@ -1,6 +1,6 @@
 """The main job end to end: start the real Cog server on this project and stream a prediction (SSE).
 
-Run from the checkout as a module (script/demo does): `python -m script.demo [PROMPT] ...`.
+Run from the checkout as a module (script/demo does): `python -m devtools.demo [PROMPT] ...`.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import requests
 
 import glm
 from predict import DEFAULT_MODEL_NAME, weights_root
-from script.cogserver import REPO, CogServer, make_tiny_checkpoint
+from devtools.cogserver import REPO, CogServer, make_tiny_checkpoint
 
-# Under .cog/, which cog neither takes for weights nor copies into the image (script/cogport.py).
+# Under .cog/, which cog neither takes for weights nor copies into the image (devtools/cogport.py).
 SCRATCH = Path(REPO) / ".cog" / "demo"
 TINY = SCRATCH / "tiny-chatglm2-int4"
 
@@ -32,9 +32,9 @@ def pick_weights() -> str:
     except glm.WeightsError as e:
         print(f"demo: NO REAL WEIGHTS ({e})\n"
               f"      -> using the project's own small RANDOM-WEIGHT checkpoint\n"
-              f"      ({TINY.relative_to(REPO)}, made by `python -m glm.tiny`): the reply is random tokens, not\n"
+              f"      ({TINY.relative_to(REPO)}, made by `python -m devtools.tiny`): the reply is random tokens, not\n"
               f"      ChatGLM's answer. For the real model: script/download-weights, then run this again.")
-    make_tiny_checkpoint(str(TINY))  # a few seconds; always in step with glm.tiny
+    make_tiny_checkpoint(str(TINY))  # a few seconds; always in step with devtools.tiny
     return str(TINY)
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     os.chdir(REPO)  # weights/ and .cog/ are the checkout's
     weights = os.path.abspath(pick_weights())
     subprocess_env = {"COG_WEIGHTS": weights}
-    os.system(f"{sys.executable} script/openapi-schema >/dev/null")
+    os.system(f"{sys.executable} -m devtools.openapi_schema >/dev/null")
     SCRATCH.mkdir(parents=True, exist_ok=True)
     server = CogServer(REPO, env=subprocess_env, log_path=str(SCRATCH / "server.log"))
     with server:

@@ -1,11 +1,10 @@
-#!/usr/bin/env python3
 """Push this checkout to Replicate as r8.im/<you>/<model>, with the weights in a layer of their own.
 
     script/deploy r8.im/<you>/<model> [more `cog push` flags, e.g. --use-cog-base-image=false]
     script/deploy --check          # only the checks on the tree; needs no cog or Docker
 
 Runs `COGLET_WHEEL=pypi:0.23.1 cog push r8.im/<you>/<model> --separate-weights` after checking,
-with cog 0.23.1's own rules (script/cogport.py), what that push will do with this tree:
+with cog 0.23.1's own rules (devtools/cogport.py), what that push will do with this tree:
 
 - the weights image takes exactly one directory, weights/<name>/ with a checkpoint, and nothing
   else (a venv, a cache or an interrupted download's weights/.tmp-* would break the build or ship);
@@ -22,9 +21,9 @@ import shutil
 import subprocess
 import sys
 
+from devtools import cogport
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from script import cogport  # noqa: E402
 
 COG_VERSION = "0.23.1"
 COGLET_WHEEL = f"pypi:{COG_VERSION}"
@@ -89,7 +88,7 @@ def require_cog() -> None:
     version = cog_version()
     if version != COG_VERSION:
         raise DeployError(f"cog {version} on PATH; this project is built and checked with cog {COG_VERSION} "
-                          f"(its rules are what script/cogport.py checks): {INSTALL_COG}")
+                          f"(its rules are what devtools/cogport.py checks): {INSTALL_COG}")
 
 
 def docker_has_image(name: str) -> bool:

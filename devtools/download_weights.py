@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Fetch a THUDM ChatGLM checkpoint into weights/<name>/, verified against weights/manifest.json.
 
     script/download-weights [MODEL] [--dest weights]

@@ -1,16 +1,16 @@
-#!/usr/bin/env python3
 """Write .cog/openapi_schema.json for this project's predictor, as `cog build` 0.23.1 ships it.
 
 `cog build` writes this file into the image; the Cog server (coglet) reads it at startup to
 validate inputs, serve /openapi.json and stream server-sent events. Without a Docker engine / cog
 CLI we produce the same file here. The Input schema is what cog's static parser reads from
-predict.py's source (tests/cog_static_schema.py, a port of cog's Go rules): cog never imports
+predict.py's source (devtools/cog_static_schema.py, a port of cog's Go rules): cog never imports
 predict.py, so a keyword it cannot resolve is missing from the image's schema too. Types, the
 Output schema and the paths come from cog's own runtime inspector (cog._inspector).
 
 Usage: script/openapi-schema [--predictor predict.py:Predictor] [--out .cog/openapi_schema.json]
                              [--runtime-inputs]
-Run from the project directory (the predictor module is imported from cwd). --runtime-inputs
+Run from the project directory (the predictor module is imported from cwd); `python -m
+devtools.openapi_schema` with the checkout on PYTHONPATH does the same. --runtime-inputs
 keeps the inspector's Input schema (Python's values) instead: the tests compare the two.
 """
 import argparse
@@ -18,9 +18,6 @@ import json
 import os
 import sys
 from dataclasses import MISSING, Field
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _default_of(field):
     """Return (has_default, value) for an InputField default."""
@@ -258,8 +255,7 @@ def main(argv=None):
         info = create_predictor(module, cls)
     schema = build_schema(info, streaming=_is_streaming(path, cls))
     if not args.runtime_inputs:
-        sys.path.insert(0, os.path.join(REPO, "tests"))
-        from cog_static_schema import input_schema
+        from devtools.cog_static_schema import input_schema
 
         with open(path, encoding="utf-8") as fh:
             schema["components"]["schemas"]["Input"] = input_schema(fh.read(), cls)

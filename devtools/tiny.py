@@ -1,9 +1,9 @@
 """Make a small random-weight ChatGLM2 (or ChatGLM-6B) checkpoint in exactly THUDM's on-disk layout.
 
-    python -m glm.tiny OUTDIR [--family chatglm2|chatglm3|chatglm] [--bits 4|8|0] [--layers N] [--full-size] [--device cuda]
+    python -m devtools.tiny OUTDIR [--family chatglm2|chatglm3|chatglm] [--bits 4|8|0] [--layers N] [--full-size] [--device cuda]
 
 Deterministic (fixed seeds, fixed corpus) and written in seconds: config.json, a SentencePiece
-tokenizer.model trained locally on glm/data/tiny_corpus.txt, and pytorch_model.bin with int8-packed
+tokenizer.model trained locally on devtools/data/tiny_corpus.txt, and pytorch_model.bin with int8-packed
 `weight` + `weight_scale` for the quantized linears, fp16 for everything else. It is what the
 tests, the demo and CI run on when no real weights are present. `--full-size` writes ChatGLM2-6B's
 shapes with random int4 codes (for benchmarks; speed does not depend on the values) and needs a
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ChatGLMConfig
-from .loader import QUANTIZED_LINEARS
-from .quant import quantize
+from glm.config import ChatGLMConfig
+from glm.loader import QUANTIZED_LINEARS
+from glm.quant import quantize
 
 CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
 
@@ -71,7 +71,7 @@ def train_tokenizer_v1(out: Path, vocab_size: int = 1000) -> None:
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    from .tokenizer_v1 import BLANKS, NEWLINE, SPECIALS, TAB, encode_whitespace
+    from glm.tokenizer_v1 import BLANKS, NEWLINE, SPECIALS, TAB, encode_whitespace
 
     lines = [encode_whitespace(line) for line in CORPUS.read_text(encoding="utf-8").splitlines()]
     buf = io.BytesIO()
@@ -266,7 +266,7 @@ def write_checkpoint(out: str | Path, *, bits: int = 4, full_size: bool = False,
 def write_checkpoint_v1(out: str | Path, *, bits: int = 8, full_size: bool = False, layers: int | None = None,
                         tokenizer: str | Path | None = None, seed: int = 0, device: str = "cpu") -> Path:
     """A ChatGLM-6B checkpoint: config.json, ice_text.model, pytorch_model.bin."""
-    from .tokenizer_v1 import ChatGLMTokenizer
+    from glm.tokenizer_v1 import ChatGLMTokenizer
 
     with staged(out) as tmp:
         place_tokenizer(tmp / "ice_text.model", tokenizer, full_size, train_tokenizer_v1, "ChatGLM-6B ice_text.model")
@@ -284,7 +284,7 @@ def write_checkpoint_v1(out: str | Path, *, bits: int = 8, full_size: bool = Fal
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m glm.tiny", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m devtools.tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("outdir")
     ap.add_argument("--family", choices=("chatglm2", "chatglm3", "chatglm"), default="chatglm2",
                     help="chatglm2 (ChatGLM2-6B), chatglm3 (ChatGLM3-6B) or chatglm (the first-generation ChatGLM-6B)")

@@ -1,4 +1,4 @@
-"""What the service tests share besides the server launcher (script/cogserver.py): the in-process
+"""What the service tests share besides the server launcher (devtools/cogserver.py): the in-process
 reference a response must equal, the default prompt, a readiness check and a webhook sink."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, Iterable, List
 
-from script.cogserver import HTTP_TIMEOUT, CogServer
+from devtools.cogserver import HTTP_TIMEOUT, CogServer
 
 
 DEFAULT_PROMPT = "[Round 1]\n\n问：你好\n\n答："

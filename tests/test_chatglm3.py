@@ -9,7 +9,7 @@ import pytest
 import glm
 from glm.config import ChatGLMConfig
 from glm.response import process_response_v3
-from glm.tiny import write_checkpoint
+from devtools.tiny import write_checkpoint
 from glm.tokenizer import ChatGLM2Tokenizer, ChatGLM3Tokenizer, StreamDecoder
 from reference import reference_path
 

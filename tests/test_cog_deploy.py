@@ -1,5 +1,6 @@
-"""The README's deploy path as cog 0.23.1's own code runs it (script/cogport.py is the port of the Go
-source in the PyPI sdist cog-0.23.1.tar.gz; script/deploy runs it before `cog push`):
+"""The README's deploy path as cog 0.23.1's own code runs it (devtools/cogport.py is the port of the Go
+source in the PyPI sdist cog-0.23.1.tar.gz; script/deploy runs it, through devtools/deploy.py, before
+`cog push`):
 
 - pkg/weightslegacy/weights.go 13-166, FindWeights: with --separate-weights every directory outside
   .cog/, .git/, __pycache__/ that holds a non-code file of 10 MiB or more becomes a
@@ -15,8 +16,6 @@ source in the PyPI sdist cog-0.23.1.tar.gz; script/deploy runs it before `cog pu
 from __future__ import annotations
 
 import hashlib
-import importlib.machinery
-import importlib.util
 import json
 import os
 import shutil
@@ -26,23 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from script import cogport
-from script.cogport import Entry, PatternMatcher, find_weights
+from devtools import cogport, deploy
+from devtools.cogport import Entry, PatternMatcher, find_weights
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
 MANIFEST = json.loads((REPO / "weights" / "manifest.json").read_text())
-
-
-def _load_deploy():
-    loader = importlib.machinery.SourceFileLoader("deploy_script", str(REPO / "script" / "deploy"))
-    spec = importlib.util.spec_from_loader("deploy_script", loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-deploy = _load_deploy()
 
 
 def sparse(path: Path, size: int) -> Path:
@@ -72,7 +60,8 @@ def project_tree(root: Path) -> Path:
     for name in ("cog.yaml", ".dockerignore", "predict.py", "cog_compat.py", "requirements.txt", "requirements-test.txt"):
         shutil.copy2(REPO / name, root / name)
     shutil.copytree(REPO / "glm", root / "glm", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "script", root / "script", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("script", "devtools"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     (root / "weights").mkdir()
     for name in ("README.md", "manifest.json"):
         shutil.copy2(REPO / "weights" / name, root / "weights" / name)
@@ -132,7 +121,7 @@ def test_the_checkout_ships_one_checkpoint_and_its_code(tmp_path):
     """The checkout as script/bootstrap, script/test and script/demo leave it, plus a checkpoint as
     script/download-weights leaves it: FindWeights (fed, through the walker parameter it takes in Go,
     this tree's walk followed by the checkpoint's) selects weights/<name> and nothing else, and
-    `COPY . /src` takes the code only: no venv, cache, test or benchmark file."""
+    `COPY . /src` takes the code only: no venv, cache, test, dev tool or benchmark file."""
     name = "zz-test-checkpoint"
     assert not (REPO / "weights" / name).exists()
     venv = REPO / ".venv"
@@ -152,7 +141,8 @@ def test_the_checkout_ships_one_checkpoint_and_its_code(tmp_path):
             "glm/cpu/csrc/module.cpp"} <= set(paths)
     top = {p.split("/")[0] for p in paths}
     assert top <= {"predict.py", "cog_compat.py", "cog.yaml", "requirements.txt", "requirements-test.txt", "README.md", "glm",
-                   "script", "docs", "weights", ".dockerignore"}, top
+                   "docs", "weights", ".dockerignore"}, top
+    assert (REPO / "devtools" / "tiny.py").is_file() and (REPO / "script" / "deploy").is_file()  # there, not shipped
     assert not [p for p in paths if "__pycache__" in p or p.endswith(".pyc")]
     assert not [p for p in paths if p.startswith("weights/") and p not in ("weights/README.md", "weights/manifest.json")]
     assert max(e.size for e in ctx) < 256 * 1024

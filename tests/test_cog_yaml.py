@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -88,17 +89,18 @@ def test_runtime_requirements_cover_the_engine():
 
 
 def test_development_tools_stay_out_of_the_image():
-    """protobuf serves glm.tiny only (SentencePiece model protos) and huggingface_hub
-    script/download-weights only; the service never imports either."""
+    """protobuf serves devtools.tiny only (SentencePiece model protos) and huggingface_hub
+    script/download-weights only; the service never imports either, nor devtools/ (not in the image)."""
     runtime = {r.split("==")[0].lower() for r in _requirements("requirements.txt")}
     assert not runtime & {"protobuf", "huggingface_hub", "huggingface-hub"}
     assert _pin("protobuf", "requirements-test.txt") and _pin("huggingface_hub", "requirements-test.txt")
     service = [os.path.join(REPO, "predict.py"), os.path.join(REPO, "cog_compat.py")] + [
-        os.path.join(REPO, "glm", f) for f in os.listdir(os.path.join(REPO, "glm")) if f.endswith(".py") and f != "tiny.py"]
+        str(p) for p in Path(REPO, "glm").rglob("*.py")]
+    assert len(service) > 20 and not any(p.endswith("tiny.py") for p in service)
     for path in service:
         with open(path, encoding="utf-8") as fh:
             src = fh.read()
-        assert not re.search(r"\bimport tiny\b|from \.tiny |from glm\.tiny |import glm\.tiny|_pb2\b|huggingface_hub",
+        assert not re.search(r"\bimport (devtools|tiny)\b|\bfrom (devtools|\.tiny|glm\.tiny)\b|_pb2\b|huggingface_hub",
                              src), path
 
 
@@ -145,16 +147,16 @@ def test_sdk_and_coglet_are_pinned_to_the_tested_versions():
     for ln in builds:
         assert ln.lstrip().startswith(f"COGLET_WHEEL=pypi:{coglet} cog build "), ln
     assert re.search(r"^script/deploy r8\.im/<you>/<model>", readme, re.M), "README deploys without script/deploy"
-    with open(os.path.join(REPO, "script", "deploy"), encoding="utf-8") as fh:
-        deploy = fh.read()
-    assert f'COG_VERSION = "{_pin("cog", "requirements-test.txt")}"' in deploy
-    assert 'COGLET_WHEEL = f"pypi:{COG_VERSION}"' in deploy and coglet == _pin("cog", "requirements-test.txt")
+    from devtools import deploy
+
+    assert deploy.COG_VERSION == _pin("cog", "requirements-test.txt") == coglet
+    assert deploy.COGLET_WHEEL == f"pypi:{coglet}"
 
 
 def test_dockerignore_keeps_tests_out_and_weights_in():
     with open(os.path.join(REPO, ".dockerignore"), encoding="utf-8") as fh:
         lines = [l.strip() for l in fh if l.strip() and not l.startswith("#")]
-    for must in (".git", "tests", "**/__pycache__", ".pytest_cache", ".venv", ".cog/venv", "weights/.tmp-*",
+    for must in (".git", "tests", "devtools", "**/__pycache__", ".pytest_cache", ".venv", ".cog/venv", "weights/.tmp-*",
                  "weights/.old-*"):
         assert must in lines, must
     assert not any(l.rstrip("/") in ("weights", "weights/*", "weights/**") for l in lines)

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from service_helpers import LONG, assert_ready, reference  # noqa: E402
-from script.cogserver import PYTHON, REPO, CogServer  # noqa: E402
+from devtools.cogserver import PYTHON, REPO, CogServer  # noqa: E402
 
 CONCURRENCY = 8
 

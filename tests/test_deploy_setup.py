@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from script.cogserver import PYTHON, REPO, CogServer  # noqa: E402
+from devtools.cogserver import PYTHON, REPO, CogServer  # noqa: E402
 
 from glm import device  # noqa: E402
 from glm.cpu import kernels  # noqa: E402

@@ -1,5 +1,5 @@
-"""Tests of script/download-weights against a local stand-in for the Hub: verification, atomic
-placement, the repo's pinned manifest."""
+"""Tests of script/download-weights (devtools/download_weights.py) against a local stand-in for the Hub:
+verification, atomic placement, the repo's pinned manifest."""
 from __future__ import annotations
 
 import os
@@ -8,20 +8,8 @@ import sys
 
 import pytest
 
-from script.cogserver import REPO
-
-
-def _dw():
-    import importlib.machinery
-    import importlib.util
-
-    path = os.path.join(REPO, "script", "download-weights")
-    loader = importlib.machinery.SourceFileLoader("download_weights", path)
-    spec = importlib.util.spec_from_loader("download_weights", loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
-
+from devtools import download_weights as dw
+from devtools.cogserver import REPO
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 
@@ -73,7 +61,6 @@ def _leftovers(dest):
 def test_download_verifies_and_moves_into_place(tmp_path, monkeypatch):
     import json
 
-    dw = _dw()
     hub, manifest, entry = _fake_hub(tmp_path, sharded=True)
     calls = _patch_fetch(monkeypatch, dw, hub)
     dest = tmp_path / "weights"
@@ -93,7 +80,6 @@ def test_download_verifies_and_moves_into_place(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_download_rejects_corrupt_file_and_leaves_nothing(tmp_path, monkeypatch, damage):
-    dw = _dw()
     hub, manifest, _ = _fake_hub(tmp_path)
     blob = hub / "pytorch_model.bin"
     data = blob.read_bytes()
@@ -107,7 +93,6 @@ def test_download_rejects_corrupt_file_and_leaves_nothing(tmp_path, monkeypatch,
 
 
 def test_partial_download_leaves_nothing(tmp_path, monkeypatch):
-    dw = _dw()
     hub, manifest, _ = _fake_hub(tmp_path)
     _patch_fetch(monkeypatch, dw, hub, fail_after=1)
     dest = tmp_path / "weights"
@@ -117,7 +102,6 @@ def test_partial_download_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_failed_redownload_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    dw = _dw()
     hub, manifest, entry = _fake_hub(tmp_path)
     dest = tmp_path / "weights"
     good = dest / "fake"
@@ -137,7 +121,6 @@ def test_failed_redownload_keeps_previous_checkpoint(tmp_path, monkeypatch):
 def test_missing_shard_in_index_is_rejected(tmp_path, monkeypatch):
     import json
 
-    dw = _dw()
     hub, manifest, entry = _fake_hub(tmp_path, sharded=True)
     doc = json.loads(manifest.read_text())
     del doc["models"]["fake"]["files"]["pytorch_model-00002-of-00002.bin"]
@@ -150,7 +133,6 @@ def test_missing_shard_in_index_is_rejected(tmp_path, monkeypatch):
 
 
 def test_revision_mismatch_is_rejected(tmp_path, monkeypatch):
-    dw = _dw()
     hub, manifest, _ = _fake_hub(tmp_path)
     _patch_fetch(monkeypatch, dw, hub, commit="f" * 40)
     with pytest.raises(dw.DownloadError, match="manifest pins"):
@@ -160,7 +142,6 @@ def test_revision_mismatch_is_rejected(tmp_path, monkeypatch):
 def test_unpinned_model_needs_allow_unverified(tmp_path, monkeypatch, capsys):
     import json
 
-    dw = _dw()
     hub, manifest, entry = _fake_hub(tmp_path)
     doc = json.loads(manifest.read_text())
     doc["models"]["fake"]["revision"] = None
@@ -205,7 +186,6 @@ def test_repo_manifest_is_pinned_from_the_reference():
     those of ../shared/reference/weights-pins.json; only chatglm-6b-int8's weight size is unknown."""
     import json
 
-    dw = _dw()
     pins_path = os.path.join(REPO, "..", "shared", "reference", "weights-pins.json")
     if not os.path.isfile(pins_path):
         pytest.fail(f"missing {pins_path} (see ../shared/reference/README.md)")
@@ -247,7 +227,6 @@ def _real_shaped_hub(tmp_path, size=True):
 def test_download_pinned_like_the_repo_manifest(tmp_path, monkeypatch, capsys):
     import json
 
-    dw = _dw()
     hub, manifest, entry, config_sha = _real_shaped_hub(tmp_path, size=False)
     _patch_fetch(monkeypatch, dw, hub)
     dest = tmp_path / "weights"
@@ -263,7 +242,6 @@ def test_download_pinned_like_the_repo_manifest(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("damage", ["sha256", "size"])
 def test_download_pinned_like_the_repo_manifest_rejects_a_bad_file(tmp_path, monkeypatch, damage):
-    dw = _dw()
     hub, manifest, _, _ = _real_shaped_hub(tmp_path, size=damage == "size")
     blob = hub / "pytorch_model.bin"
     data = blob.read_bytes()

@@ -13,7 +13,7 @@ import pytest
 from bench.gpu_check import report
 from bench.gpu_check.correctness import junit_counts
 from bench.gpu_check.report import Absent, Report, Skip, run_item
-from script.cogserver import REPO
+from devtools.cogserver import REPO
 
 CORRECTNESS = ["kernel_selftest", "reference_vectors", "kernels_vs_interpreter", "kernels_bitwise", "batch_invariance",
                "prefix_cache_exact", "cuda_graphs", "device_tests"]

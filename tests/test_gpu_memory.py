@@ -10,7 +10,7 @@ import torch
 from glm.config import ChatGLMConfig
 from glm.gpu import memory
 from glm.kvpool import KVPool
-from glm.tiny import FULL, config_json
+from devtools.tiny import FULL, config_json
 
 INT4_WEIGHTS = 3_900_000_000  # what an int4 ChatGLM2-6B checkpoint puts on the device
 T4 = 15 * memory.GiB          # a T4's memory as CUDA reports it, about

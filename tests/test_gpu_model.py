@@ -18,7 +18,7 @@ from glm.loader import choose_ops
 from glm.model import ChatGLM2
 from glm.model_v1 import ChatGLM
 from glm.quant import HalfLinear, QuantLinear
-from glm.tiny import write_checkpoint_v1
+from devtools.tiny import write_checkpoint_v1
 from reference import DataReader
 from test_conformance import TINY_REF, load_by_checkpoint_names, read_glm2_weights
 from test_v1_model import VEC_CFG, read_glm_model_weights
@@ -191,7 +191,7 @@ def test_failed_selftest_loads_the_torch_backend(tiny_dir, monkeypatch, caplog):
 # ---- the GPU memory plan (the computation; the device query is torch.cuda.mem_get_info)
 
 def chatglm2_6b_config() -> ChatGLMConfig:
-    from glm.tiny import FULL, config_json
+    from devtools.tiny import FULL, config_json
     return ChatGLMConfig.from_dict(config_json(FULL, 65024, 4))
 
 

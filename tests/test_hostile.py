@@ -27,7 +27,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from service_helpers import DEFAULT_PROMPT, assert_ready, reference  # noqa: E402
-from script.cogserver import CogServer  # noqa: E402
+from devtools.cogserver import CogServer  # noqa: E402
 
 import glm  # noqa: E402
 from glm.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, StopMatcher, sample  # noqa: E402

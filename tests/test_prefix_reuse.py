@@ -273,7 +273,7 @@ def test_stream_reports_cached_prompt_tokens(tiny_dir):
 
 
 def test_first_generation_model_is_left_out(tmp_path):
-    from glm.tiny import write_checkpoint_v1
+    from devtools.tiny import write_checkpoint_v1
 
     m = glm.load(write_checkpoint_v1(tmp_path / "v1"))
     assert not m.model.exact_kv_reuse and m.model.prefill_whole

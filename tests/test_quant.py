@@ -145,7 +145,7 @@ def test_quantized_checkpoint_logits_match_dequantized_fp32_model(fixture, reque
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantize_on_load_reproduces_thudm_bytes(bits, tiny_fp16_dir, tiny_dir, tiny8_dir):
-    # glm.tiny draws the same fp16 weights for every --bits and quantizes them with THUDM's math,
+    # devtools.tiny draws the same fp16 weights for every --bits and quantizes them with THUDM's math,
     # so quantize-on-load of the fp16 checkpoint must give the int checkpoint's exact bytes.
     stored = glm.load(tiny_dir if bits == 4 else tiny8_dir)
     quantized = glm.load(tiny_fp16_dir, quantize=bits)

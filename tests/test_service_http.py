@@ -1,7 +1,7 @@
 """End-to-end tests of the prediction service through the REAL Cog server (coglet, from PyPI).
 
 The server runs as a subprocess on a free port, on the small random-weight checkpoint
-written by `python -m glm.tiny`, and we talk HTTP to it. Every wait has a deadline;
+written by `python -m devtools.tiny`, and we talk HTTP to it. Every wait has a deadline;
 a failing wait reports the server's log. Also: setup failures as the server reports them, and
 the harness itself (a hung server fails the wait and is killed).
 """
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from script.cogserver import REPO, CogServer, make_tiny_checkpoint
+from devtools.cogserver import REPO, CogServer, make_tiny_checkpoint
 from service_helpers import DEFAULT_PROMPT, LONG, WebhookReceiver, assert_ready, reference
 
 import glm
@@ -61,7 +61,7 @@ def test_openapi_lists_every_input(server):
         if p["type"] in ("integer", "number"):
             assert "minimum" in p and "maximum" in p, name
     # the image's schema: cog's static reading of predict.py (tests/test_static_schema.py)
-    from cog_static_schema import input_schema
+    from devtools.cog_static_schema import input_schema
 
     with open(os.path.join(REPO, "predict.py"), encoding="utf-8") as fh:
         assert doc["components"]["schemas"]["Input"] == input_schema(fh.read())
@@ -452,7 +452,7 @@ def test_corrupt_weights_setup_failed(tmp_path, app_dir, tiny_dir):
 # ---------------------------------------------------------------------------- the harness itself
 def test_hung_server_fails_with_logs_and_is_killed(tmp_path):
     """A server whose setup never finishes must fail the wait (with its log), not hang the suite."""
-    from script.cogserver import ServerError, live_group_members
+    from devtools.cogserver import ServerError, live_group_members
 
     app = tmp_path / "hung"
     app.mkdir()

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from service_helpers import assert_ready, reference  # noqa: E402
-from script.cogserver import CogServer  # noqa: E402
+from devtools.cogserver import CogServer  # noqa: E402
 from test_concurrency import PROMPTS  # noqa: E402
 from test_hostile import worker_rss_mb  # noqa: E402
 

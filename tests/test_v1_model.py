@@ -15,7 +15,7 @@ from glm.model_v1 import ChatGLM, GLMBlock, TiedHead, apply_rotary_2d, attention
 from glm.pipeline import GLM
 from glm.quant import QuantLinear, dequantize
 from glm.response import process_response
-from glm.tiny import write_checkpoint_v1
+from devtools.tiny import write_checkpoint_v1
 
 from reference import DataReader
 
@@ -241,7 +241,7 @@ def _check_against_dequantized(path, model):
 
 
 def test_tiny_cli_defaults(tmp_path):
-    from glm.tiny import main
+    from devtools.tiny import main
     main(["--family", "chatglm", str(tmp_path / "v1")])
     main([str(tmp_path / "v2")])
     assert json.loads((tmp_path / "v1" / "config.json").read_text())["quantization_bit"] == 8
