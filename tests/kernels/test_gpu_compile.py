@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 from glm.gpu import linear  # noqa: E402
 from glm.gpu.compile import KernelSpec, compile_spec  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import pytest
 from devtools import cogport, deploy
 from devtools.cogport import Entry, PatternMatcher, find_weights
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024
 MANIFEST = json.loads((REPO / "weights" / "manifest.json").read_text())
 

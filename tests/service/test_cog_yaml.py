@@ -11,7 +11,7 @@ import pytest
 import jsonschema
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(Path(__file__).resolve().parents[2])
 # The shared reference beside the checkout.
 SCHEMA = os.path.join(REPO, "..", "shared", "reference", "cog", "config_schema_v1.0.json")
 

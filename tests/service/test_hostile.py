@@ -26,6 +26,7 @@ import requests
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from reference import REFERENCE  # noqa: E402
 from service_helpers import DEFAULT_PROMPT, assert_ready, reference  # noqa: E402
 from devtools.cogserver import CogServer  # noqa: E402
 
@@ -34,7 +35,7 @@ from glm.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, StopM
 from glm.tokenizer import ChatGLM2Tokenizer  # noqa: E402
 from glm.tokenizer_v1 import ChatGLMTokenizer  # noqa: E402
 
-REF = Path(__file__).resolve().parent.parent.parent / "shared" / "reference" / "tokenizers"
+REF = REFERENCE / "tokenizers"
 POISON_TEMPERATURE = 3.966e-38  # the campaign's value: logits / T overflows float32 a few tokens in
 CONCURRENCY = 8
 NO_HISTORY = torch.empty(0, dtype=torch.long)

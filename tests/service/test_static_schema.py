@@ -9,10 +9,8 @@ import os
 import subprocess
 import sys
 
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from devtools.cog_static_schema import UNRESOLVED, input_schema, predict_inputs  # noqa: E402
-from devtools.cogserver import REPO  # noqa: E402
+from devtools.cog_static_schema import UNRESOLVED, input_schema, predict_inputs
+from devtools.cogserver import REPO
 
 PREDICT_PY = os.path.join(REPO, "predict.py")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-GLM = Path(__file__).resolve().parent.parent / "glm"
+GLM = Path(__file__).resolve().parents[2] / "glm"
 OUTSIDE = ("predict", "script", "bench", "tests")  # what glm/ must never import
 
 
