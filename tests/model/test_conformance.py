@@ -15,38 +15,15 @@ from glm.loader import PREFIX
 from glm.kvpool import KVCache
 from glm.loader import choose_ops
 from glm.model import ChatGLM2, GLMBlock, RMSNorm, rotary_angles
+from devtools.vectors import TINY_REF, glm2_model_checkpoint, load_by_checkpoint_names, read_glm2_weights
 from reference import DataReader
 
 ATOL = 5e-4  # the issue's bound (chatglm.cpp's own test tolerance)
 FP32_ATOL = 1e-5  # fp32 files: same math up to summation order; more means precision was lost somewhere
 
-# VECTORS.md 3.4: hidden 32, 8 heads, 2 kv groups, head dim 4, 1 layer, ffn 48, vocab 5, max_length 8
-TINY_REF = dict(num_layers=1, hidden_size=32, num_heads=8, kv_heads=2, head_dim=4, ffn_hidden_size=48,
-                vocab_size=5, seq_length=8, max_context=8)
-
-
-def read_glm2_weights(r: DataReader, cfg: ChatGLMConfig, layer_prefix: str) -> dict[str, torch.Tensor]:
-    h, f = cfg.hidden_size, cfg.ffn_hidden_size
-    qkv = cfg.q_size + 2 * cfg.kv_size
-    shapes = [("input_layernorm.weight", (h,)),
-              ("self_attention.query_key_value.weight", (qkv, h)),
-              ("self_attention.query_key_value.bias", (qkv,)),
-              ("self_attention.dense.weight", (h, cfg.q_size)),
-              ("post_attention_layernorm.weight", (h,)),
-              ("mlp.dense_h_to_4h.weight", (2 * f, h)),
-              ("mlp.dense_4h_to_h.weight", (h, f))]
-    return {layer_prefix + name: torch.from_numpy(r.read(*shape)) for name, shape in shapes}
-
-
 def cpu_ops():
     """The ops glm.load computes a float32 CPU model with: the CPU kernels where they build, else torch."""
     return choose_ops("cpu", torch.float32)
-
-
-def load_by_checkpoint_names(module: torch.nn.Module, checkpoint: dict[str, torch.Tensor]) -> None:
-    """Assign tensors named as in THUDM's checkpoints (`transformer.` + module name), as the loader does."""
-    state = {name: checkpoint[PREFIX + name] for name in module.state_dict()}
-    module.load_state_dict(state, strict=True)
 
 
 def run_model_file(name: str, prefix_len: int = 0, **overrides) -> list[float]:
@@ -56,10 +33,7 @@ def run_model_file(name: str, prefix_len: int = 0, **overrides) -> list[float]:
     if prefix_len:  # past_key_values (2*layers, groups, pre_len, hd) in fp16: k, v per layer
         pkv = torch.from_numpy(r.read(2 * cfg.num_layers, cfg.kv_heads, prefix_len, cfg.head_dim, dtype=np.float16))
         prefix = pkv.float().view(cfg.num_layers, 2, cfg.kv_heads, prefix_len, cfg.head_dim)
-    ckpt = {PREFIX + "embedding.word_embeddings.weight": torch.from_numpy(r.read(cfg.vocab_size, cfg.hidden_size))}
-    ckpt |= {PREFIX + k: v for k, v in read_glm2_weights(r, cfg, "encoder.layers.0.").items()}
-    ckpt[PREFIX + "encoder.final_layernorm.weight"] = torch.from_numpy(r.read(cfg.hidden_size))
-    ckpt[PREFIX + "output_layer.weight"] = torch.zeros(cfg.vocab_size, cfg.hidden_size)  # not in the file
+    ckpt = glm2_model_checkpoint(r, cfg)
     model = ChatGLM2(cfg, cpu_ops())
     model.embedding.word_embeddings.float()  # the file's embeddings are fp32 (checkpoints': fp16)
     load_by_checkpoint_names(model, ckpt)

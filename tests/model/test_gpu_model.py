@@ -15,13 +15,10 @@ from glm.gpu import memory, selftest
 from glm.gpu.ops import TritonOps
 from glm.kvpool import KVPool
 from glm.loader import choose_ops
-from glm.model import ChatGLM2
-from glm.model_v1 import ChatGLM
 from glm.quant import HalfLinear, QuantLinear
 from devtools.tiny import write_checkpoint_v1
+from devtools.vectors import MODEL_FILES, vector_model
 from reference import DataReader
-from test_conformance import TINY_REF, load_by_checkpoint_names, read_glm2_weights
-from test_v1_model import VEC_CFG, read_glm_model_weights
 
 REL = 0.02  # the bound: within 2% of the largest value
 
@@ -52,25 +49,10 @@ def run_vectors(model, r, cfg, steps):
     r.assert_consumed()
 
 
-@pytest.mark.parametrize("name", ["glm2_model.data", "glm3_model.data"])
-def test_chatglm2_reference_vectors(name):
-    cfg = ChatGLMConfig(**TINY_REF)
+@pytest.mark.parametrize("name", MODEL_FILES)  # ChatGLM2, ChatGLM3, ChatGLM-6B
+def test_reference_vectors(name):
     r = DataReader(name)
-    ckpt = {"transformer.embedding.word_embeddings.weight": torch.from_numpy(r.read(cfg.vocab_size, cfg.hidden_size))}
-    ckpt |= {"transformer." + k: v for k, v in read_glm2_weights(r, cfg, "encoder.layers.0.").items()}
-    ckpt["transformer.encoder.final_layernorm.weight"] = torch.from_numpy(r.read(cfg.hidden_size))
-    ckpt["transformer.output_layer.weight"] = torch.zeros(cfg.vocab_size, cfg.hidden_size)
-    model = ChatGLM2(cfg, TritonOps())
-    load_by_checkpoint_names(model, ckpt)
-    run_vectors(triton_model(model), r, cfg, (3, 1, 1))
-
-
-def test_chatglm_v1_reference_vectors():
-    cfg = VEC_CFG
-    r = DataReader("glm_model.data")
-    sd = read_glm_model_weights(r, cfg)
-    model = ChatGLM(cfg, TritonOps())
-    model.load_state_dict(sd, strict=True)
+    cfg, model = vector_model(name, r, TritonOps())
     run_vectors(triton_model(model), r, cfg, (3, 1, 1))
 
 
