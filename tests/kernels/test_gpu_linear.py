@@ -11,21 +11,7 @@ from glm.quant import HalfLinear, QuantLinear, dequantize, half_weight_linear, q
 
 gpu_linear = pytest.importorskip("glm.gpu.linear", exc_type=ImportError)
 from glm.gpu import prefill as gpu_prefill  # noqa: E402
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def packed_weights(n: int, k: int, bits: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random stored weights covering every code (-8..7 nibbles, -128..127 bytes) and fp16 scales."""
-    g = torch.Generator().manual_seed(seed)
-    cols = k // 2 if bits == 4 else k
-    qweight = torch.randint(-128, 128, (n, cols), generator=g, dtype=torch.int16).to(torch.int8)
-    scale = (torch.rand(n, generator=g) * 0.02 + 0.001).half()
-    return qweight.to(DEVICE), scale.to(DEVICE)
-
-
-def activations(m: int, k: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(m, k, generator=g).half().to(DEVICE)
+from linear_cases import DEVICE, activations, linear_under_test, stored_weights  # noqa: E402
 
 
 def reference(x, weight, bias=None):
@@ -47,7 +33,7 @@ def assert_close_to(y: torch.Tensor, ref: torch.Tensor):
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 79, 85])
 @pytest.mark.parametrize("n,k", [(37, 300), (64, 512), (5, 2)])  # N and K tails, K < one tile
 def test_quant_linear_matches_float64_reference(bits, m, n, k):
-    qweight, scale = packed_weights(n, k, bits)
+    qweight, scale = stored_weights(n, k, bits)
     bias = (torch.randn(n) * 0.1).half().to(DEVICE)
     x = activations(m, k)
     # From MIN_ROWS rows the weights are dequantized to fp16 first (each product rounded to half,
@@ -95,13 +81,7 @@ def test_decode_rows_bitwise_batch_invariant(bits):
     """A row's output is the same bits alone and at any position in a batch of 1..8 rows."""
     n, k = 40, 384
     x = activations(8, k, seed=7)
-    if bits == 16:
-        weight = activations(n, k, seed=8) * 0.05
-        run = lambda rows: gpu_linear.half_linear(rows, weight)  # noqa: E731
-    else:
-        qweight, scale = packed_weights(n, k, bits, seed=8)
-        bias = (torch.randn(n) * 0.1).half().to(DEVICE)
-        run = lambda rows: gpu_linear.quant_linear(rows, qweight, scale, bias, bits)  # noqa: E731
+    run = linear_under_test(n, k, bits, seed=8)
     alone = torch.cat([run(x[i:i + 1]) for i in range(8)])
     for m in range(1, 9):
         assert torch.equal(run(x[:m]), alone[:m]), f"batch of {m} differs from rows alone"
@@ -115,22 +95,16 @@ def test_exact_rows_are_decode_rows_at_any_row_count(bits):
     the bits it gets alone (as a decode step computes it), at any row count and position."""
     n, k = 40, 384
     x = activations(37, k, seed=11)
-    if bits == 16:
-        weight = activations(n, k, seed=12) * 0.05
-        run = lambda rows, exact: gpu_linear.half_linear(rows, weight, exact_rows=exact)  # noqa: E731
-    else:
-        qweight, scale = packed_weights(n, k, bits, seed=12)
-        bias = (torch.randn(n) * 0.1).half().to(DEVICE)
-        run = lambda rows, exact: gpu_linear.quant_linear(rows, qweight, scale, bias, bits, exact_rows=exact)  # noqa: E731
-    alone = torch.cat([run(x[i:i + 1], False) for i in range(len(x))])
+    run = linear_under_test(n, k, bits, seed=12)
+    alone = torch.cat([run(x[i:i + 1], exact_rows=False) for i in range(len(x))])
     for m in (9, 16, 23, 37):
-        assert torch.equal(run(x[:m], True), alone[:m]), f"{m} rows differ from the rows alone"
-    assert torch.equal(run(x[5:29], True), alone[5:29])
+        assert torch.equal(run(x[:m], exact_rows=True), alone[:m]), f"{m} rows differ from the rows alone"
+    assert torch.equal(run(x[5:29], exact_rows=True), alone[5:29])
 
 
 def test_quant_linear_computes_on_the_triton_ops():
     layer = QuantLinear(256, 24, bits=4, bias=True, ops=TritonOps())
-    qweight, scale = packed_weights(24, 256, 4, seed=9)
+    qweight, scale = stored_weights(24, 256, 4, seed=9)
     layer.weight, layer.weight_scale = qweight, scale
     layer.bias = (torch.randn(24) * 0.1).half().to(DEVICE)
     x = activations(6, 256).view(2, 3, 256)
@@ -155,7 +129,7 @@ def test_exact_rows_is_set_for_a_step_and_cleared(monkeypatch):
     computes it alone) inside it and not after it, even when the step inside fails."""
     ops = TritonOps()
     layer = QuantLinear(256, 24, bits=4, ops=ops)
-    layer.weight, layer.weight_scale = packed_weights(24, 256, 4, seed=9)
+    layer.weight, layer.weight_scale = stored_weights(24, 256, 4, seed=9)
     x = activations(12, 256, seed=4)
     asked = []
     real = gpu_linear.quant_linear
@@ -174,7 +148,7 @@ def test_exact_rows_is_set_for_a_step_and_cleared(monkeypatch):
 
 
 def test_bad_input_is_a_clear_error():
-    qweight, scale = packed_weights(16, 64, 4)
+    qweight, scale = stored_weights(16, 64, 4)
     with pytest.raises(ValueError, match="fp16"):
         gpu_linear.quant_linear(activations(2, 64).float(), qweight, scale, None, 4)
     with pytest.raises(ValueError, match=r"\[M, 64\]"):

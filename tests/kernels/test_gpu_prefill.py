@@ -16,29 +16,13 @@ from glm.quant import dequantize
 
 gpu_prefill = pytest.importorskip("glm.gpu.prefill", exc_type=ImportError)
 from glm.gpu import linear as gpu_linear  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def stored(n: int, k: int, bits: int, seed: int = 0):
-    """Every stored code appears (all 256 bytes: all nibble pairs), and fp16 scales."""
-    g = torch.Generator().manual_seed(seed)
-    cols = k // 2 if bits == 4 else k
-    q = torch.randint(-128, 128, (n, cols), generator=g, dtype=torch.int16).to(torch.int8)
-    q.view(-1)[:256] = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8)[:q.numel()]
-    scale = (torch.rand(n, generator=g) * 0.02 + 0.001).half()
-    return q.to(DEVICE), scale.to(DEVICE)
-
-
-def rows(m: int, k: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(m, k, generator=g).half().to(DEVICE)
+from linear_cases import DEVICE, activations, linear_under_test, stored_weights  # noqa: E402
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("n,k", [(37, 300), (16, 512), (5, 2), (3, 1030)])  # tails in N and K
 def test_dequantize_is_bitwise_thudms_fp16_dequantization(bits, n, k):
-    q, scale = stored(n, k, bits)
+    q, scale = stored_weights(n, k, bits)
     got = gpu_prefill.dequantize(q, scale, bits)
     want = dequantize(q.cpu(), scale.cpu(), bits, torch.float16)
     assert got.shape == (n, k) and got.dtype == torch.float16
@@ -68,9 +52,9 @@ def assert_fp16_of(y: torch.Tensor, x: torch.Tensor, w16: torch.Tensor, bias=Non
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("chunk", [None, 16])
 def test_quant_linear_on_tensor_cores(bits, chunk):
-    q, scale = stored(40, 256, bits, seed=2)
+    q, scale = stored_weights(40, 256, bits, seed=2)
     bias = (torch.randn(40) * 0.1).half().to(DEVICE)
-    x = rows(37, 256)
+    x = activations(37, 256)
     w16 = dequantize(q.cpu(), scale.cpu(), bits, torch.float16)
     assert_fp16_of(gpu_prefill.quant_linear(x, q, scale, bias, bits, chunk), x, w16, bias)
     assert_fp16_of(gpu_prefill.quant_linear(x, q, scale, None, bits, chunk), x, w16)
@@ -87,8 +71,8 @@ def test_scale_is_applied_once():
 
 def test_row_count_dispatch():
     """Below MIN_ROWS glm.gpu.linear's kernels, from it the tensor-core path: same bits as calling it."""
-    q, scale = stored(24, 128, 4, seed=3)
-    x = rows(gpu_prefill.MIN_ROWS, 128, seed=4)
+    q, scale = stored_weights(24, 128, 4, seed=3)
+    x = activations(gpu_prefill.MIN_ROWS, 128, seed=4)
     assert torch.equal(gpu_linear.quant_linear(x, q, scale, None, 4), gpu_prefill.quant_linear(x, q, scale, None, 4))
     below = x[:-1]
     assert not torch.equal(gpu_linear.quant_linear(below, q, scale, None, 4),
@@ -102,14 +86,8 @@ def test_row_count_dispatch():
 def test_exact_chunks_give_a_row_the_same_bits_anywhere(bits):
     """Row i alone, in a chunk among others, across a chunk boundary, at any offset: bitwise equal."""
     n, k, chunk = 40, 256, 16
-    x = rows(45, k, seed=5)
-    if bits == 16:
-        weight = rows(n, k, seed=6) * 0.05
-        run = lambda r: gpu_linear.half_linear(r, weight)  # noqa: E731
-    else:
-        q, scale = stored(n, k, bits, seed=6)
-        bias = (torch.randn(n) * 0.1).half().to(DEVICE)
-        run = lambda r: gpu_linear.quant_linear(r, q, scale, bias, bits)  # noqa: E731
+    x = activations(45, k, seed=5)
+    run = linear_under_test(n, k, bits, seed=6)
     with gpu_prefill.exact_chunks(chunk):
         alone = torch.cat([run(x[i:i + 1]) for i in range(len(x))])
         for s, e in ((0, 45), (3, 40), (7, 8), (15, 33), (0, 16)):
@@ -118,9 +96,9 @@ def test_exact_chunks_give_a_row_the_same_bits_anywhere(bits):
 
 
 def test_scratch_is_shared_between_layers():
-    qa, sa = stored(48, 256, 4, seed=7)
-    qb, sb = stored(16, 512, 8, seed=8)
-    x, z = rows(64, 256, seed=9), rows(64, 512, seed=10)
+    qa, sa = stored_weights(48, 256, 4, seed=7)
+    qb, sb = stored_weights(16, 512, 8, seed=8)
+    x, z = activations(64, 256, seed=9), activations(64, 512, seed=10)
     ya = gpu_prefill.quant_linear(x, qa, sa, None, 4)
     yb = gpu_prefill.quant_linear(z, qb, sb, None, 8)
     assert torch.equal(gpu_prefill.quant_linear(x, qa, sa, None, 4), ya)
@@ -143,15 +121,3 @@ def test_causal_attention_close_to_sdpa_and_the_same_bits_in_any_chunk():
     for s, e in ((0, 1), (5, 40), (33, 70), (69, 70), (31, 33)):
         part = gpu_prefill.causal_attention(q[:, s:e], k[:, :e], v[:, :e])
         assert torch.equal(part, whole[:, s:e]), f"rows {s}:{e} differ from the whole prompt's"
-
-
-# ---- the tiny int4 ChatGLM2 and int8 ChatGLM-6B checkpoints with every linear on the tensor-core
-# path (exact chunks of 16 rows: the int4/int8 dequantize + matmul and the fp16 output layer)
-
-from test_gpu_model import FAMILIES, assert_logits_match, models, tiny_v1  # noqa: E402,F401
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_tensor_core_linears_match_the_float32_cpu_path(models, name):  # noqa: F811
-    with gpu_prefill.exact_chunks(16):
-        assert_logits_match(*models[name], name)

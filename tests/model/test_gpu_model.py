@@ -108,6 +108,16 @@ def test_logits_match_the_float32_cpu_path(models, name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+def test_tensor_core_linears_match_the_float32_cpu_path(models, name):
+    """Every linear on glm.gpu.prefill's tensor-core path (exact chunks of 16 rows: the int4/int8
+    dequantize + matmul and the fp16 output layer)."""
+    from glm.gpu import prefill
+
+    with prefill.exact_chunks(16):
+        assert_logits_match(*models[name], name)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_greedy_text(models, name):
     """Prefill (SDPA) then decode (the kernel over the engine's pool): the float32 path's greedy text."""
     fast, ref = models[name]
