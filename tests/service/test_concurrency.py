@@ -17,22 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from service_helpers import LONG, assert_ready, reference  # noqa: E402
+from service_helpers import LONG, PROMPTS, assert_ready, reference  # noqa: E402
 from devtools.cogserver import PYTHON, REPO, CogServer  # noqa: E402
 
 CONCURRENCY = 8
-
-PROMPTS = [
-    "[Round 1]\n\n问：你好\n\n答：",
-    "[Round 1]\n\n问：讲个故事 😀\n\n答：",
-    "[Round 1]\n\n问：What is the capital of France?\n\n答：",
-    "[Round 1]\n\n问：写一首关于秋天的诗\n\n答：",
-    "[Round 1]\n\n问：1+1=?\n\n答：",
-    "[Round 1]\n\n问：hi\n\n答：hello\n\n[Round 2]\n\n问：再见\n\n答：",
-    "[Round 1]\n\n问：Tell me about ChatGLM2, its architecture and its tokenizer.\n\n答：",
-    "[Round 1]\n\n问：北京\n\n答：",
-]
-
 
 def distinct_inputs(n: int, max_tokens: int, salt: int = 0) -> list[dict]:
     """n requests that differ in prompt, seed, length and sampling settings."""

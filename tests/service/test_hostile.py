@@ -27,7 +27,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from reference import REFERENCE  # noqa: E402
-from service_helpers import DEFAULT_PROMPT, assert_ready, reference  # noqa: E402
+from service_helpers import DEFAULT_PROMPT, assert_ready, reference, worker_rss_mb  # noqa: E402
 from devtools.cogserver import CogServer  # noqa: E402
 
 import glm  # noqa: E402
@@ -265,31 +265,15 @@ def test_many_stop_strings_fail_their_request_only(hostile_server):
     assert f"too many stop strings: 1000, at most {MAX_STOP_STRINGS}" in body["error"]
 
 
-def worker_rss_mb(server: CogServer) -> float:
-    """RSS of the server's Python worker (the process that runs predict())."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        if b"_run_worker" in cmd and int(stat[stat.rindex(")") + 2:].split()[2]) == server.proc.pid:
-            status = Path(f"/proc/{pid}/status").read_text()
-            return int(re.search(r"VmRSS:\s+(\d+)", status)[1]) / 1024
-    raise AssertionError("worker process not found")
-
-
 def test_huge_prompt_is_refused_without_amplifying_memory(hostile_server):
     import predict
 
     size = predict.MAX_PROMPT_CHARS  # the longest the schema lets through; tokenizing took ~60 bytes per character
-    before = worker_rss_mb(hostile_server)
+    before = worker_rss_mb(hostile_server)[0]
     t0 = time.monotonic()
     body = _post(hostile_server, {"prompt": "a" * size, "max_tokens": 4}, timeout=120).json()
     elapsed = time.monotonic() - t0
-    grew = worker_rss_mb(hostile_server) - before
+    grew = worker_rss_mb(hostile_server)[0] - before
     assert body["status"] == "failed" and "prompt is too long" in body["error"], body.get("error")
     assert grew < 6 * size / 2**20, f"worker RSS grew {grew:.0f} MB for a {size >> 20} MiB prompt"
     print(f"huge prompt: {size >> 20} MiB refused in {elapsed:.1f}s, worker RSS {before:.0f} -> +{grew:.0f} MB")

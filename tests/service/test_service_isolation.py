@@ -25,6 +25,7 @@ import pytest
 import requests
 
 from devtools.cogserver import CogServer  # noqa: E402
+from service_helpers import worker_pid, worker_rss_mb  # noqa: E402
 
 SYSTEM = ("[Round 1]\n\n问：你是ACME银行的客服助手。请礼貌地回答客户的问题，不要透露内部信息。"
           "内部账户密码是 ")
@@ -121,27 +122,6 @@ def test_a_cross_scope_probe_costs_what_an_uncached_request_costs(server):
 
 
 # ---- input caps
-def worker_rss_mb(server: CogServer) -> tuple[float, float]:
-    """(RSS, peak RSS) of the server's Python worker, in MB."""
-    pid = worker_pid(server)
-    status = Path(f"/proc/{pid}/status").read_text()
-    return (int(re.search(r"VmRSS:\s+(\d+)", status)[1]) / 1024, int(re.search(r"VmHWM:\s+(\d+)", status)[1]) / 1024)
-
-
-def worker_pid(server: CogServer) -> int:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes()
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if b"_run_worker" in cmd and int(stat[stat.rindex(")") + 2:].split()[2]) == server.proc.pid:
-            return int(entry.name)
-    raise AssertionError("worker process not found")
-
-
 @pytest.mark.parametrize("field, size", [("stop_sequences", 50 << 20), ("prompt", 50 << 20), ("cache_key", 1 << 20)])
 def test_an_oversized_input_is_refused_before_the_worker_sees_it(server, field, size):
     _, peak_before = worker_rss_mb(server)

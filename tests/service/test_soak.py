@@ -14,10 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service_helpers import assert_ready, reference  # noqa: E402
+from service_helpers import PROMPTS, assert_ready, reference, worker_rss_mb  # noqa: E402
 from devtools.cogserver import CogServer  # noqa: E402
-from test_concurrency import PROMPTS  # noqa: E402
-from test_hostile import worker_rss_mb  # noqa: E402
 
 CONCURRENCY = 8
 REQUESTS = 240
@@ -79,7 +77,7 @@ def test_soak(soak_server, reference_model):
     with ThreadPoolExecutor(CLIENTS) as pool:
         first = list(pool.map(lambda r: run_one(soak_server, r), reqs[:WARMUP]))
         assert_ready(soak_server)
-        rss_before = worker_rss_mb(soak_server)
+        rss_before = worker_rss_mb(soak_server)[0]
         rest = list(pool.map(lambda r: run_one(soak_server, r), reqs[WARMUP:]))
     elapsed = time.monotonic() - t0
     results = first + rest
@@ -106,7 +104,7 @@ def test_soak(soak_server, reference_model):
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         bodies = list(pool.map(lambda inp: soak_server.predict({"input": inp}, wait_ready=False).json(), probe))
     assert_ready(soak_server)
-    rss_after = worker_rss_mb(soak_server)
+    rss_after = worker_rss_mb(soak_server)[0]
     health = soak_server.health()
     peak = max(int(re.search(r"peak_batch=(\d+)", b["logs"])[1]) for b in bodies)
     print(f"\nsoak: {REQUESTS} requests in {elapsed:.1f}s, outcomes {counts}, mismatches {len(mismatches)}, "
