@@ -1,12 +1,16 @@
 """The package's import graph, read from the source (every import statement, those inside functions
-included): no cycle anywhere in glm/, and no arrow from glm/ up to the service or the tooling around it."""
+included): no cycle anywhere in glm/, no arrow from glm/ up to the service or the tooling around it,
+and none between the tests and the commands in script/ (both import devtools/ instead)."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-GLM = Path(__file__).resolve().parents[2] / "glm"
-OUTSIDE = ("predict", "script", "bench", "tests")  # what glm/ must never import
+REPO = Path(__file__).resolve().parents[2]
+GLM = REPO / "glm"
+OUTSIDE = ("predict", "script", "bench", "tests", "devtools")  # what glm/ must never import
+# How a file can run another by its path instead of importing it.
+LOADERS = {"SourceFileLoader", "spec_from_file_location", "run_path", "exec_module"}
 
 
 def module_name(path: Path) -> str:
@@ -95,3 +99,63 @@ def test_the_models_compute_only_through_their_ops():
 def test_nothing_in_the_package_imports_the_service_or_its_tools():
     arrows = {(m, n) for m, ns in graph().items() for n in ns if n.split(".")[0] in OUTSIDE}
     assert not arrows
+
+
+# ---- tests/ and script/
+def python_sources(folder: Path) -> list[Path]:
+    """folder's Python files: *.py and the executables whose #! line names python (script/deploy)."""
+    def is_python(p: Path) -> bool:
+        if p.suffix == ".py":
+            return True
+        with open(p, "rb") as fh:
+            first = fh.readline()
+        return not p.suffix and first.startswith(b"#!") and b"python" in first
+    return [p for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts and is_python(p)]
+
+
+def top_imports(path: Path) -> set[str]:
+    """The first name of every module `path` imports (`from a.b import c` -> a); relative imports
+    count as their own folder's."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found.add(node.module.split(".")[0] if node.module and not node.level else path.parent.name)
+    return found
+
+
+def names_used(path: Path) -> set[str]:
+    """Every name and attribute the code uses, and every string constant in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Name):
+            found.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            found.add(node.attr)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.add(node.value)
+    return found
+
+
+def test_tests_and_script_are_read_whole():
+    tests = {p.relative_to(REPO).as_posix() for p in python_sources(REPO / "tests")}
+    assert {"tests/conftest.py", "tests/service_helpers.py", "tests/unit/test_import_graph.py",
+            "tests/service/test_cog_deploy.py"} <= tests
+    script = {p.name for p in python_sources(REPO / "script")}
+    assert {"deploy", "download-weights", "openapi-schema"} <= script and "test" not in script  # bash
+    assert top_imports(REPO / "script" / "deploy") == {"os", "sys", "devtools"}
+
+
+def test_tests_never_import_or_load_script():
+    for path in python_sources(REPO / "tests"):
+        assert "script" not in top_imports(path), path
+        if path != Path(__file__).resolve():
+            assert not names_used(path) & LOADERS, f"{path} loads a file by path; import it from devtools/"
+
+
+def test_script_never_imports_or_reaches_into_tests():
+    test_modules = {"tests"} | {p.stem for p in python_sources(REPO / "tests")}
+    for path in python_sources(REPO / "script"):
+        assert not top_imports(path) & test_modules, path
+        assert "tests" not in names_used(path), f"{path} names tests/ (a sys.path entry?)"
