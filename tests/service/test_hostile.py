@@ -277,7 +277,7 @@ def test_huge_prompt_is_refused_without_amplifying_memory(hostile_server):
     assert body["status"] == "failed" and "prompt is too long" in body["error"], body.get("error")
     assert grew < 6 * size / 2**20, f"worker RSS grew {grew:.0f} MB for a {size >> 20} MiB prompt"
     print(f"huge prompt: {size >> 20} MiB refused in {elapsed:.1f}s, worker RSS {before:.0f} -> +{grew:.0f} MB")
-    # One character more is the schema's to refuse (tests/test_service_isolation.py: 50 MiB).
+    # One character more is the schema's to refuse (tests/service/test_service_isolation.py: 50 MiB).
     r = hostile_server.predict({"input": {"prompt": "a" * (size + 1)}}, wait_ready=False, timeout=60)
     assert r.status_code == 422, r.status_code
 

@@ -60,7 +60,7 @@ def test_openapi_lists_every_input(server):
             assert "default" in p, name
         if p["type"] in ("integer", "number"):
             assert "minimum" in p and "maximum" in p, name
-    # the image's schema: cog's static reading of predict.py (tests/test_static_schema.py)
+    # the image's schema: cog's static reading of predict.py (tests/service/test_static_schema.py)
     from devtools.cog_static_schema import input_schema
 
     with open(os.path.join(REPO, "predict.py"), encoding="utf-8") as fh:
