@@ -106,3 +106,18 @@ def vector_model(name: str, r: DataReader, ops) -> tuple[ChatGLMConfig, torch.nn
     model = ChatGLM2(cfg, ops)
     load_by_checkpoint_names(model, glm2_model_checkpoint(r, cfg))
     return cfg, model
+
+
+def hidden_state_steps(model: torch.nn.Module, r: DataReader, cfg: ChatGLMConfig, cache, steps=(3, 1, 1)):
+    """A model file's inputs through `model` on `cache`: a prefill of steps[0] tokens, then a step
+    per further count. Yields (computed, THUDM's) hidden states per step, the computed ones on the
+    model's device; after the last step the file must be read to its end."""
+    device, start = next(model.parameters()).device, 0
+    for n in steps:
+        ids = torch.from_numpy(r.read(n, dtype=np.int32)).long().to(device)
+        want = torch.from_numpy(r.read(n, cfg.hidden_size))
+        with torch.inference_mode():
+            got = model.hidden_states(ids[None], [start], [cache])[0]
+        yield got, want
+        start += n
+    r.assert_consumed()

@@ -70,7 +70,7 @@ def device_tests(cuda: bool, workdir: Path, reference: Path, timeout_s: float):
 def reference_vectors(device, reference: Path):
     """chatglm.cpp's vectors (prefill 3 tokens, then 2 decode steps) through the Triton backend on the
     device, on a pool-backed cache as the engine uses it: within 2% of the largest value."""
-    from devtools.vectors import MODEL_FILES, DataReader, vector_model
+    from devtools.vectors import MODEL_FILES, DataReader, hidden_state_steps, vector_model
     from glm.gpu.ops import TritonOps
     from glm.kvpool import KVPool
 
@@ -82,15 +82,8 @@ def reference_vectors(device, reference: Path):
         cfg, model = vector_model(name, r, TritonOps())
         model = model.half().to(device).eval()
         cache = KVPool(cfg, 8, device, torch.float16).cache(0, 8)
-        worst, start = 0.0, 0
-        for n in (3, 1, 1):
-            ids = torch.from_numpy(r.read(n, dtype="int32")).long().to(device)
-            want = torch.from_numpy(r.read(n, cfg.hidden_size))
-            with torch.inference_mode():
-                got = model.hidden_states(ids[None], [start], [cache])[0].float().cpu()
-            worst = max(worst, float((got - want).abs().max() / want.abs().max()))
-            start += n
-        r.assert_consumed()
+        worst = max(float((got.float().cpu() - want).abs().max() / want.abs().max())
+                    for got, want in hidden_state_steps(model, r, cfg, cache))
         figures[name] = float(f"{worst:.3g}")
         if not worst < 0.02:
             bad.append(name)

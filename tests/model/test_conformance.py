@@ -15,7 +15,8 @@ from glm.loader import PREFIX
 from glm.kvpool import KVCache
 from glm.loader import choose_ops
 from glm.model import ChatGLM2, GLMBlock, RMSNorm, rotary_angles
-from devtools.vectors import TINY_REF, glm2_model_checkpoint, load_by_checkpoint_names, read_glm2_weights
+from devtools.vectors import (TINY_REF, glm2_model_checkpoint, hidden_state_steps, load_by_checkpoint_names,
+                              read_glm2_weights)
 from reference import DataReader
 
 ATOL = 5e-4  # the issue's bound (chatglm.cpp's own test tolerance)
@@ -38,15 +39,7 @@ def run_model_file(name: str, prefix_len: int = 0, **overrides) -> list[float]:
     model.embedding.word_embeddings.float()  # the file's embeddings are fp32 (checkpoints': fp16)
     load_by_checkpoint_names(model, ckpt)
     cache = KVCache(cfg, 8, "cpu", torch.float32, prefix=prefix)
-    errors = []
-    with torch.inference_mode():
-        for T, start in [(3, 0), (1, 3), (1, 4)]:
-            ids = torch.from_numpy(r.read(T, dtype=np.int32)).long()
-            want = torch.from_numpy(r.read(T, cfg.hidden_size))
-            got = model.hidden_states(ids[None], [start], [cache])[0]
-            errors.append((got - want).abs().max().item())
-    r.assert_consumed()
-    return errors
+    return [(got - want).abs().max().item() for got, want in hidden_state_steps(model, r, cfg, cache)]
 
 
 @pytest.mark.parametrize("name", ["glm2_model.data", "glm3_model.data"])

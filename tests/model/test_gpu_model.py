@@ -17,7 +17,7 @@ from glm.kvpool import KVPool
 from glm.loader import choose_ops
 from glm.quant import HalfLinear, QuantLinear
 from devtools.tiny import write_checkpoint_v1
-from devtools.vectors import MODEL_FILES, vector_model
+from devtools.vectors import MODEL_FILES, hidden_state_steps, vector_model
 from reference import DataReader
 
 REL = 0.02  # the issue's bound: within 2% of the largest value
@@ -33,27 +33,15 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> float:
     return rel
 
 
-def run_vectors(model, r, cfg, steps):
-    """Prefill then KV-cache decode steps on a pool-backed cache (the engine's layout)."""
-    pool = KVPool(cfg, 8, "cpu", torch.float16)
-    cache = pool.cache(0, 8)
-    start = 0
-    for n in steps:
-        ids = torch.from_numpy(r.read(n, dtype="int32")).long()
-        want = torch.from_numpy(r.read(n, cfg.hidden_size))
-        with torch.inference_mode():
-            got = model.hidden_states(ids[None], [start], [cache])[0]
-        assert got.dtype == torch.float16
-        assert_close(got, want, f"step at {start}")
-        start += n
-    r.assert_consumed()
-
-
 @pytest.mark.parametrize("name", MODEL_FILES)  # ChatGLM2, ChatGLM3, ChatGLM-6B
 def test_reference_vectors(name):
+    """Prefill then KV-cache decode steps on a pool-backed cache (the engine's layout)."""
     r = DataReader(name)
     cfg, model = vector_model(name, r, TritonOps())
-    run_vectors(triton_model(model), r, cfg, (3, 1, 1))
+    cache = KVPool(cfg, 8, "cpu", torch.float16).cache(0, 8)
+    for step, (got, want) in enumerate(hidden_state_steps(triton_model(model), r, cfg, cache)):
+        assert got.dtype == torch.float16
+        assert_close(got, want, f"step {step}")
 
 
 # ---- tiny checkpoints, loaded as a user would

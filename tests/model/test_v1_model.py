@@ -16,7 +16,7 @@ from glm.pipeline import GLM
 from glm.quant import QuantLinear, dequantize
 from glm.response import process_response
 from devtools.tiny import write_checkpoint_v1
-from devtools.vectors import VEC_CFG, read_glm_block, read_glm_model_weights
+from devtools.vectors import VEC_CFG, hidden_state_steps, read_glm_block, read_glm_model_weights
 
 from reference import DataReader
 
@@ -36,15 +36,7 @@ def test_glm_model_vectors():
         model = ChatGLM(cfg, choose_ops("cpu", torch.float32))
     model.load_state_dict(sd, assign=True, strict=True)
     cache = KVCache(cfg, 8, "cpu", torch.float32)
-    errors, start = [], 0
-    for n in (3, 1, 1):
-        x = torch.from_numpy(r.read(n, dtype="int32")).long()
-        y = torch.from_numpy(r.read(n, cfg.hidden_size))
-        with torch.inference_mode():
-            out = model.hidden_states(x[None], [start], [cache])[0]
-        errors.append((out - y).abs().max().item())
-        start += n
-    r.assert_consumed()
+    errors = [(got - want).abs().max().item() for got, want in hidden_state_steps(model, r, cfg, cache)]
     assert (cache.context_length, cache.mask_position) == (2, 1)
     _report("glm_model.data", errors)
 
