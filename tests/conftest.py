@@ -25,7 +25,8 @@ from devtools.tiny import write_checkpoint  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    """The int4 tiny checkpoint: what `python -m devtools.tiny DIR` writes (the demo's), served by the service tests."""
+    """The int4 tiny checkpoint: what `python -m devtools.tiny DIR` writes (the demo's), served by the
+    service tests."""
     return write_checkpoint(tmp_path_factory.mktemp("tiny-int4"), bits=4)
 
 

@@ -22,6 +22,7 @@ from devtools.cogserver import PYTHON, REPO, CogServer  # noqa: E402
 
 CONCURRENCY = 8
 
+
 def distinct_inputs(n: int, max_tokens: int, salt: int = 0) -> list[dict]:
     """n requests that differ in prompt, seed, length and sampling settings."""
     out = []
