@@ -1,21 +1,25 @@
-"""What coglet 0.23.1 (the Cog server cog.yaml pins) needs worked around, in one place.
+"""What coglet 0.23.1 (the Cog server requirements-test.txt and the image pin) needs worked around.
 
-predict.py adapts Cog to the engine; these are the server behaviours it has to go around:
+predict.py adapts Cog to the engine; these are the server behaviours it has to go around, each shown
+on the pinned server, without the workaround, by tests/test_cog_compat.py (a test there that fails
+says the server changed and the workaround can go):
 
-- Streaming: coglet collects an async generator's output and sends it only when it ends, but
-  streams a (sync) generator returned by an async predict(): predict.py returns one.
-- Cancel: coglet cancels an async predict() through the concurrent.futures.Future of
+- Streaming: an async-generator predict()'s output is sent only when it ends, while a (sync)
+  generator returned by an async predict() is streamed: predict.py returns one.
+- Cancel: the server cancels an async predict() through the concurrent.futures.Future of
   run_coroutine_threadsafe, also after predict() has returned the generator it streams, when that
-  cancel is a no-op (`on_server_cancel`, `CancelLink`).
-- Shutdown: on SIGTERM coglet closes its listener, then waits for every running prediction with no
-  deadline and tells the worker nothing (`watch_server_shutdown`).
-- Logs: coglet files a line under the setup or prediction whose context writes it, through the
-  sys.stderr it installs per context (`route_logs`).
-- Integers: its JSON Schema validation accepts 16.0 for an integer input and passes the float on
-  (`whole_number`).
+  cancel is a no-op: the prediction is reported canceled and the generator runs to its end
+  (`submit`, `on_server_cancel`, `CancelLink`).
+- Shutdown: on SIGTERM the server closes its listener, then waits for every running prediction
+  with no deadline and tells the worker nothing (`watch_server_shutdown`; predict.py drains).
+- Logs: a line written to sys.stderr is filed under the setup or prediction whose context (a
+  ContextVar) writes it; the server iterates the returned generator on its own thread, outside that
+  context, where a line is a worker log: predict.py reports from a copy of predict()'s context, and
+  the engine writes a request's lines in its submitter's (`route_logs` sends glm's to sys.stderr).
+- Integers: JSON Schema's integer accepts 16.0, and the float reaches predict() (`whole_number`).
 - An explicit null for an optional input is answered 422: clients leave the input out (README).
 
-tests/test_service_http.py and tests/test_hostile.py check each of these against the pinned server.
+tests/test_service_http.py and tests/test_hostile.py check the workarounds through predict.py.
 """
 from __future__ import annotations
 
@@ -23,33 +27,16 @@ import asyncio
 import concurrent.futures
 import logging
 import socket
-import sys
 import threading
 import time
-from typing import Callable
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at each record: coglet's writer, which files a line under
-    the setup or the prediction whose context it is written from."""
-
-    def __init__(self):
-        super().__init__()
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _):
-        pass
+from typing import Any, Callable
 
 
 def route_logs(name: str) -> None:
-    """The `name` logger's lines into the server's logs, each in the context that writes it."""
+    """The `name` logger's lines into the server's logs (sys.stderr, the server's writer), once each."""
     logger = logging.getLogger(name)
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
+    if not logger.handlers:
+        handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter(f"[{name}] %(levelname)s %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -119,6 +106,23 @@ def watch_server_shutdown(port: int, on_shutdown: Callable[[], None], interval: 
 
     threading.Thread(target=watch, name="glm-shutdown-watch", daemon=True).start()
     return True
+
+
+async def submit(start: Callable[[], Any], log: Callable[[str], None]) -> Any:
+    """`start()` (queues a request, returns its stream) run off the event loop, with the server's
+    cancel of the running prediction wired to that stream (`on_server_cancel`): in place before the
+    request is queued, so no cancel falls in between, and attached in the worker thread, since a
+    cancelled await never returns the stream."""
+    link = CancelLink()
+    if not on_server_cancel(link):
+        log("warning: this server's cancel cannot reach the engine; a cancelled prediction runs to its end")
+
+    def run():
+        stream = start()
+        link.attach(stream)
+        return stream
+
+    return await asyncio.to_thread(run)
 
 
 class CancelLink:

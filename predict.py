@@ -1,29 +1,23 @@
-"""Cog predictor for THUDM's ChatGLM models on top of the `glm` engine.
+"""Cog predictor for THUDM's ChatGLM models: Cog's adapter to the `glm` engine, and no more.
 
-Thin by design: validate inputs, call the engine, stream its text, log. All model logic
-(tokenizer, sampling, stop strings, context limits) lives in glm/.
+setup() reads the deployment's settings (glm.settings: a value it cannot use fails setup with one
+line naming the variable) and hands them to glm.load and the engine; predict() checks the inputs,
+submits one request and streams its text. Model logic and device policy live in glm/; what coglet
+0.23.1 needs worked around (streaming, cancel, shutdown, logs) lives in cog_compat.py.
 
-Concurrency: predict() is async, so the Cog server runs up to COG_MAX_CONCURRENCY predictions at
-once (cog.yaml `concurrency.max`; beyond it the server answers 409), and the engine thread batches
-them into one forward step (glm.engine). predict() returns a (sync) generator of text chunks rather
-than being an async generator: coglet 0.23.1 collects an async generator's output and sends it only
-when it ends, but streams a generator returned by an async predict(). cog_compat.py has each coglet 0.23.1
-workaround, and why.
-
-Inputs mirror the public Replicate model nomagick/chatglm2-6b-int4
-(prompt, max_tokens, temperature, top_p) plus top_k, repetition_penalty,
-stop_sequences, seed and cache_key (the conversation's prefix-cache scope, glm.prefix_cache).
-
-Environment settings are read by glm.settings: a value it cannot use fails setup with one line
-naming the variable.
+Concurrency: predict() is async, so the server runs up to COG_MAX_CONCURRENCY predictions at once
+(cog.yaml `concurrency.max`; beyond it the server answers 409), and the engine thread batches them
+into one forward step. Inputs mirror the public Replicate model nomagick/chatglm2-6b-int4 (prompt,
+max_tokens, temperature, top_p) plus top_k, repetition_penalty, stop_sequences, seed and cache_key
+(the conversation's prefix-cache scope, glm.prefix_cache).
 """
 from __future__ import annotations
 
-import asyncio
 import contextvars
+import functools
 import os
 import time
-from typing import Callable, Iterator, List, Optional
+from typing import Iterator, List, Optional
 
 # OpenMP's default wait policy spins idle threads between parallel regions: beside any busy process
 # on the same cores, a batch then waits for threads that spin instead of the one that works.
@@ -36,16 +30,7 @@ from cog import BasePredictor, ConcatenateIterator, Input  # noqa: E402
 import cog_compat  # noqa: E402
 import glm  # noqa: E402
 from glm import settings  # noqa: E402
-from glm.cpu import kernels  # noqa: E402
-import torch  # noqa: E402
 
-# Per family: a mark of the other family's prompt format (warned about in a request). The family's
-# default prompt and sampling values come from the loaded model (glm.GLM.chat_defaults).
-FAMILY = {
-    "chatglm2": dict(other_format="[Round 0]\n"),
-    "chatglm": dict(other_format="[Round 1]\n\n"),
-    "chatglm3": dict(other_format="[Round "),
-}
 DEFAULT_WEIGHTS_DIR = "weights"
 # The model download-weights fetches by default; preferred when weights/ holds several.
 DEFAULT_MODEL_NAME = "chatglm2-6b-int4"
@@ -89,7 +74,6 @@ def weights_root() -> str:
     return os.environ.get("COG_WEIGHTS") or DEFAULT_WEIGHTS_DIR
 
 
-
 def _with_seed(error: Exception, seed: int) -> str:
     """A failed prediction's error: coglet returns no logs with it, so the seed goes in the text."""
     return f"{error} (seed {seed}; pass seed={seed} to reproduce)"
@@ -101,73 +85,40 @@ class Predictor(BasePredictor):
         # Every setting read before the weights load: a bad one fails setup at once, by name.
         concurrency = settings.integer("COG_MAX_CONCURRENCY", DEFAULT_CONCURRENCY, at_least=1)
         engine_config = glm.EngineConfig.from_env(max_batch=concurrency)  # KV budget, prefix cache, watchdog
-        threads = settings.integer("GLM_THREADS", None, at_least=1)
         self.drain_seconds = settings.number("GLM_DRAIN_SECONDS", DEFAULT_DRAIN_SECONDS, at_most=MAX_DRAIN_SECONDS)
         port = settings.integer("PORT", 5000, at_least=1, at_most=65535)
-        require_kernels, int8_activations = settings.flag("GLM_REQUIRE_KERNELS"), settings.flag("GLM_INT8_ACTIVATIONS")
         test_hang_s = settings.number("GLM_TEST_HANG_SECONDS", 0)
-        # auto: the GPU when torch can use it
-        device_choice = settings.choice("GLM_DEVICE", "auto", ("auto", "cpu", "cuda"))
-        path = glm.find_checkpoint(weights_root(), DEFAULT_MODEL_NAME)
         # A GPU that torch cannot use, or kernels required but unusable, fail setup with one line
-        # (health SETUP_FAILED) instead of serving at a fraction of the speed.
-        device = glm.device.resolve(device_choice)
-        if device.type == "cpu":
-            if require_kernels:
-                try:
-                    kernels.require()
-                except kernels.KernelError as e:
-                    raise kernels.KernelError(f"{e} (GLM_REQUIRE_KERNELS=1)") from None
-            log(f"kernels: {kernels.status()}")
-        # CPU opt-in: activations rounded to int8 in the int4 linears, 2-5x faster prefill and
-        # batches (README, Benchmarks); off by default because it changes the numerics.
-        int8_activations = int8_activations and device.type == "cpu"
-        log(f"loading checkpoint {path} on {device.type}" + (" (fp16)" if device.type == "cuda" else "")
-            + (" with int8 activations (GLM_INT8_ACTIVATIONS=1)" if int8_activations else ""))
-        t0 = time.monotonic()
+        # (health SETUP_FAILED) instead of serving at a fraction of the speed. int8 activations (a
+        # CPU opt-in: 2-5x faster prefill and batches, other numerics) apply only on the CPU.
+        policy = dict(device=settings.choice("GLM_DEVICE", "auto", ("auto", "cpu", "cuda")),  # auto: the GPU if usable
+                      require_kernels=settings.flag("GLM_REQUIRE_KERNELS"),
+                      int8_activations=settings.flag("GLM_INT8_ACTIVATIONS"),
+                      threads=settings.integer("GLM_THREADS", None, at_least=1))
+        path = glm.find_checkpoint(weights_root(), DEFAULT_MODEL_NAME)
         try:
-            self.model = glm.load(path, device=device, int8_activations=int8_activations)
+            self.model = glm.load(path, **policy)
         except glm.CheckpointError as e:
             # One clear line in the server's setup logs; no engine traceback chain.
             raise glm.WeightsError(f"cannot load checkpoint {path}: {e}") from None
-        cfg = self.model.config
+        except glm.KernelError as e:
+            raise glm.KernelError(f"{e} (GLM_REQUIRE_KERNELS=1)") from None
         # Inputs left empty take the loaded model's own defaults (prompt, temperature, top_p).
-        self.family = dict(FAMILY[cfg.family], **self.model.chat_defaults)
-        log(f"loaded {cfg.family} checkpoint in {time.monotonic() - t0:.1f}s; max_context={cfg.max_context}")
+        self.defaults = self.model.chat_defaults
         # One engine thread batches every running prediction; KV cache is reserved per request
-        # (prompt + max_tokens) within the budget (the engine's default unless GLM_KV_BUDGET_TOKENS
-        # says otherwise): a request that does not fit yet waits.
-        engine = self.model.use_engine(engine_config)
-        if device.type == "cuda":
-            # Every kernel variant compiled and the decode graphs captured before READY: nothing
-            # compiles inside a request (the log line says what ran and whether graphs are on).
-            t0 = time.monotonic()
-            engine.warm_up()
-            log(f"GPU warm-up done in {time.monotonic() - t0:.1f}s")
-        engine.start()
+        # (prompt + max_tokens) within the budget: a request that does not fit yet waits.
+        engine = self.model.serve(engine_config)
         log(f"engine: up to {concurrency} sequences per step, KV budget {engine.kv_budget_tokens} tokens")
-        if device.type == "cpu":
-            torch.set_num_threads(threads or torch.get_num_threads())
-            log(f"cpu: {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
-        self._running: dict[int, Callable[[], None]] = {}  # id(stream) -> its cancel
         if not cog_compat.watch_server_shutdown(port, self._drain):
             log("warning: cannot see the server's port; a shutdown waits for running predictions to end")
-        # One-token warm-up so the first request does not pay for lazy init.
-        t0 = time.monotonic()
-        for _ in self.model.generate(self.family["prompt"], max_new_tokens=1, temperature=0.0, seed=0):
-            pass
-        log(f"warm-up done in {time.monotonic() - t0:.2f}s")
         if test_hang_s:
             _inject_test_hang(engine, test_hang_s)
 
     def _drain(self) -> None:
         """The server is shutting down: let running predictions end, cancel what runs past the drain."""
-        log(f"server shutting down: {len(self._running)} running prediction(s) get {self.drain_seconds:g}s to end")
-        deadline = time.monotonic() + self.drain_seconds
-        while self._running and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for cancel in list(self._running.values()):
-            cancel()
+        engine = self.model.engine
+        log(f"server shutting down: {engine.pending} running prediction(s) get {self.drain_seconds:g}s to end")
+        engine.drain(self.drain_seconds)
 
     @cog.streaming
     async def predict(
@@ -225,58 +176,36 @@ class Predictor(BasePredictor):
             max_length=256,
         ),
     ) -> ConcatenateIterator[str]:
-        defaults = self.family  # the loaded model's own prompt, temperature and top_p
+        defaults = self.defaults  # the loaded model's own prompt, temperature and top_p
         prompt = defaults["prompt"] if prompt is None else prompt
         temperature = defaults["temperature"] if temperature is None else temperature
         top_p = defaults["top_p"] if top_p is None else top_p
         max_tokens, top_k = cog_compat.whole_number("max_tokens", max_tokens), cog_compat.whole_number("top_k", top_k)
         seed = None if seed is None else cog_compat.whole_number("seed", seed)
         if not prompt.strip():
-            raise ValueError("prompt is empty: give the text to continue, e.g. " + repr(self.family["prompt"]))
-        if self.family["other_format"] in prompt:
-            log(f"warning: the prompt contains {self.family['other_format']!r}, the other ChatGLM generation's "
-                f"format; this {self.model.config.family} model expects e.g. {self.family['prompt']!r}")
-        model = self.model
+            raise ValueError("prompt is empty: give the text to continue, e.g. " + repr(defaults["prompt"]))
+        if warning := self.model.format_warning(prompt):
+            log(f"warning: {warning}")
         # Drawn here, not by the engine, so that a request refused before it runs still names its seed.
         drawn = seed is None
         seed = glm.random_seed() if drawn else seed
         if top_p == 0:
             log("top_p=0: greedy decoding")  # as on the public model; the engine reads it so too
-        # The cancel hook is in place before the request is queued, so no cancel falls in between.
-        cancel = cog_compat.CancelLink()
-        if not cog_compat.on_server_cancel(cancel):
-            log("warning: this server's cancel cannot reach the engine; a cancelled prediction runs to its end")
-
-        def submit():
-            stream = model.generate(
-                prompt,
-                max_new_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                repetition_penalty=repetition_penalty,
-                seed=seed,
-                stop=tuple(parse_stop_sequences(stop_sequences)),
-                fit_context=True,
-                cache_key=cache_key or None,
-            )
-            cancel.attach(stream)  # here, not after the await: a cancelled await never returns it
-            return stream
-
-        # Tokenizing a long prompt is CPU work: off the server's event loop.
-        try:
-            stream = await asyncio.to_thread(submit)
+        request = functools.partial(
+            self.model.generate, prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            repetition_penalty=repetition_penalty, seed=seed, stop=tuple(parse_stop_sequences(stop_sequences)),
+            fit_context=True, cache_key=cache_key or None)
+        try:  # tokenizing a long prompt is CPU work: off the server's event loop, the server's cancel wired
+            stream = await cog_compat.submit(request, log)
         except glm.InputError as e:
             raise ValueError(_with_seed(e, seed)) from None
         log(f"seed {stream.seed}" + (f" (random; pass seed={stream.seed} to reproduce)" if drawn else ""))
         if stream.max_new_tokens < max_tokens:
-            log(
-                f"max_tokens {max_tokens} clamped to {stream.max_new_tokens}: prompt has {stream.prompt_tokens} "
-                f"tokens of the {model.config.max_context}-token context"
-            )
-        # The server iterates the generator on another thread; its log lines and metrics reach this
-        # prediction only from within predict()'s context (coglet routes them by a ContextVar).
-        self._running[id(stream)] = cancel
+            log(f"max_tokens {max_tokens} clamped to {stream.max_new_tokens}: prompt has {stream.prompt_tokens} "
+                f"tokens of the {self.model.config.max_context}-token context")
+        # A (sync) generator, streamed by the server (cog_compat.py), which iterates it on another
+        # thread: its log lines and metrics reach this prediction only from within predict()'s
+        # context (coglet routes them by a ContextVar).
         return self._stream(stream, seed, contextvars.copy_context())
 
     def healthcheck(self) -> bool:
@@ -293,7 +222,6 @@ class Predictor(BasePredictor):
         except Exception as e:  # the engine's error for this sequence (its own, never a neighbour's)
             raise RuntimeError(_with_seed(e, seed)) from e
         finally:
-            self._running.pop(id(stream), None)
             stream.cancel()  # no-op when finished; frees the sequence if the server stopped reading
             context.run(_report, stream)
 

@@ -65,7 +65,7 @@ def run(args) -> dict:
     import glm
     from glm.sampling import SamplingParams
     from glm.kvpool import KVPool
-    from glm.pipeline import Stream
+    from glm.llm import Stream
 
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     cuda = device.type == "cuda"
@@ -124,11 +124,10 @@ def run(args) -> dict:
         return times, made
 
     def first_token(engine, prompt, reply=2):
-        stream = Stream(engine, engine.submit(prompt, SamplingParams(max_new_tokens=reply, temperature=0)))
-        for _ in stream:
+        seq = engine.submit(prompt, SamplingParams(max_new_tokens=reply, temperature=0))
+        while engine.step():  # to its end, and reaped: into the prefix cache
             pass
-        engine.step()  # reaped: into the prefix cache
-        return stream
+        return Stream(engine, seq)
 
     budget = max(2 * (w["ttft_prompt"] + w["chat_turn"] + w["chat_reply"]), w["long_prompt"] + 4)
     long_prompt = ids(w["long_prompt"] - 2)[0].tolist()

@@ -53,11 +53,10 @@ def chatglm2_macs_per_token() -> int:
 def sass(spec) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    names = list(spec.kernel.arg_names)
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned if spec.signature[a] != "constexpr"}
-    compiled = triton.compile(ASTSource(spec.kernel, spec.signature, spec.constexprs, attrs),
+    from glm.gpu.compile import ast_source
+
+    compiled = triton.compile(ast_source(spec),
                               target=GPUTarget("cuda", 75, 32),
                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")

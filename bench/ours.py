@@ -90,7 +90,7 @@ with torch.inference_mode():
     # The serving path: b requests arrive together at the engine loop (its thread, as in predict.py);
     # prompts are prefilled one chunk per step between decode steps of the running ones.
     from glm.sampling import SamplingParams
-    from glm.pipeline import Stream
+    from glm.llm import Stream
     for b in args["batches"]:
         eng = m.use_engine(max_batch=b)
         eng.start()

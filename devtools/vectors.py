@@ -21,7 +21,7 @@ TINY_REF = dict(num_layers=1, hidden_size=32, num_heads=8, kv_heads=2, head_dim=
 # end (<sop>) at index 2 and its mask at index 1: ids 2 and 1 play <sop> and [gMASK].
 VEC_CFG = ChatGLMConfig(family="chatglm", num_layers=1, hidden_size=32, num_heads=8, kv_heads=8, head_dim=4,
                         ffn_hidden_size=128, vocab_size=5, seq_length=8, max_context=8, norm_eps=1e-5,
-                        eos_token_id=4, pad_token_id=3, bos_token_id=2, gmask_token_id=1, mask_token_id=0)
+                        pad_token_id=3, bos_token_id=2, gmask_token_id=1, mask_token_id=0)
 # The whole-model files: prefill 3 tokens, then 2 decode steps, checked against hidden states.
 MODEL_FILES = ("glm2_model.data", "glm3_model.data", "glm_model.data")
 GLM_BLOCK_NAMES = ("input_layernorm.weight", "input_layernorm.bias", "attention.query_key_value.weight",

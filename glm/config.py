@@ -42,7 +42,7 @@ class ChatGLMConfig:
     norm_eps: float = 1e-5
     qkv_bias: bool = True
     quantization_bit: int = 0         # 0 (fp16 checkpoint), 4 or 8
-    eos_token_id: int = 2
+    # No eos_token_id: where generation stops is the tokenizer's (its stop_ids, from its model file).
     pad_token_id: int = 0
     # v1 only: the ids that lay out the 2-D positions (<sop> starts generation, [gMASK]/[MASK] mark the blank)
     bos_token_id: int | None = None
@@ -72,7 +72,7 @@ class ChatGLMConfig:
         if self.num_heads % self.kv_heads:
             raise CheckpointError(f"config.json: {self.num_heads} attention heads cannot be grouped "
                                   f"over {self.kv_heads} key/value heads")
-        for name in ("eos_token_id", "pad_token_id", "bos_token_id", "mask_token_id", "gmask_token_id"):
+        for name in ("pad_token_id", "bos_token_id", "mask_token_id", "gmask_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < BOUNDS["vocab_size"][1]:
                 raise CheckpointError(f"config.json: {name} = {value} is not a token id")
@@ -122,7 +122,6 @@ class ChatGLMConfig:
             norm_eps=float(d.get("layernorm_epsilon", 1e-5)),
             qkv_bias=bool(d.get("add_qkv_bias", True)),
             quantization_bit=_quant_bits(d),
-            eos_token_id=int(d.get("eos_token_id", 2)),
             pad_token_id=int(d.get("pad_token_id", 0) or 0),
         )
 
@@ -145,7 +144,6 @@ class ChatGLMConfig:
             norm_eps=float(d.get("layernorm_epsilon", 1e-5)),
             qkv_bias=True,
             quantization_bit=_quant_bits(d),
-            eos_token_id=int(d.get("eos_token_id", 130005)),
             pad_token_id=int(d.get("pad_token_id", 3) or 3),
             bos_token_id=_id(d, "bos_token_id", 130004),
             mask_token_id=_id(d, "mask_token_id", 130000),

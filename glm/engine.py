@@ -19,8 +19,9 @@ the same key left; one without a key reuses and leaves nothing, unless the deplo
 scope among all keyless requests (prefix_cache_scope="shared", GLM_PREFIX_CACHE_SCOPE=shared: for
 a single tenant, where every client may see what the others' prompts cost).
 
-The loop is driven either by the caller (`step()`, as GLM.generate does for one stream) or by a
-background thread (`start()`, for a server with many concurrent requests).
+The loop runs in one thread, started by `start()` (GLM.generate starts it with the first request);
+readers only wait for what it produces. `step()` is what that thread calls: a test may call it on an
+engine it never starts, to take the loop one step at a time.
 """
 from __future__ import annotations
 
@@ -139,17 +140,15 @@ class Engine:
                                    prefill_chunk=prefill_chunk, prefill_whole=model.prefill_whole,
                                    prefix_cache_tokens=prefix_cache_tokens, kv=self.pool, max_wait_s=config.kv_wait_s)
         self.runner = ModelRunner(model, self.pool, device, max_batch)
-        self.output = OutputStage(tokenizer, cfg)
+        self.output = OutputStage(tokenizer)
         self._lock = threading.Lock()           # the queues and flags; never held over a forward pass
         self._wakeup = threading.Condition(self._lock)
-        self._step_lock = threading.Lock()      # one step at a time
         self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._thread_stop = threading.Event()   # the running thread's own: set by stop()
         self._failed_steps = 0
         self.dead: BaseException | None = None  # why the loop stopped for good
         self._running_step: tuple[float, Batch] | None = None  # (start, batch) while a step computes
         self._watchdog: threading.Thread | None = None
-        self._watchdog_stop = threading.Event()
         # Called with each step's batch before its forward pass: tests inject a fault here (a hang);
         # only code in this process can set it.
         self.before_run: Callable[[Batch], None] | None = None
@@ -157,7 +156,9 @@ class Engine:
     def warm_up(self) -> None:
         """Compile every kernel variant the engine will launch and capture the decode graphs (GPU),
         before the first request: setup calls this once, before start()."""
-        with self._step_lock, self.model.ops.rows_exactly(self.exact_rows):
+        if self.threaded:
+            raise EngineError("warm_up() runs before the engine loop starts (start())")
+        with self.model.ops.rows_exactly(self.exact_rows):
             log.info("%s", self.runner.prepare(self.prefill_chunk))
 
     # ---- requests ----
@@ -188,18 +189,24 @@ class Engine:
         return seq
 
     def cancel(self, seq: Sequence) -> None:
-        """End the sequence now; its memory is freed at the next step (or now, when none runs)."""
+        """End the sequence now; its memory is freed at the next step."""
         seq.cancelled = True
         with self._wakeup:
             self.scheduler.remove_waiting(seq)
             self._wakeup.notify()
         seq.finish("canceled")
-        if self._thread is None and self._step_lock.acquire(blocking=False):
-            try:
-                with self._lock:
-                    self.scheduler.release_finished()
-            finally:
-                self._step_lock.release()
+
+    def drain(self, seconds: float) -> int:
+        """A server's shutdown: let queued and running requests end within `seconds`, then cancel the
+        rest; returns how many were cancelled."""
+        deadline = time.monotonic() + seconds
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._lock:
+            left = [seq for seq in (*self.scheduler.waiting, *self.scheduler.running) if not seq.done]
+        for seq in left:
+            self.cancel(seq)
+        return len(left)
 
     def fail_if_stopped(self, seq: Sequence) -> None:
         """End `seq` with the reason if the loop has died: its reader would otherwise wait forever."""
@@ -237,35 +244,40 @@ class Engine:
     @property
     def healthy(self) -> bool:
         """False once the loop has died or a step has hung (every request then fails at once)."""
-        return self.dead is None and (self._thread is None or self._thread.is_alive() or self._stopping)
+        thread = self._thread
+        return self.dead is None and (thread is None or thread.is_alive())
 
     @property
     def threaded(self) -> bool:
+        """Whether the loop runs (start() until stop())."""
         return self._thread is not None
 
     # ---- the loop ----
     def step(self) -> bool:
-        """One iteration: schedule, run, postprocess. False when there was nothing to do."""
-        with self._step_lock:
-            with self._lock:
-                batch = self.scheduler.schedule()
-            if not batch:
-                return False
-            self._running_step = (time.monotonic(), batch)
-            try:
-                if self.before_run is not None:
-                    self.before_run(batch)
-                with self.model.ops.rows_exactly(self.exact_rows):
-                    outcomes = self.runner.run(batch)
-                    self.output.postprocess(outcomes)  # which sequences ended: their replies' rows next
-                    self._recompute_replies(batch)
-            except Exception as e:
-                if sticky_device_error(e):  # the device can run nothing more: health says so at once
-                    self._die(e)
-                raise
-            finally:
-                self._running_step = None
-            return True
+        """One iteration: schedule, run, postprocess. False when there was nothing to do. Once the
+        loop runs, only its thread steps (two steps at once would share the runner's buffers)."""
+        thread = self._thread
+        if thread is not None and threading.current_thread() is not thread:
+            raise EngineError("step() is the engine thread's while the loop runs (stop() it first)")
+        with self._lock:
+            batch = self.scheduler.schedule()
+        if not batch:
+            return False
+        self._running_step = (time.monotonic(), batch)
+        try:
+            if self.before_run is not None:
+                self.before_run(batch)
+            with self.model.ops.rows_exactly(self.exact_rows):
+                outcomes = self.runner.run(batch)
+                self.output.postprocess(outcomes)  # which sequences ended: their replies' rows next
+                self._recompute_replies(batch)
+        except Exception as e:
+            if sticky_device_error(e):  # the device can run nothing more: health says so at once
+                self._die(e)
+            raise
+        finally:
+            self._running_step = None
+        return True
 
     def _recompute_replies(self, batch) -> None:
         """Sequences that ended in this step and will be cached with decoded rows that a prefill
@@ -280,41 +292,36 @@ class Engine:
                             type(e).__name__, e)
 
     def start(self) -> None:
-        """Run the loop in a daemon thread until stop()."""
-        if self.dead is not None:
-            raise EngineError(f"the engine has stopped: {self.dead!r}")
-        if self._thread is None:
-            self._stopping = False
-            self._thread = threading.Thread(target=self._run, name="glm-engine", daemon=True)
+        """Run the loop in a daemon thread (and its watchdog) until stop(); a no-op while it runs.
+        Safe to call from any thread: concurrent first requests start one loop."""
+        with self._wakeup:
+            if self.dead is not None:
+                raise EngineError(f"the engine has stopped: {self.dead!r}")
+            if self._thread is not None:
+                return
+            self._thread_stop = stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(stop,), name="glm-engine", daemon=True)
+            self._watchdog = threading.Thread(target=self._watch, args=(stop,), name="glm-watchdog", daemon=True)
             self._thread.start()
-        if self._watchdog is None:
-            self._watchdog_stop = threading.Event()
-            self._watchdog = threading.Thread(target=self._watch, args=(self._watchdog_stop,),
-                                              name="glm-watchdog", daemon=True)
             self._watchdog.start()
 
     def stop(self) -> None:
-        """Stop the thread after its current step; queued and running requests stay for the next
-        start() (or for callers that drive step())."""
+        """Stop the thread after its current step; queued and running requests stay for the next start()."""
         with self._wakeup:
-            self._stopping = True
-            self._wakeup.notify()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._watchdog is not None:
-            self._watchdog_stop.set()
-            self._watchdog.join()
-            self._watchdog = None
-        self._stopping = False
+            thread, watchdog, self._thread, self._watchdog = self._thread, self._watchdog, None, None
+            self._thread_stop.set()
+            self._wakeup.notify_all()
+        for t in (thread, watchdog):
+            if t is not None and t is not threading.current_thread():
+                t.join()
 
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         try:
             while True:
                 with self._wakeup:
-                    while not self._stopping and not self.scheduler.has_work:
+                    while not stop.is_set() and not self.scheduler.has_work:
                         self._wakeup.wait()
-                    if self._stopping:
+                    if stop.is_set():
                         return
                 self._guarded_step()
                 if self.dead is not None:  # the watchdog gave up on the step that just returned

@@ -42,6 +42,9 @@ class KVCache:
             self.k[:, :, :self.offset] = prefix[:, 0]
             self.v[:, :, :self.offset] = prefix[:, 1]
         self.capacity = capacity
+        # ChatGLM-6B's prompt layout, set from its prompt by glm.model_v1.record_layout: where the
+        # context ends and where its mask token is (every token past the context takes that position).
+        self.context_length = self.mask_position = 0
 
     @staticmethod
     def bytes_per_token(cfg: ChatGLMConfig, dtype: torch.dtype) -> int:

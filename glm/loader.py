@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -187,21 +188,19 @@ def find_checkpoint(root: str, preferred: str | None = None) -> str:
     return os.path.join(root, chosen)
 
 
-def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         quantize: int | None = None, int8_activations: bool = False, backend: str | None = None):
-    """Load a ChatGLM checkpoint directory; returns a glm.GLM ready to generate.
+@dataclass(frozen=True)
+class LoadedModel:
+    """What a checkpoint directory loads into: its config, tokenizer and model, and the device the
+    model's tensors are on (glm.load builds the facade, glm.GLM, from them)."""
+    config: ChatGLMConfig
+    tokenizer: object
+    model: nn.Module
+    device: torch.device
 
-    device: "cpu", "cuda", or "auto" (the GPU in fp16 when torch can use it, else the CPU in
-    float32; an NVIDIA GPU torch cannot use raises glm.DeviceError, see glm.device).
-    int8_activations (CPU, int4 checkpoints, float32): opt into the faster int8-activation linears
-    (glm.ops.TorchOps); it changes the numerics, so it is off by default.
-    backend: "torch" (torch ops, and the CPU kernels where they serve) or "triton" (glm.gpu's
-    kernels, fp16); None picks "triton" on CUDA when its self-test passes, else "torch". On the CPU
-    "triton" needs TRITON_INTERPRET=1 and builds exactly the model CUDA would. The choice is made
-    here, once: the model gets the ops that compute it (model.ops).
-    """
-    from .pipeline import GLM
 
+def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               quantize: int | None = None, int8_activations: bool = False, backend: str | None = None) -> LoadedModel:
+    """Load a ChatGLM checkpoint directory (the arguments: glm.load's)."""
     t0 = time.perf_counter()
     path = Path(path)
     if not path.is_dir():
@@ -234,12 +233,13 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = N
         failure = selftest.run_model(model, device)
         if failure is not None:
             backend = selftest.fallback(device, f"at the model's shapes: {failure}")
-            return load(path, device, dtype, quantize, int8_activations, backend)
+            return load_model(path, device, dtype, quantize, int8_activations, backend)
     if cfg.quantization_bit == 0 and bits:
         cfg = _with_bits(cfg, bits)
-    log.info("loaded %s (%s, %s, %s, ops %s) in %.1fs", path, cfg.family, f"int{bits}" if bits else "fp16",
-             f"{device.type}/{str(dtype).removeprefix('torch.')}", ops.name, time.perf_counter() - t0)
-    return GLM(cfg, tokenizer, model, device)
+    log.info("loaded %s (%s, %s, %s, ops %s) in %.1fs; max_context=%d", path, cfg.family,
+             f"int{bits}" if bits else "fp16", f"{device.type}/{str(dtype).removeprefix('torch.')}", ops.name,
+             time.perf_counter() - t0, cfg.max_context)
+    return LoadedModel(cfg, tokenizer, model, device)
 
 
 BACKENDS = ("torch", "triton")

@@ -120,6 +120,15 @@ class ChatGLM2(nn.Module):
         the engine recomputes a reply's rows as prefill before the prefix cache keeps them."""
         return self.ops.decode_writes_prefill_kv
 
+    def rotary_table(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [max_context, rot/2] of every position: a staged decode step gathers its rows."""
+        return rotary_angles(self.cfg, torch.arange(self.cfg.max_context, device=device))
+
+    @staticmethod
+    def decode_positions(cache: KVCache, start: int) -> tuple[int, int]:
+        """The rows of rotary_table a decode token at `start` reads: its position (and no second one)."""
+        return start, 0
+
     def hidden_states(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache]) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden] for tokens [B, T] at positions starts[b]..; fills the caches."""
         T = tokens.shape[1]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import staging
 from .config import ChatGLMConfig
 from .kvpool import KVCache
 from .ops import TorchOps
@@ -38,18 +39,22 @@ def record_layout(cfg: ChatGLMConfig, cache: KVCache, prompt: list[int]) -> None
     cache.context_length, cache.mask_position = ctx, mask
 
 
+def position_2d(cache: KVCache, index: int) -> tuple[int, int]:
+    """(position, block position) of the token at `index`."""
+    ctx = cache.context_length
+    return (cache.mask_position, index - ctx + 1) if index >= ctx else (index, 0)
+
+
 def positions_2d(cache: KVCache, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(position, block position) of the tokens at indices start..start+length-1."""
-    idx = torch.arange(start, start + length)
-    ctx = cache.context_length
-    generated = idx >= ctx
-    pos = torch.where(generated, torch.full_like(idx, cache.mask_position), idx)
-    block = torch.where(generated, idx - ctx + 1, torch.zeros_like(idx))
-    return pos, block
+    rows = [position_2d(cache, i) for i in range(start, start + length)]
+    return torch.tensor([p for p, _ in rows], dtype=torch.long), torch.tensor([b for _, b in rows], dtype=torch.long)
 
 
 def attention_mask(cache: KVCache, start: int, length: int) -> torch.Tensor | None:
     """[length, start+length] bool, True = may attend: every context key, plus causal. None if all True."""
+    if length == 1:  # one row sees every key up to itself
+        return None
     rows = torch.arange(start, start + length)[:, None]
     cols = torch.arange(start + length)[None, :]
     mask = (cols < cache.context_length) | (cols <= rows)
@@ -63,11 +68,29 @@ def rotary_2d(cfg: ChatGLMConfig, pos: torch.Tensor, block: torch.Tensor) -> tup
     to fp16 (`inv_freq.half()`); the angles are computed in fp32, as THUDM's float (CPU) path and
     chatglm.cpp do (its fp16 GPU path also rounds the angles to fp16).
     """
+    angles = torch.cat([half_angles(cfg, p) for p in (pos, block)], dim=-1)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def half_angles(cfg: ChatGLMConfig, positions: torch.Tensor) -> torch.Tensor:
+    """The rotary angles [..., head_dim/2] of one half of q/k at these positions."""
     half = cfg.head_dim // 2
     inv_freq = (1.0 / cfg.rope_base ** (torch.arange(0, half, 2, dtype=torch.float32) / half)).half().float()
-    angles = [p.float()[..., None] * inv_freq for p in (pos, block)]
-    angles = torch.cat([torch.cat((a, a), dim=-1) for a in angles], dim=-1)
+    a = positions.float()[..., None] * inv_freq
+    return torch.cat((a, a), dim=-1)
+
+
+def rotary_table_2d(cfg: ChatGLMConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_context + 1, head_dim/2] of one half at every position and block position:
+    rotary_2d(pos, block) is the rows pos and block side by side, the same bits."""
+    angles = half_angles(cfg, torch.arange(cfg.max_context + 1))
     return torch.cos(angles), torch.sin(angles)
+
+
+def staged_rotary_2d(step: staging.StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [rows, 1, head_dim] of a staged decode step's rows, gathered on the device."""
+    cos, sin = step.rotary
+    return tuple(torch.cat((t[step.positions], t[step.block_positions]), dim=-1)[:, None] for t in (cos, sin))
 
 
 def apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -170,11 +193,37 @@ class ChatGLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.final_layernorm.weight.dtype
 
+    def rotary_table(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of one half at every position (rotary_table_2d): a staged decode step gathers its
+        two rows. Computed on the CPU, as the unstaged path computes its angles, then moved once."""
+        return tuple(t.to(device) for t in rotary_table_2d(self.cfg))
+
+    @staticmethod
+    def decode_positions(cache: KVCache, start: int) -> tuple[int, int]:
+        """The rows of rotary_table a decode token at `start` reads: its position and block position."""
+        return position_2d(cache, start)
+
     def hidden_states(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache]) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden] for tokens [B, T] at indices starts[b]..; fills the caches.
 
         A row starting at 0 is a prompt: it records the sequence's context length and mask position.
+        A staged decode step (glm/staging.py) has its positions on the device already, and a decode
+        row attends to every key before it: no host work, so a CUDA graph can replay it.
         """
+        B, T = tokens.shape
+        step = staging.current()
+        if step is not None and step.rotary is not None:
+            cos, sin = staged_rotary_2d(step)
+            masks = [None] * B
+        else:
+            cos, sin, masks = self._positions(tokens, starts, caches)
+        x = self.word_embeddings(tokens).to(self.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, masks, starts, caches)
+        return self.final_layernorm(x)
+
+    def _positions(self, tokens, starts, caches):
+        """cos, sin [B, T, head_dim] and each row's attention mask, from the caches' layouts on the host."""
         B, T = tokens.shape
         pos, block, masks = [], [], []
         for b in range(B):
@@ -186,11 +235,7 @@ class ChatGLM(nn.Module):
             m = attention_mask(caches[b], starts[b], T)
             masks.append(None if m is None else m.to(tokens.device))
         cos, sin = rotary_2d(self.cfg, torch.stack(pos), torch.stack(block))
-        cos, sin = cos.to(tokens.device), sin.to(tokens.device)
-        x = self.word_embeddings(tokens).to(self.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, masks, starts, caches)
-        return self.final_layernorm(x)
+        return cos.to(tokens.device), sin.to(tokens.device), masks
 
     def forward(self, tokens: torch.Tensor, starts: list[int], caches: list[KVCache],
                 last_only: bool = False, prefill: bool = False) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """Runs one scheduled step on the model: stages the batch's inputs, runs the forward passes and samples
 one token id per sequence that needs one.
 
-A decode step's rows (tokens, positions, attention plan, sampling parameters) go to the device in one
-copy of the staging buffer (glm/staging.py); on the Triton backend the layers read them there, and a
-CUDA graph per batch bucket (glm/gpu/graphs.py, once `prepare` has captured them) replays the
-forward. Sampling runs for all rows at once on the model's device (glm.sampling.sample_rows), each
-row with its own generator; only the chosen ids come back, in one small copy.
+A decode step's rows (tokens, the model's rotary positions, attention plan, sampling parameters) go
+to the device in one copy of the staging buffer (glm/staging.py); on the Triton backend the layers
+read them there, and a CUDA graph per batch bucket (glm/gpu/graphs.py, once `prepare` has captured
+them) replays the forward. Sampling runs for all rows at once on the model's device
+(glm.sampling.sample_rows), each row with its own generator; only the chosen ids come back, in one
+small copy.
 
 Every outcome is per sequence (a token id or the error that stopped it): when a batched decode pass
 fails, each of its sequences is retried alone, so one sequence's failure never fails its batch-mates
@@ -34,14 +35,10 @@ Outcome = tuple[Sequence, "int | BaseException"]
 class ModelRunner:
     def __init__(self, model, pool: KVPool, device, max_batch: int = 8):
         self.model, self.pool, self.device = model, pool, torch.device(device)
-        cfg = pool.cfg
         # The layers read the staged rows only on the Triton backend; the CPU paths take them as
         # arguments (on the CPU a "copy" moves nothing).
         self.stage_layers = model.ops.name == "triton"
-        rotary = None
-        if self.stage_layers and cfg.family != "chatglm":  # ChatGLM2's rotary: a table for every position
-            from .ops import rotary_angles
-            rotary = rotary_angles(cfg, torch.arange(cfg.max_context, device=self.device))
+        rotary = model.rotary_table(self.device) if self.stage_layers else None
         self.staging = StepStaging(max(max_batch, 8), self.device, rotary)
         self.graphs = None  # glm.gpu.graphs.DecodeGraphs once prepare() has captured them
 
@@ -70,7 +67,7 @@ class ModelRunner:
             warm = [RowState(torch.Generator(device=self.device).manual_seed(0), None) for _ in range(rows)]
             sample_rows(logits[:, -1], None, self.staging.sampling(rows), [w.draws for w in warm]).tolist()
         done = f"warm-up: prefill of {', '.join(map(str, lengths))} rows, decode and sampling at {', '.join(map(str, buckets))} rows"
-        if not (self.stage_layers and self.staging.rotary is not None and self.device.type == "cuda"):
+        if not (self.stage_layers and self.device.type == "cuda"):
             return done
         graphs = DecodeGraphs()
         failure = graphs.capture(lambda inputs: self._eager(inputs, [0] * inputs.rows, [scratch] * inputs.rows),
@@ -168,12 +165,15 @@ class ModelRunner:
         return bucket_for(rows)
 
     def _stage_rows(self, tokens: list[int], starts: list[int], caches, rows: int) -> None:
-        """Each row's token, position and attention plan, padded to `rows` rows by repeating row 0."""
+        """Each row's token, rotary positions and attention plan, padded to `rows` rows by repeating row 0."""
         plan = [(self.pool.element_offset(c), c.k.shape[2], c.slot(s)) for c, s in zip(caches, starts)]
         offsets, slot_counts, slots = zip(*padded(plan, rows))
+        rotary = [self.model.decode_positions(c, s) for c, s in zip(caches, starts)]
+        positions, block_positions = zip(*padded(rotary, rows))
         st = self.staging
         st.write("tokens", padded(tokens, rows))
-        st.write("positions", padded(starts, rows))
+        st.write("positions", positions)
+        st.write("block_positions", block_positions)
         st.write("cache_offsets", offsets)
         st.write("cache_slots", slot_counts)
         st.write("slots", slots)

@@ -1,6 +1,6 @@
 """Per-request sampling: its parameters and seed policy, HF-order logits processing and the token draw
-for all rows of a step at once on the logits' device, and stop strings. No generation loop (that is
-glm.engine)."""
+for all rows of a step at once on the logits' device. No generation loop (that is glm.engine), no
+text (stop strings are matched in glm.output)."""
 from __future__ import annotations
 
 import math
@@ -197,42 +197,3 @@ def sample(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams, gener
     ids = sample_rows(logits[None], seen, RowParams.of([p], logits.device), [None if p.temperature == 0 else generator])
     return int(ids[0])
 
-
-class StopMatcher:
-    """Holds back text that could still become one of the stop strings; cuts at the first one.
-
-    Work per fed chunk is bounded by the stops' total length (capped by SamplingParams.validate):
-    pending text never exceeds the longest stop plus the new chunk, and the held-back suffix is
-    found by hashing its candidates against the set of the stops' proper prefixes.
-    """
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = tuple(s for s in stops if s)
-        self.longest = max(map(len, self.stops), default=0)
-        self.prefixes = {s[:n] for s in self.stops for n in range(1, len(s))}
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to release, whether a stop string was hit)."""
-        if not self.stops:
-            return text, False
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[:min(hits)], ""
-            return out, True
-        hold = self._held_suffix()
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-    def _held_suffix(self) -> int:
-        text = self.pending
-        for n in range(min(len(text), self.longest - 1), 0, -1):
-            if text[-n:] in self.prefixes:
-                return n
-        return 0

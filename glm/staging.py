@@ -1,7 +1,8 @@
 """What a decode step reads from the host, in one buffer copied to the device at once.
 
-The runner writes each row's token, position, attention plan (its cache's element offset in the KV
-pool, the cache's slot count, the row's slot) and sampling parameters into one host buffer (pinned
+The runner writes each row's token, rotary positions (the model's: ChatGLM2's position, ChatGLM-6B's
+position and block position), attention plan (its cache's element offset in the KV pool, the cache's
+slot count, the row's slot) and sampling parameters into one host buffer (pinned
 on CUDA), then copies it to its device twin in one transfer: one host-to-device copy per step, with
 no sync, since the copy is ordered before the step's kernels on the same stream. The device twin
 never moves, so a CUDA graph captured over its views (glm/gpu/graphs.py) reads each step's values.
@@ -20,7 +21,8 @@ import torch
 
 # (name, dtype) of each per-row field; each field's block starts at a multiple of 8 bytes a row, so
 # every view is aligned.
-FIELDS = (("tokens", torch.int64), ("positions", torch.int64), ("cache_offsets", torch.int64),
+FIELDS = (("tokens", torch.int64), ("positions", torch.int64), ("block_positions", torch.int64),
+          ("cache_offsets", torch.int64),
           ("cache_slots", torch.int64), ("slots", torch.int64), ("temperature", torch.float32),
           ("top_p_cut", torch.float32), ("top_k", torch.int64), ("penalty", torch.float32))
 ROW_BYTES = 8
@@ -45,19 +47,22 @@ def padded(values: list, rows: int) -> list:
 @dataclass(frozen=True)
 class StepInputs:
     """The device tensors of one decode step of `rows` rows (views of the staged buffer)."""
-    tokens: torch.Tensor         # int64 [rows, 1]
-    positions: torch.Tensor      # int64 [rows]
-    cache_offsets: torch.Tensor  # int64 [rows]
-    cache_slots: torch.Tensor    # int64 [rows]
-    slots: torch.Tensor          # int64 [rows]
-    rotary: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin tables [positions, rot/2] (ChatGLM2)
+    tokens: torch.Tensor           # int64 [rows, 1]
+    positions: torch.Tensor        # int64 [rows]
+    block_positions: torch.Tensor  # int64 [rows] (ChatGLM-6B's second position; 0 for ChatGLM2)
+    cache_offsets: torch.Tensor    # int64 [rows]
+    cache_slots: torch.Tensor      # int64 [rows]
+    slots: torch.Tensor            # int64 [rows]
+    # The model's rotary tables, cos and sin by position (model.rotary_table); None where the layers
+    # take no staged rows (the CPU paths).
+    rotary: tuple[torch.Tensor, torch.Tensor] | None
 
     @property
     def rows(self) -> int:
         return self.positions.shape[0]
 
     def rotary_angles(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [rows, 1, rot/2] of each row's position, gathered from the precomputed tables."""
+        """cos, sin [rows, 1, width] of each row's position, gathered from the precomputed tables."""
         cos, sin = self.rotary
         return cos[self.positions][:, None], sin[self.positions][:, None]
 
@@ -102,8 +107,8 @@ class StepStaging:
     def inputs(self, rows: int) -> StepInputs:
         """The device views of the first `rows` rows."""
         f = self.fields
-        return StepInputs(f["tokens"][:rows, None], f["positions"][:rows], f["cache_offsets"][:rows],
-                          f["cache_slots"][:rows], f["slots"][:rows], self.rotary)
+        return StepInputs(f["tokens"][:rows, None], f["positions"][:rows], f["block_positions"][:rows],
+                          f["cache_offsets"][:rows], f["cache_slots"][:rows], f["slots"][:rows], self.rotary)
 
     def sampling(self, rows: int):
         """The first `rows` rows' sampling parameters as glm.sampling.RowParams (device views)."""

@@ -1,5 +1,5 @@
-"""ChatGLM2's and ChatGLM3's SentencePiece tokenizers with their special tokens, prompt builders and
-the streaming decoder."""
+"""ChatGLM2's and ChatGLM3's SentencePiece tokenizers with their special tokens, stop ids, prompt
+builders and the response filter each family's chat applies (glm.output streams the text)."""
 from __future__ import annotations
 
 import re
@@ -8,7 +8,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from .errors import CheckpointError
-from .response import ChatGLM3ResponseFilter
+from .output import ChatGLM3ResponseFilter, TextStages
 
 # THUDM's SPTokenizer numbers its specials right after the SentencePiece vocabulary (64789 at full size).
 CHATGLM2_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
@@ -80,13 +80,17 @@ class ChatGLM2Tokenizer:
     def decode(self, ids) -> str:
         return self.sp.decode(self.visible(ids))
 
+    # decode is SentencePiece's text: no post-processing stage (glm.output.StreamDecoder)
+    sp_text = decode
+    postprocessor = staticmethod(TextStages)
+
     def visible(self, ids) -> list[int]:
         return [i for i in ids if 0 <= i < self.n_words and i not in self._hidden]
 
     @staticmethod
-    def response_filter():
-        """No output step: the stream is the decoded text."""
-        return None
+    def response_filter() -> TextStages:
+        """No filter: the stream is the decoded text."""
+        return TextStages()
 
     @staticmethod
     def build_prompt(query: str, history: list[tuple[str, str]] = ()) -> str:
@@ -130,61 +134,3 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
         prompt = "".join(f"<|user|>\n{q}<|assistant|>\n{r}" for q, r in history)
         return prompt + f"<|user|>\n{query}<|assistant|>"
 
-
-class StreamDecoder:
-    """Turns generated ids into text chunks whose concatenation is exactly tokenizer.decode(ids).
-
-    Text is released only when it ends in a complete character, so the byte-fallback pieces of one
-    character (emoji, rare CJK) come out together. A tokenizer whose decode post-processes the
-    SentencePiece text (ChatGLM-6B: whitespace markers, clean-up of spaces) gives that text as
-    `sp_text(ids)` and the post-processing as a streaming `postprocessor()`, which holds back what
-    the next token may still change.
-
-    Each step decodes a short window ids[prefix:] and releases its characters past `sent`. After a
-    release the window moves up to the ids of the previous release, when the new window's text is
-    the tail of the old one (SentencePiece drops the leading space of a window's first piece; that
-    space was released already) and everything before the new start is released: it then decodes
-    to the same characters whatever follows.
-    """
-
-    def __init__(self, tokenizer):
-        self.decode = getattr(tokenizer, "sp_text", tokenizer.decode)
-        make_post = getattr(tokenizer, "postprocessor", None)
-        self.post = make_post() if make_post is not None else None
-        self.ids: list[int] = []
-        self.prefix = 0   # window start
-        self.read = 0     # len(ids) at the last release: the next window start
-        self.sent = 0     # characters of decode(ids[prefix:]) released
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        return self._post(self._release(final=False), final=False)
-
-    def flush(self) -> str:
-        """The rest of the text (a dangling partial character comes out as U+FFFD, as decode gives)."""
-        return self._post(self._release(final=True), final=True)
-
-    def _post(self, text: str, final: bool) -> str:
-        if self.post is None:
-            return text
-        text = self.post.push(text)
-        return text + self.post.flush() if final else text
-
-    def _release(self, final: bool) -> str:
-        text = self.decode(self.ids[self.prefix:])
-        if text.endswith("\ufffd") and not final:
-            return ""
-        if len(text) <= self.sent:
-            return ""
-        out, self.sent = text[self.sent:], len(text)
-        self._slide(text)
-        return out
-
-    def _slide(self, text: str) -> None:
-        tail = self.decode(self.ids[self.read:])
-        skip = len(text) - len(tail)
-        # An empty tail may be leading spaces that a longer window still drops (ice_text.model drops
-        # them all, not just the first piece's).
-        if tail and skip <= self.sent and text.endswith(tail):
-            self.prefix, self.sent = self.read, self.sent - skip
-        self.read = len(self.ids)

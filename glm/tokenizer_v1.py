@@ -10,7 +10,7 @@ pre-processing; [gMASK] <sop> end the ids. [gMASK], [sMASK] and </s> are plain t
 Decoding: pad ids are removed, control pieces decode to nothing, <unk> to SentencePiece's " ⁇ ",
 THUDM's whitespace markers turn back into whitespace, and Hugging Face's
 clean_up_tokenization_spaces removes the space before . ? ! , and English contractions. The
-full-width punctuation of a chat reply is not decoding: glm.response.ChatGLMResponseFilter (THUDM's
+full-width punctuation of a chat reply is not decoding: glm.output.ChatGLMResponseFilter (THUDM's
 process_response) does it on the stream.
 
 Special tokens are found by their piece in the SentencePiece model, not by number, so the same class
@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 from .errors import CheckpointError
-from .response import BufferedStage, ChatGLMResponseFilter, TextStages
+from .output import BufferedStage, ChatGLMResponseFilter, TextStages
 from .tokenizer import load_sentencepiece, longest_piece_chars, min_tokens
 
 MAX_BLANK = 80

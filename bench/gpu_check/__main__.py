@@ -4,8 +4,9 @@ Proves the GPU path on the first GPU it meets, in one run (<= 8 minutes on an H1
   environment   GPU, capability, driver, torch/triton, free memory
   correctness   the device tests of tests/, THUDM's reference vectors and the kernel self-test on the
                 Triton backend, every kernel on the device vs the Triton interpreter, the design's
-                bitwise invariants, 8 concurrent streams = their solo runs, exact prefix-cache reuse,
-                CUDA graph replay = eager decode (absent without glm.gpu.graphs)
+                bitwise invariants, the tensor-core decode GEMV vs the FMA one, 8 concurrent streams =
+                their solo runs, exact prefix-cache reuse, CUDA graph replay = eager decode (absent
+                without glm.gpu.graphs)
   speed         a full-size random ChatGLM2-6B int4 checkpoint (and ChatGLM-6B int8 unless --quick)
                 written on the spot: load, TTFT at 1k tokens, prefill, decode at batch 1 and 8 and at
                 8k context, chat round 2 with and without the prefix cache, peak memory, bandwidth
@@ -118,6 +119,7 @@ def run_all(check: Checks, args, device, work: Path) -> None:
     check("kernels_vs_interpreter", "correctness",
           lambda: kernels.compare_with_interpreter(device, size, work, check.left() - 15), 300)
     check("kernels_bitwise", "correctness", lambda: kernels.bitwise_invariants(device, size), 180)
+    check("mma_gemv", "correctness", lambda: kernels.mma_gemv(device), 120)
 
     tiny = work / "tiny-int4"
     loaded = {}

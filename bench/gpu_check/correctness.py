@@ -21,7 +21,8 @@ from .report import Absent, Skip
 REPO = Path(__file__).resolve().parents[2]
 
 # Test files whose tests compute on CUDA when torch has it (and skip or use the CPU without it).
-DEVICE_TESTS = ["tests/kernels/test_quant.py", "tests/kernels/test_gpu_linear.py", "tests/kernels/test_gpu_compile.py"]
+DEVICE_TESTS = ["tests/kernels/test_quant.py", "tests/kernels/test_gpu_linear.py", "tests/kernels/test_gpu_compile.py",
+                "tests/kernels/test_gpu_mma.py"]
 # Under the interpreter: the CUDA-only tests (they skip there) and a few device tests, so that the
 # item's own logic runs in minutes.
 INTERPRET_TESTS = ["tests/kernels/test_quant.py::test_quant_linear_cuda_fp16_matches_reference",

@@ -160,6 +160,73 @@ def bitwise_invariants(device, size: str):
     return "pass", f"{len(results)} bitwise invariants hold", results
 
 
+# The tensor-core GEMV's cases: ChatGLM2-6B's QKV and FFN-down shapes (a partial last K step).
+MMA_SHAPES = ((4608, 4096), (4096, 13696))
+MMA_ROWS = (1, 2, 4, 8, 20)  # decode buckets and exact rows in blocks of 8
+
+
+def mma_gemv(device):
+    """(status, detail, figures): the tensor-core decode GEMV (glm.gpu.mma) against the FMA GEMV on
+    the device, int4 and int8 at each bucket's rows: max relative difference, each row's bits alone
+    = among the rows, and both kernels' weight streaming rate at 8 rows. Under the interpreter: that
+    it is never selected there (its inline PTX needs a device)."""
+    from glm.gpu import interpreting, linear, mma, selftest
+    if interpreting() or device.type != "cuda":
+        try:
+            linear.set_decode_variant("mma")
+        except RuntimeError as e:
+            return "pass", f"interpreter: the tensor-core GEMV cannot be selected ({e})", {}
+        linear.set_decode_variant("fma")
+        return "fail", "the interpreter accepted the tensor-core GEMV", {}
+    before, figures, bad = linear.decode_variant(), {}, []
+    try:
+        with torch.inference_mode():
+            for bits in (4, 8):
+                for n, k in MMA_SHAPES:
+                    w, scale = _weights(bits, n, k)
+                    w, scale = w.to(device), scale.to(device)
+                    bias = _inputs(8, n).to(device)
+                    if not mma.takes(w, bits):
+                        return "fail", f"the tensor-core GEMV does not take int{bits} {n}x{k} on this device", {}
+                    x = _inputs(41, max(MMA_ROWS), k).to(device)
+                    run = lambda variant, xs: _with_variant(linear, variant, xs, w, scale, bias, bits)  # noqa: E731
+                    alone = [run("mma", x[i:i + 1]) for i in range(x.shape[0])]
+                    for rows in MMA_ROWS:
+                        got, want = run("mma", x[:rows]), run("fma", x[:rows])
+                        err = relative_error(got, want)
+                        invariant = all(torch.equal(got[i], alone[i][0]) for i in range(rows))
+                        figures[f"int{bits}_{n}x{k}_rows{rows}"] = {"max_rel_error_vs_fma": float(f"{err:.3g}"),
+                                                                    "row_alone_eq_in_batch": invariant}
+                        if not err <= selftest.TOLERANCE or not invariant:
+                            bad.append(f"int{bits} {n}x{k} rows {rows} ({err:.3g}, invariant {invariant})")
+                    for variant in ("fma", "mma"):
+                        seconds = _time(lambda: run(variant, x[:8]))
+                        figures[f"int{bits}_{n}x{k}_rows8_{variant}_weight_gb_s"] = round(w.numel() / seconds / 1e9, 1)
+    finally:
+        linear.set_decode_variant(before)
+    if bad:
+        return "fail", "tensor-core GEMV vs FMA GEMV: " + "; ".join(bad), figures
+    return "pass", (f"{len(figures)} figures: tensor-core GEMV within {selftest.TOLERANCE} of the FMA GEMV, "
+                    "each row's bits the same alone and among the rows"), figures
+
+
+def _with_variant(linear, variant, x, w, scale, bias, bits):
+    linear.set_decode_variant(variant)
+    return linear.quant_linear(x, w, scale, bias, bits, exact_rows=True)
+
+
+def _time(fn, repeat: int = 20) -> float:
+    """Seconds per call on the device (CUDA events, after a warm-up call)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeat
+
+
 def main(argv=None) -> int:
     out, size = (argv or sys.argv[1:])[:2]
     torch.save(all_cases(torch.device("cpu"), size), Path(out))

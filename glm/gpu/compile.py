@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Kernel modules of the GPU path, imported by name; one that does not exist yet is skipped.
-MODULES = ("glm.gpu.linear", "glm.gpu.prefill", "glm.gpu.attention", "glm.gpu.pointwise")
+MODULES = ("glm.gpu.linear", "glm.gpu.mma", "glm.gpu.prefill", "glm.gpu.attention", "glm.gpu.pointwise")
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,6 @@ def compile_spec(spec: KernelSpec, arch: int, module: str = "") -> CompileResult
     """Compile one spec for sm_<arch>; registers and spills from ptxas -v on its PTX."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     fn = spec.kernel
     name = fn.__name__
@@ -100,9 +99,7 @@ def compile_spec(spec: KernelSpec, arch: int, module: str = "") -> CompileResult
         names = list(fn.arg_names)
         if list(spec.signature) != names:
             raise ValueError(f"signature names {list(spec.signature)} != kernel arguments {names}")
-        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned
-                 if spec.signature[a] != "constexpr"}
-        src = ASTSource(fn, spec.signature, spec.constexprs, attrs)
+        src = ast_source(spec)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
         usage = ptxas_usage(compiled.asm["ptx"], arch)
@@ -114,6 +111,18 @@ def compile_spec(spec: KernelSpec, arch: int, module: str = "") -> CompileResult
             f"spills in a kernel that must not spill ({result.registers} registers, {result.spill_stores} B "
             f"stored / {result.spill_loads} B loaded)"))
     return result
+
+
+def ast_source(spec: KernelSpec):
+    """The compiler's source object for `spec` (Gluon kernels have their own)."""
+    from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    names = list(spec.kernel.arg_names)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned
+             if spec.signature[a] != "constexpr"}
+    source = GluonASTSource if spec.kernel.is_gluon() else ASTSource
+    return source(spec.kernel, spec.signature, spec.constexprs, attrs)
 
 
 def ptxas_usage(ptx: str, arch: int) -> dict[str, int]:

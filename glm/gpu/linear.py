@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import prefill
+from . import interpreting, prefill
 from .compile import KernelSpec
 
 # Rows the decode GEMV takes per call: the engine's decode batch. More rows go to the GEMM.
@@ -265,7 +265,29 @@ def _linear(x, w, k, scale, bias, bits, exact_rows):
     return y
 
 
+def decode_variant() -> str:
+    """The decode GEMV every decode and exact row runs: "fma" (_gemv_kernel) or "mma" (glm.gpu.mma)."""
+    return _decode["variant"]
+
+
+def set_decode_variant(variant: str) -> None:
+    """Choose the decode GEMV for the process (selftest.select_decode_gemv does, before the engine
+    warms up and captures its graphs; one variant for all rows keeps a row's bits batch-invariant)."""
+    if variant not in ("fma", "mma"):
+        raise ValueError(f"decode GEMV variant must be 'fma' or 'mma', got {variant!r}")
+    if variant == "mma" and interpreting():
+        raise RuntimeError("the Triton interpreter cannot run the mma GEMV's inline PTX")
+    _decode["variant"] = variant
+
+
+_decode = {"variant": "fma"}
+
+
 def _gemv(x, w, scale, bias, y, bits):
+    if _decode["variant"] == "mma" and bits != 16:
+        from . import mma
+        if mma.takes(w, bits):
+            return mma.gemv(x, w, scale, bias, y, bits)
     m, n = y.shape
     m_pad = gemv_rows_per_program(m)
     if m_pad >= GEMV_FP32_X_ROWS:

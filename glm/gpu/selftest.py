@@ -163,8 +163,86 @@ CHECKS = {"rms_norm": check_rms_norm, "swiglu": check_swiglu, "row_attention": c
 
 
 def run_model(model, device, buckets=BUCKETS) -> str | None:
-    """None when every kernel matches its reference at the model's shapes, else what failed."""
-    return run(device, model_checks(model, buckets))
+    """None when every kernel matches its reference at the model's shapes, else what failed. The
+    decode GEMV is chosen first (select_decode_gemv), so the checks run the kernel the engine will."""
+    select_decode_gemv(model, device, buckets)
+    from . import linear
+    failure = run(device, model_checks(model, buckets))
+    if failure is not None and linear.decode_variant() == "mma":
+        log.warning("decode GEMV: FMA (the kernel checks failed with the tensor-core GEMV: %s)", failure)
+        linear.set_decode_variant("fma")
+        failure = run(device, model_checks(model, buckets))
+    return failure
+
+
+def compare_decode_gemvs(module, device, buckets=BUCKETS) -> float:
+    """The tensor-core GEMV (glm.gpu.mma) against the FMA GEMV on one of the model's int4 / int8
+    linears at each bucket's rows and at 20 exact rows (blocks of 8): the largest relative
+    difference; raises if any row's bits depend on its batch-mates (row i alone vs among the rows)."""
+    from . import linear
+    rows = max((*buckets, PREFILL_ROWS))
+    g = torch.Generator().manual_seed(module.in_features)
+    x = torch.randn(rows, module.in_features, generator=g).half().to(device)
+    args = (module.weight, module.weight_scale, module.bias, module.bits)
+
+    def run_gemv(variant, xs):
+        linear.set_decode_variant(variant)
+        return linear.quant_linear(xs, *args, exact_rows=True)
+
+    worst = 0.0
+    try:
+        alone = [run_gemv("mma", x[i:i + 1]) for i in range(rows)]
+        for m in (*buckets, PREFILL_ROWS):
+            got = run_gemv("mma", x[:m])
+            worst = max(worst, _close(got, run_gemv("fma", x[:m])))
+            for i in range(m):
+                if not torch.equal(got[i], alone[i][0]):
+                    raise AssertionError(f"row {i} differs alone and among {m} rows")
+    finally:
+        linear.set_decode_variant("fma")
+    return worst
+
+
+def select_decode_gemv(model, device, buckets=BUCKETS) -> str:
+    """"mma" (glm.gpu.mma) for every decode and exact row when it runs on this device and matches the
+    FMA GEMV on each of the model's quantized linears within TOLERANCE, batch-invariantly; else
+    "fma", with one log line saying why (never the torch fallback for this). GLM_DECODE_GEMV=fma
+    (default auto) keeps the FMA GEMV without trying: the operator's way out should a device fault
+    in the new kernel, which no self-test survives (a sticky CUDA error ends the process)."""
+    from ..quant import QuantLinear
+    from . import interpreting, linear, mma
+    linear.set_decode_variant("fma")
+    if settings.choice("GLM_DECODE_GEMV", "auto", ("auto", "fma")) == "fma":
+        log.info("decode GEMV: FMA (GLM_DECODE_GEMV=fma)")
+        return "fma"
+    device = torch.device(device)
+    quantized = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            quantized.setdefault((m.in_features, m.out_features, m.bits, m.bias is not None), m)
+    if interpreting() or device.type != "cuda" or not quantized:
+        return "fma"
+    if not all(mma.takes(m.weight, m.bits) for m in quantized.values()):
+        log.info("decode GEMV: FMA (the tensor-core GEMV needs sm_75 and 16-aligned int4/int8 weights)")
+        return "fma"
+    t0 = time.monotonic()
+    for (k, n, bits, _), m in quantized.items():
+        try:
+            with torch.inference_mode():
+                err = compare_decode_gemvs(m, device, buckets)
+        except Exception as e:  # noqa: BLE001 -- any failure means: keep the FMA GEMV
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            log.warning("decode GEMV: FMA (the tensor-core GEMV failed on int%d %dx%d: %s: %s)",
+                        bits, n, k, type(e).__name__, first[:200])
+            return "fma"
+        if not err <= TOLERANCE:
+            log.warning("decode GEMV: FMA (the tensor-core GEMV differs from it by %.3g on int%d %dx%d)",
+                        err, bits, n, k)
+            return "fma"
+    linear.set_decode_variant("mma")
+    log.info("decode GEMV: tensor cores (mma.sync), checked against the FMA GEMV on %d linears in %.1fs",
+             len(quantized), time.monotonic() - t0)
+    return "mma"
 
 
 def required() -> bool:

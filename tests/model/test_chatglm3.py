@@ -8,9 +8,9 @@ import pytest
 
 import glm
 from glm.config import ChatGLMConfig
-from glm.response import process_response_v3
 from devtools.tiny import write_checkpoint
-from glm.tokenizer import ChatGLM2Tokenizer, ChatGLM3Tokenizer, StreamDecoder
+from glm.output import StreamDecoder, process_response_v3
+from glm.tokenizer import ChatGLM2Tokenizer, ChatGLM3Tokenizer
 from reference import reference_path
 
 

@@ -14,7 +14,7 @@ import pytest
 import glm
 from glm.engine import Engine
 from glm.sampling import SamplingParams
-from glm.pipeline import Stream
+from glm.llm import Stream
 
 PROMPT = "[Round 1]\n\n问：你好\n\n答："
 
@@ -55,8 +55,10 @@ def submit(tiny_model, engine, prompt=PROMPT, **kw) -> Stream:
 
 def solo(tiny_model, **kw) -> list[int]:
     engine = make_engine(tiny_model)
+    engine.start()
     s = submit(tiny_model, engine, **kw)
     list(s)
+    engine.stop()
     return s.token_ids
 
 
@@ -363,6 +365,56 @@ def test_a_stopped_engine_starts_again(tiny_model):
         assert not engine.threaded and engine.healthy
 
 
+def test_one_loop_mode_the_thread_started_once_by_the_first_requests(tiny_model):
+    """GLM.generate starts the engine's loop; concurrent first requests start one thread, and the
+    loop's steps are its own (another thread's step() is refused while it runs)."""
+    import concurrent.futures
+
+    engine = tiny_model.use_engine(max_batch=4)
+    before = {t for t in threading.enumerate() if t.name == "glm-engine"}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            streams = list(pool.map(lambda i: tiny_model.generate(PROMPT, max_new_tokens=6, seed=i), range(4)))
+        assert engine.threaded
+        assert len({t for t in threading.enumerate() if t.name == "glm-engine"} - before) == 1
+        with pytest.raises(glm.EngineError, match="step\\(\\) is the engine thread's"):
+            engine.step()
+        assert ["".join(s) for s in streams] and all(s.new_tokens == 6 or s.finish_reason == "eos" for s in streams)
+    finally:
+        tiny_model.use_engine()
+    assert not engine.threaded  # replaced: its loop stopped
+
+
+def test_a_stream_whose_engine_loop_is_not_running_says_so(tiny_model):
+    engine = make_engine(tiny_model)
+    text, error = drain(submit(tiny_model, engine), timeout=3)
+    assert text == "" and isinstance(error, glm.EngineError) and "loop is not running" in str(error), error
+
+
+def test_a_dropped_model_stops_its_loop(tiny_dir):
+    import gc
+
+    m = glm.load(tiny_dir)
+    assert "".join(m.generate(PROMPT, max_new_tokens=3, seed=0))
+    engine = m.engine
+    assert engine.threaded
+    del m
+    gc.collect()
+    assert not engine.threaded
+
+
+def test_drain_lets_requests_end_within_its_time_then_cancels_the_rest(tiny_model, threaded):
+    slow = SlowModel(tiny_model.model, decode_s=0.02)
+    engine = threaded(slow, max_batch=4)
+    short = submit(tiny_model, engine, max_new_tokens=5, seed=1)
+    long = submit(tiny_model, engine, max_new_tokens=400, seed=2)
+    t0 = time.monotonic()
+    assert engine.drain(1.0) == 1
+    assert 1.0 <= time.monotonic() - t0 < 2.0
+    assert drain(short)[1] is None and short.finish_reason in ("length", "eos")
+    assert drain(long)[1] is None and long.finish_reason == "canceled" and long.new_tokens < 400
+
+
 # ---- admission ----
 
 def test_a_large_request_neither_blocks_small_ones_nor_starves(tiny_model):
@@ -390,7 +442,7 @@ def test_a_large_request_neither_blocks_small_ones_nor_starves(tiny_model):
 # ---- output stage hooks and statistics ----
 
 class FilteringTokenizer:
-    """The tiny tokenizer with the two hooks a tokenizer may give the output stage."""
+    """The tiny tokenizer with its stop ids and response filter (what it declares to the output stage) replaced."""
 
     def __init__(self, tok, stop_ids):
         self.tok, self.stop_ids = tok, frozenset(stop_ids)
@@ -408,17 +460,20 @@ class FilteringTokenizer:
         return Upper()
 
 
-def test_output_stage_applies_stop_ids_and_the_response_filter_before_stop_strings(tiny_model):
+def test_output_stage_applies_stop_ids_and_the_response_filter_before_stop_strings(tiny_model, threaded):
     ids = tiny_model.tokenizer.encode(PROMPT)
     params = SamplingParams(max_new_tokens=40, seed=7, temperature=1.0, top_p=1.0)
-    plain = make_engine(tiny_model)
+    plain = threaded()
     ref = Stream(plain, plain.submit(ids, params))
     text = "".join(ref)
     gen = ref.token_ids
     k = next(i for i in range(3, len(gen)) if gen[i] not in gen[:i])
     engine = Engine(tiny_model.model, FilteringTokenizer(tiny_model.tokenizer, {gen[k]}), tiny_model.config,
                     tiny_model.device)
-    s = Stream(engine, engine.submit(ids, params))
+    seq = engine.submit(ids, params)
+    while engine.step():
+        pass
+    s = Stream(engine, seq)
     out = "".join(s)
     assert s.finish_reason == "eos" and s.token_ids == gen[:k]  # gen[k] is a stop id now
     assert out == tiny_model.tokenizer.decode(gen[:k]).upper() + "<END>"
@@ -429,13 +484,15 @@ def test_output_stage_applies_stop_ids_and_the_response_filter_before_stop_strin
     assert stop not in text and stop not in upper[:cut]
     engine = Engine(tiny_model.model, FilteringTokenizer(tiny_model.tokenizer, set()), tiny_model.config,
                     tiny_model.device)
-    s = Stream(engine, engine.submit(ids, SamplingParams(max_new_tokens=40, seed=7, temperature=1.0, top_p=1.0,
-                                                         stop=(stop,))))
+    seq = engine.submit(ids, SamplingParams(max_new_tokens=40, seed=7, temperature=1.0, top_p=1.0, stop=(stop,)))
+    while engine.step():
+        pass
+    s = Stream(engine, seq)
     assert "".join(s) == upper[:cut] and s.finish_reason == "stop"
 
 
-def test_stream_metrics_and_summary(tiny_model):
-    engine = make_engine(tiny_model)
+def test_stream_metrics_and_summary(tiny_model, threaded):
+    engine = threaded()
     s = submit(tiny_model, engine, max_new_tokens=9, seed=11, temperature=1.0, top_p=1.0)
     list(s)
     m = s.metrics()

@@ -130,7 +130,7 @@ def test_batch_invariant_in_the_engine(models, name):
     ps = prompts(fast.tokenizer)
     params = [glm.SamplingParams(max_new_tokens=8, temperature=0.8, seed=s) for s in (1, 2, 3)]
     alone = ["".join(fast.generate(p, max_new_tokens=8, temperature=0.8, seed=s)) for p, s in zip(ps, (1, 2, 3))]
-    engine = fast.engine
+    engine = fast.use_engine()  # stepped here: not the one generate() started
     seqs = [engine.submit(fast.tokenizer.encode(p), sp) for p, sp in zip(ps, params)]
     peak = 0
     while engine.step():

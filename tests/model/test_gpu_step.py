@@ -1,7 +1,7 @@
 """The decode step on the Triton backend under TRITON_INTERPRET=1 (CPU tensors): what crosses between
 host and device in a step (one staged copy in, the sampled ids out), how many kernels it launches,
 the rotary tables, the CUDA graphs' bucket and padding logic, setup's warm-up and self-test at the
-model's shapes, and sticky device errors."""
+model's shapes, and sticky device errors. The step tests run ChatGLM2 and ChatGLM-6B (2-D positions)."""
 from __future__ import annotations
 
 import collections
@@ -16,8 +16,10 @@ from glm import staging
 from glm.engine import Engine
 from glm.errors import sticky_device_error
 from glm.gpu import graphs, selftest
+from glm.model_v1 import rotary_2d, rotary_table_2d
 from glm.ops import rotary_angles
 from glm.sampling import SamplingParams
+from glm.tiny import write_checkpoint_v1
 
 GLM_DIR = str(glm.__file__).rsplit("/", 1)[0]
 
@@ -25,6 +27,18 @@ GLM_DIR = str(glm.__file__).rsplit("/", 1)[0]
 @pytest.fixture(scope="module")
 def fast(tiny_dir):
     return glm.load(tiny_dir, backend="triton")
+
+
+@pytest.fixture(scope="module")
+def fast_v1(tmp_path_factory):
+    return glm.load(write_checkpoint_v1(tmp_path_factory.mktemp("tiny-v1-step")), backend="triton")
+
+
+FAMILIES = ["chatglm2", "chatglm"]
+
+
+def model_of(request, family):
+    return request.getfixturevalue("fast" if family == "chatglm2" else "fast_v1")
 
 
 class Transfers:
@@ -85,9 +99,20 @@ def decode_steps(fast, n):
     return engine, seqs
 
 
+# Triton launches per decode step: 2 layers x (2 norms, qkv, store rows, attend rows, combine the
+# context splits, dense, h_to_4h, swiglu, 4h_to_h) + the final norm and the output layer (ChatGLM2);
+# ChatGLM-6B's layer norms, rotary and GELU are torch ops on the device.
+LAUNCHES = {
+    "chatglm2": {"_rms_norm_kernel": 5, "_gemv_kernel": 9, "_store_rows_kernel": 2,
+                 "_attend_rows_kernel": 2, "_combine_splits_kernel": 2, "_swiglu_kernel": 2},
+    "chatglm": {"_gemv_kernel": 9, "_store_rows_kernel": 2, "_attend_rows_kernel": 2, "_combine_splits_kernel": 2},
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("rows", [1, 3])
-def test_a_decode_step_copies_in_once_and_out_once(fast, monkeypatch, rows):
-    engine, seqs = decode_steps(fast, rows)
+def test_a_decode_step_copies_in_once_and_out_once(request, monkeypatch, family, rows):
+    engine, seqs = decode_steps(model_of(request, family), rows)
     transfers = Transfers(monkeypatch)
     kernels = launches(monkeypatch)
     batch_steps = 0
@@ -97,20 +122,18 @@ def test_a_decode_step_copies_in_once_and_out_once(fast, monkeypatch, rows):
     assert transfers.counts == {"h2d": 2, "d2h": 2}, dict(transfers.where)
     assert all(w.startswith("staging.py:") for w in transfers.where["h2d"])  # StepStaging.copy
     assert all(w.startswith("runner.py:") for w in transfers.where["d2h"])
-    # per step: 2 layers x (2 norms, qkv, store rows, attend rows, combine the context splits, dense,
-    # h_to_4h, swiglu, 4h_to_h)
-    # + the final norm and the output layer, whatever the number of rows
     per_step = {k: v // batch_steps for k, v in kernels.items()}
-    assert per_step == {"_rms_norm_kernel": 5, "_gemv_kernel": 9, "_store_rows_kernel": 2,
-                        "_attend_rows_kernel": 2, "_combine_splits_kernel": 2, "_swiglu_kernel": 2}, per_step
-    print(f"\n{rows} rows: per decode step {sum(per_step.values())} Triton launches {per_step}, "
+    assert per_step == LAUNCHES[family], per_step  # whatever the number of rows
+    print(f"\n{family}, {rows} rows: per decode step {sum(per_step.values())} Triton launches {per_step}, "
           f"1 host-to-device copy, 1 device-to-host copy")
 
 
-def test_staged_steps_give_the_tokens_of_unstaged_ones(fast, monkeypatch):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_staged_steps_give_the_tokens_of_unstaged_ones(request, monkeypatch, family):
     """The staged plan and the rotary table change no bit: the sampled tokens equal those of decode
     steps whose layers build their plan and angles from the host lists (the context left unset)."""
     from glm import runner as runner_module
+    fast = model_of(request, family)
     want_engine, want = decode_steps(fast, 3)
     while want_engine.step():
         pass
@@ -137,6 +160,17 @@ def test_rotary_table_rows_equal_the_angles_computed_per_position(fast):
         assert torch.equal(cos[p], c[0, 0]) and torch.equal(sin[p], s[0, 0])
 
 
+def test_rotary_table_2d_rows_equal_the_angles_computed_per_position(fast_v1):
+    """ChatGLM-6B's table: the rows of a token's position and block position side by side are
+    rotary_2d's angles, bit for bit."""
+    cfg = fast_v1.config
+    cos, sin = rotary_table_2d(cfg)
+    assert cos.shape == (cfg.max_context + 1, cfg.head_dim // 2)
+    for p, b in ((0, 0), (5, 0), (3, 1), (3, 7), (cfg.max_context - 1, cfg.max_context)):
+        c, s = rotary_2d(cfg, torch.tensor([[p]]), torch.tensor([[b]]))
+        assert torch.equal(torch.cat((cos[p], cos[b])), c[0, 0]) and torch.equal(torch.cat((sin[p], sin[b])), s[0, 0])
+
+
 def test_buckets_and_padding():
     assert [staging.bucket_for(n) for n in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, None]
     assert staging.bucket_for(3, (8, 2)) == 8
@@ -148,9 +182,11 @@ def test_buckets_and_padding():
         staging.padded([], 2)
 
 
-def test_padded_rows_leave_the_real_rows_and_their_cache_unchanged(fast):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_rows_leave_the_real_rows_and_their_cache_unchanged(request, family):
     """What a graph of bucket 4 runs for 3 sequences: row 0 repeated as the 4th row. The real rows'
     logits and the KV they write equal those of the unpadded 3-row step, bit for bit."""
+    fast = model_of(request, family)
     results = []
     for rows in (3, 4):
         engine, seqs = decode_steps(fast, 3)
@@ -172,7 +208,9 @@ def test_capture_is_refused_without_cuda(fast):
     assert graphs.DecodeGraphs().capture(lambda inputs: None, engine.runner.staging) == "CUDA graphs need a CUDA device"
 
 
-def test_warm_up_runs_prefill_and_every_bucket_then_serves_the_same_tokens(fast, monkeypatch, caplog):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_warm_up_runs_prefill_and_every_bucket_then_serves_the_same_tokens(request, monkeypatch, caplog, family):
+    fast = model_of(request, family)
     kernels = launches(monkeypatch)
     engine = Engine(fast.model, fast.tokenizer, fast.config, fast.device, max_batch=8, prefill_chunk=5)
     with caplog.at_level(logging.INFO, logger="glm"):

@@ -12,9 +12,9 @@ from glm.config import ChatGLMConfig
 from glm.kvpool import KVCache
 from glm.loader import choose_ops
 from glm.model_v1 import ChatGLM, GLMBlock, TiedHead, apply_rotary_2d, attention_mask, positions_2d, rotary_2d
-from glm.pipeline import GLM
+from glm.llm import GLM
 from glm.quant import QuantLinear, dequantize
-from glm.response import process_response
+from glm.output import process_response
 from devtools.tiny import write_checkpoint_v1
 from devtools.vectors import VEC_CFG, hidden_state_steps, read_glm_block, read_glm_model_weights
 
@@ -255,7 +255,7 @@ def test_long_prompt_prefills_in_one_pass(model):
 
 def test_generate_streams_stops_at_eos_and_is_seeded(model):
     tok, prompt = model.tokenizer, model.tokenizer.build_prompt("你好")
-    assert prompt == "你好" and model.config.eos_token_id == tok.eos_id
+    assert prompt == "你好" and model.tokenizer.stop_ids == {tok.eos_id}
     runs = []
     for _ in range(2):
         stream = model.generate(prompt, max_new_tokens=24, temperature=0.9, top_p=0.9, seed=1234)
@@ -292,7 +292,7 @@ def test_batched_decode_equals_solo(model):
     tok = model.tokenizer
     prompts = [tok.build_prompt("你好"), tok.build_prompt("晚上睡不着应该怎么办", [("你好", "你好!")])]
     solo = ["".join(model.generate(p, max_new_tokens=12, temperature=0.7, seed=5)) for p in prompts]
-    engine = model.engine
+    engine = model.use_engine()  # stepped here: not the one generate() started
     seqs = [engine.submit(tok.encode(p), glm.SamplingParams(max_new_tokens=12, temperature=0.7, seed=5))
             for p in prompts]
     while engine.step():

@@ -31,7 +31,8 @@ from service_helpers import DEFAULT_PROMPT, assert_ready, reference, worker_rss_
 from devtools.cogserver import CogServer  # noqa: E402
 
 import glm  # noqa: E402
-from glm.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, StopMatcher, sample  # noqa: E402
+from glm.output import StopMatcher  # noqa: E402
+from glm.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, sample  # noqa: E402
 from glm.tokenizer import ChatGLM2Tokenizer  # noqa: E402
 from glm.tokenizer_v1 import ChatGLMTokenizer  # noqa: E402
 

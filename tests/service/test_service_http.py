@@ -385,7 +385,7 @@ def test_first_generation_chatglm_checkpoint(tmp_path, app_dir):
 def test_chatglm3_checkpoint(tmp_path, app_dir):
     """ChatGLM3-6B (the ChatGLM2 model, its own tokenizer and chat format) through the same service:
     the role tokens of the prompt are tokens, and the stream is THUDM's process_response text."""
-    from glm.response import process_response_v3
+    from glm.output import process_response_v3
 
     ckpt = make_tiny_checkpoint(str(tmp_path / "chatglm3-6b"), "--family", "chatglm3")
     model = glm.load(ckpt, device="cpu")

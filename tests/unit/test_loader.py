@@ -203,3 +203,28 @@ def test_bf16_on_cpu(tiny_dir):
     a = logits_of(tiny_dir)
     b = logits_of(tiny_dir, dtype=torch.bfloat16)
     assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+# ---- glm.load's deployment policy (what the server's settings choose)
+
+def test_load_applies_the_cpu_policy_and_logs_it(tiny_dir, monkeypatch, caplog):
+    threads = torch.get_num_threads()
+    try:
+        with caplog.at_level("INFO", logger="glm"):
+            m = glm.load(tiny_dir, device="cpu", int8_activations=True, threads=1)
+        assert torch.get_num_threads() == 1 and m.device.type == "cpu"
+    finally:
+        torch.set_num_threads(threads)
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"loading checkpoint {tiny_dir} on cpu with int8 activations" in lines
+    assert any(line.startswith("kernels: ") for line in lines) and "cpu: 1 threads, OMP_WAIT_POLICY=" in "\n".join(lines)
+    monkeypatch.setenv("GLM_NO_KERNELS", "1")
+    with pytest.raises(glm.KernelError, match=r"the CPU kernels are turned off \(GLM_NO_KERNELS=1\)"):
+        glm.load(tiny_dir, require_kernels=True)
+
+
+def test_a_prompt_in_the_other_generations_format_is_named(tiny_model):
+    assert tiny_model.format_warning("[Round 1]\n\n问：你好\n\n答：") is None
+    assert tiny_model.format_warning("[Round 0]\n问：你好\n答：") == (
+        "the prompt contains '[Round 0]\\n', the other ChatGLM generation's format; this chatglm2 model "
+        "expects e.g. '[Round 1]\\n\\n问：你好\\n\\n答：'")

