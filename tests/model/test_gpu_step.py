@@ -19,7 +19,7 @@ from glm.gpu import graphs, selftest
 from glm.model_v1 import rotary_2d, rotary_table_2d
 from glm.ops import rotary_angles
 from glm.sampling import SamplingParams
-from glm.tiny import write_checkpoint_v1
+from devtools.tiny import write_checkpoint_v1
 
 GLM_DIR = str(glm.__file__).rsplit("/", 1)[0]
 

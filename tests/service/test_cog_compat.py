@@ -18,7 +18,7 @@ import time
 import pytest
 import requests
 
-from script.cogserver import REPO, CogServer
+from devtools.cogserver import REPO, CogServer
 
 # An async generator predict(), as the server's docs suggest for streaming.
 ASYNC_GENERATOR = '''
