@@ -34,7 +34,7 @@ WORKLOADS = {"full": dict(prompt=512, decode=128, batch_decode=32, ttft_prompt=1
 
 
 def checkpoint(args) -> Path:
-    from glm.tiny import write_checkpoint
+    from devtools.tiny import write_checkpoint
     if args.tiny:
         path = Path(tempfile.mkdtemp(prefix="glm-bench-tiny-"))
         return write_checkpoint(path, bits=4)

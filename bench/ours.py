@@ -25,7 +25,7 @@ def streamed_weight_bytes(num_layers: int) -> int:
 def ensure_checkpoint(num_layers: int) -> Path:
     path = CACHE / f"chatglm2-6b-int4-random-{num_layers}l"
     if not (path / "pytorch_model.bin").is_file():
-        subprocess.run([sys.executable, "-m", "glm.tiny", str(path), "--full-size", "--layers", str(num_layers),
+        subprocess.run([sys.executable, "-m", "devtools.tiny", str(path), "--full-size", "--layers", str(num_layers),
                         "--tokenizer", str(TOKENIZER)], cwd=REPO, check=True)
     return path
 

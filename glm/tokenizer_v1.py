@@ -14,7 +14,7 @@ full-width punctuation of a chat reply is not decoding: glm.output.ChatGLMRespon
 process_response) does it on the stream.
 
 Special tokens are found by their piece in the SentencePiece model, not by number, so the same class
-serves the real ice_text.model (where [gMASK] is 130001) and the tiny one glm.tiny trains.
+serves the real ice_text.model (where [gMASK] is 130001) and the tiny one devtools.tiny trains.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: small checkpoints made by glm.tiny, once per test session, and what the
+"""Shared fixtures: small checkpoints made by devtools.tiny, once per test session, and what the
 service tests (test_service_http.py, test_concurrency.py) share."""
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from glm.cpu import kernels  # noqa: E402
-from glm.tiny import write_checkpoint  # noqa: E402
+from devtools.tiny import write_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    """The int4 tiny checkpoint: what `python -m glm.tiny DIR` writes (the demo's), served by the service tests."""
+    """The int4 tiny checkpoint: what `python -m devtools.tiny DIR` writes (the demo's), served by the
+    service tests."""
     return write_checkpoint(tmp_path_factory.mktemp("tiny-int4"), bits=4)
 
 
@@ -49,7 +50,7 @@ def tiny_model(tiny_dir):
 @pytest.fixture(scope="session")
 def app_dir(tmp_path_factory, tiny_dir):
     """Project dir as `cog build` lays it out, weights in weights/<name>/ (no COG_WEIGHTS)."""
-    from script.cogserver import make_app_dir
+    from devtools.cogserver import make_app_dir
 
     d = make_app_dir(str(tmp_path_factory.mktemp("app") / "src"))
     os.makedirs(os.path.join(d, "weights"))

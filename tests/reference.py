@@ -4,8 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from devtools import vectors
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = Path(os.environ.get("GLM_REFERENCE", ROOT.parent / "shared" / "reference"))
@@ -20,19 +21,8 @@ def reference_path(*parts: str) -> Path:
     return path
 
 
-class DataReader:
-    """Sequential reader of chatglm.cpp's headerless .data files (VECTORS.md section 1)."""
+class DataReader(vectors.DataReader):
+    """chatglm.cpp's file `name` under ../shared/reference/chatglm_cpp (devtools.vectors reads it)."""
 
     def __init__(self, name: str):
-        self.path = reference_path("chatglm_cpp", name)
-        self.buf = self.path.read_bytes()
-        self.offset = 0
-
-    def read(self, *shape: int, dtype=np.float32) -> np.ndarray:
-        n = int(np.prod(shape))
-        arr = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.offset).reshape(shape)
-        self.offset += arr.nbytes
-        return arr.copy()
-
-    def assert_consumed(self) -> None:
-        assert self.offset == len(self.buf), f"{self.path.name}: {len(self.buf) - self.offset} bytes left unread"
+        super().__init__(reference_path("chatglm_cpp", name))

@@ -1,17 +1,30 @@
-"""What the service tests share besides the server launcher (script/cogserver.py): the in-process
-reference a response must equal, the default prompt, a readiness check and a webhook sink."""
+"""What the service tests share besides the server launcher (devtools/cogserver.py): the in-process
+reference a response must equal, the default and varied prompts, a readiness check, a webhook sink
+and the worker's memory."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Dict, Iterable, List
 
-from script.cogserver import HTTP_TIMEOUT, CogServer
-
+from devtools.cogserver import HTTP_TIMEOUT, CogServer
 
 DEFAULT_PROMPT = "[Round 1]\n\n问：你好\n\n答："
+# Prompts that differ in script, length and rounds, for many requests at once.
+PROMPTS = [
+    "[Round 1]\n\n问：你好\n\n答：",
+    "[Round 1]\n\n问：讲个故事 😀\n\n答：",
+    "[Round 1]\n\n问：What is the capital of France?\n\n答：",
+    "[Round 1]\n\n问：写一首关于秋天的诗\n\n答：",
+    "[Round 1]\n\n问：1+1=?\n\n答：",
+    "[Round 1]\n\n问：hi\n\n答：hello\n\n[Round 2]\n\n问：再见\n\n答：",
+    "[Round 1]\n\n问：Tell me about ChatGLM2, its architecture and its tokenizer.\n\n答：",
+    "[Round 1]\n\n问：北京\n\n答：",
+]
 # Long enough to still be generating when a cancel arrives (~400 tokens/s on the tiny checkpoint).
 LONG = 400
 
@@ -74,3 +87,24 @@ class WebhookReceiver:
                     raise AssertionError(f"no webhook with status in {want}; got {self.received!r}")
                 self.cond.wait(left)
             return list(self.received)
+
+
+def worker_rss_mb(server: CogServer) -> tuple[float, float]:
+    """(RSS, peak RSS) of the server's Python worker (the process that runs predict()), in MB."""
+    pid = worker_pid(server)
+    status = Path(f"/proc/{pid}/status").read_text()
+    return (int(re.search(r"VmRSS:\s+(\d+)", status)[1]) / 1024, int(re.search(r"VmHWM:\s+(\d+)", status)[1]) / 1024)
+
+
+def worker_pid(server: CogServer) -> int:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if b"_run_worker" in cmd and int(stat[stat.rindex(")") + 2:].split()[2]) == server.proc.pid:
+            return int(entry.name)
+    raise AssertionError("worker process not found")

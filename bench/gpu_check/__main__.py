@@ -159,7 +159,7 @@ def run_all(check: Checks, args, device, work: Path) -> None:
 def _tiny(path: Path) -> Path:
     """The tiny int4 checkpoint, written once (what the demo and the tests run on)."""
     if not (path / "pytorch_model.bin").is_file():
-        from glm.tiny import write_checkpoint
+        from devtools.tiny import write_checkpoint
         write_checkpoint(path, bits=4)
     return path
 

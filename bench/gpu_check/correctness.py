@@ -21,12 +21,13 @@ from .report import Absent, Skip
 REPO = Path(__file__).resolve().parents[2]
 
 # Test files whose tests compute on CUDA when torch has it (and skip or use the CPU without it).
-DEVICE_TESTS = ["tests/test_quant.py", "tests/test_gpu_linear.py", "tests/test_gpu_compile.py", "tests/test_gpu_mma.py"]
+DEVICE_TESTS = ["tests/kernels/test_quant.py", "tests/kernels/test_gpu_linear.py", "tests/kernels/test_gpu_compile.py",
+                "tests/kernels/test_gpu_mma.py"]
 # Under the interpreter: the CUDA-only tests (they skip there) and a few device tests, so that the
 # item's own logic runs in minutes.
-INTERPRET_TESTS = ["tests/test_quant.py::test_quant_linear_cuda_fp16_matches_reference",
-                   "tests/test_gpu_linear.py::test_int4_nibble_order_high_nibble_first",
-                   "tests/test_gpu_linear.py::test_bad_input_is_a_clear_error"]
+INTERPRET_TESTS = ["tests/kernels/test_quant.py::test_quant_linear_cuda_fp16_matches_reference",
+                   "tests/kernels/test_gpu_linear.py::test_int4_nibble_order_high_nibble_first",
+                   "tests/kernels/test_gpu_linear.py::test_bad_input_is_a_clear_error"]
 
 
 # ---- the device tests of tests/
@@ -67,57 +68,23 @@ def device_tests(cuda: bool, workdir: Path, reference: Path, timeout_s: float):
 
 
 # ---- THUDM's reference vectors and the kernel self-test
-def _vector_models(reference: Path, ops):
-    """(name, cfg, model computing with `ops`, DataReader positioned at the inputs) for chatglm.cpp's
-    model vectors."""
-    os.environ["GLM_REFERENCE"] = str(reference)
-    if str(REPO / "tests") not in sys.path:
-        sys.path.insert(0, str(REPO / "tests"))
-    from reference import DataReader
-    from test_conformance import TINY_REF, load_by_checkpoint_names, read_glm2_weights
-    from test_v1_model import VEC_CFG, read_glm_model_weights
-
-    from glm.config import ChatGLMConfig
-    from glm.model import ChatGLM2
-    from glm.model_v1 import ChatGLM
-
-    for name in ("glm2_model.data", "glm3_model.data"):
-        cfg = ChatGLMConfig(**TINY_REF)
-        r = DataReader(name)
-        ckpt = {"transformer.embedding.word_embeddings.weight": torch.from_numpy(r.read(cfg.vocab_size, cfg.hidden_size))}
-        ckpt |= {"transformer." + k: v for k, v in read_glm2_weights(r, cfg, "encoder.layers.0.").items()}
-        ckpt["transformer.encoder.final_layernorm.weight"] = torch.from_numpy(r.read(cfg.hidden_size))
-        ckpt["transformer.output_layer.weight"] = torch.zeros(cfg.vocab_size, cfg.hidden_size)
-        model = ChatGLM2(cfg, ops)
-        load_by_checkpoint_names(model, ckpt)
-        yield name, cfg, model, r
-    r = DataReader("glm_model.data")
-    model = ChatGLM(VEC_CFG, ops)
-    model.load_state_dict(read_glm_model_weights(r, VEC_CFG), strict=True)
-    yield "glm_model.data", VEC_CFG, model, r
-
-
 def reference_vectors(device, reference: Path):
     """chatglm.cpp's vectors (prefill 3 tokens, then 2 decode steps) through the Triton backend on the
     device, on a pool-backed cache as the engine uses it: within 2% of the largest value."""
+    from devtools.vectors import MODEL_FILES, DataReader, hidden_state_steps, vector_model
     from glm.gpu.ops import TritonOps
     from glm.kvpool import KVPool
 
     if not (reference / "chatglm_cpp" / "glm2_model.data").is_file():
         raise Skip(f"no reference vectors under {reference} (pass --reference DIR: a copy of shared/reference)")
     figures, bad = {}, []
-    for name, cfg, model, r in _vector_models(reference, TritonOps()):
+    for name in MODEL_FILES:
+        r = DataReader(reference / "chatglm_cpp" / name)
+        cfg, model = vector_model(name, r, TritonOps())
         model = model.half().to(device).eval()
         cache = KVPool(cfg, 8, device, torch.float16).cache(0, 8)
-        worst, start = 0.0, 0
-        for n in (3, 1, 1):
-            ids = torch.from_numpy(r.read(n, dtype="int32")).long().to(device)
-            want = torch.from_numpy(r.read(n, cfg.hidden_size))
-            with torch.inference_mode():
-                got = model.hidden_states(ids[None], [start], [cache])[0].float().cpu()
-            worst = max(worst, float((got - want).abs().max() / want.abs().max()))
-            start += n
-        r.assert_consumed()
+        worst = max(float((got.float().cpu() - want).abs().max() / want.abs().max())
+                    for got, want in hidden_state_steps(model, r, cfg, cache))
         figures[name] = float(f"{worst:.3g}")
         if not worst < 0.02:
             bad.append(name)

@@ -1,4 +1,4 @@
-"""The real server: one streamed prediction through the Cog HTTP server (script/cogserver.py) on the
+"""The real server: one streamed prediction through the Cog HTTP server (devtools/cogserver.py) on the
 tiny checkpoint, on the GPU unless --interpret; its metrics and the service's log lines."""
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def streamed_prediction(tiny_checkpoint: Path, workdir: Path, cuda: bool, wheels
     if missing := missing_packages():
         raise Skip(f"{' and '.join(missing)} not importable (install them, or pass --wheels DIR)")
     sys.path.insert(0, str(REPO))
-    from script.cogserver import CogServer, make_app_dir
+    from devtools.cogserver import CogServer, make_app_dir
 
     app = make_app_dir(str(workdir / "app"))
     weights = Path(app) / "weights" / "chatglm2-6b-int4"

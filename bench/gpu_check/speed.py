@@ -1,4 +1,4 @@
-"""Speed on a full-size random checkpoint written on the spot (glm.tiny --full-size, drawn on the GPU):
+"""Speed on a full-size random checkpoint written on the spot (devtools.tiny --full-size, drawn on the GPU):
 load time, time to first token at 1k tokens, prefill and decode tok/s through the engine with
 sampling on (top_p 0.8) at batch 1 and 8, decode at a long context, a chat's round-2 time to first
 token with and without the prefix cache, peak GPU memory and the fraction of the bandwidth bound.
@@ -59,8 +59,8 @@ class Run:
 
 # ---- the checkpoint
 def write_checkpoint(out: Path, family: str, full_size: bool, reference: Path, cuda: bool, timeout_s: float) -> dict:
-    """`python -m glm.tiny` in a subprocess (its memory is freed when it ends)."""
-    args = [sys.executable, "-m", "glm.tiny", str(out), "--family", family]
+    """`python -m devtools.tiny` in a subprocess (its memory is freed when it ends)."""
+    args = [sys.executable, "-m", "devtools.tiny", str(out), "--family", family]
     if full_size:
         tok = reference / "tokenizers" / ("chatglm" if family == "chatglm" else "chatglm2") / \
             ("ice_text.model" if family == "chatglm" else "tokenizer.model")
@@ -70,7 +70,7 @@ def write_checkpoint(out: Path, family: str, full_size: bool, reference: Path, c
     t = time.perf_counter()
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
-        raise RuntimeError(f"glm.tiny failed: {(proc.stderr or proc.stdout)[-1500:]}")
+        raise RuntimeError(f"devtools.tiny failed: {(proc.stderr or proc.stdout)[-1500:]}")
     size = sum(f.stat().st_size for f in out.iterdir())
     return {"write_s": round(time.perf_counter() - t, 2), "checkpoint_mb": round(size / 1e6, 1)}
 

@@ -20,7 +20,7 @@ A row's sums depend on its own x column of B only, in a K order fixed by the pro
 result is the same alone or beside 7 others (batch invariance, as in the FMA GEMV).
 
 The index arithmetic here is plain Python (tested against the ISA's tables without a GPU, and the PTX
-with an emulator in tests/test_gpu_mma.py); the kernel is built from the same constants. The Triton
+with an emulator in tests/kernels/test_gpu_mma.py); the kernel is built from the same constants. The Triton
 interpreter cannot run inline PTX: under TRITON_INTERPRET=1 this kernel is never selected
 (linear.decode_variant), and on a device only after selftest.select_decode_gemv has compared it
 with the FMA GEMV at the model's own shapes.

@@ -4,7 +4,7 @@
 //
 // BATCH INVARIANCE (product requirement): output row m depends only on x[m] and the weights,
 // bitwise, whatever M, the row's position, its neighbours and the thread count (the engine
-// batches the decode step of concurrent requests; tests/test_kernels.py::test_batch_invariant).
+// batches the decode step of concurrent requests; tests/kernels/test_kernels.py::test_batch_invariant).
 // tile() below owns that rule, so every step type inherits it: ONE accumulator per (weight row,
 // activation row), the same full k-steps from k = 0 upward and one masked tail step, the same
 // reduction and store. The tile shape (R x MT, full or a row / token tail) only chooses how many
