@@ -1,7 +1,7 @@
 """What coglet 0.23.1 (the Cog server requirements-test.txt and the image pin) needs worked around.
 
 predict.py adapts Cog to the engine; these are the server behaviours it has to go around, each shown
-on the pinned server, without the workaround, by tests/test_cog_compat.py (a test there that fails
+on the pinned server, without the workaround, by tests/service/test_cog_compat.py (a test there that fails
 says the server changed and the workaround can go):
 
 - Streaming: an async-generator predict()'s output is sent only when it ends, while a (sync)
@@ -19,7 +19,7 @@ says the server changed and the workaround can go):
 - Integers: JSON Schema's integer accepts 16.0, and the float reaches predict() (`whole_number`).
 - An explicit null for an optional input is answered 422: clients leave the input out (README).
 
-tests/test_service_http.py and tests/test_hostile.py check the workarounds through predict.py.
+tests/service/test_service_http.py and tests/service/test_hostile.py check the workarounds through predict.py.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def on_server_cancel(callback: Callable[[], None]) -> bool:
     predict() has returned the generator it streams, when cancel() on the finished future is a
     no-op. So we find that future (asyncio chains it to our task with a done-callback that holds
     it) and wrap its cancel(). Returns False when it is not found (another server): the prediction
-    then runs to its end when cancelled. tests/test_service_http.py checks this against the real server.
+    then runs to its end when cancelled. tests/service/test_service_http.py checks this against the real server.
     """
     task = asyncio.current_task()
     for cb, _ in getattr(task, "_callbacks", None) or ():

@@ -35,7 +35,7 @@ DEFAULT_WEIGHTS_DIR = "weights"
 # The model download-weights fetches by default; preferred when weights/ holds several.
 DEFAULT_MODEL_NAME = "chatglm2-6b-int4"
 # cog builds the image's input schema by reading this file, not by running it: every Input(...)
-# keyword below is a literal (tests/test_static_schema.py reads them by cog's rules), so the schema
+# keyword below is a literal (tests/service/test_static_schema.py reads them by cog's rules), so the schema
 # repeats these bounds and a test checks they agree.
 MAX_SEED = glm.MAX_SEED  # the engine's seeds, so a logged seed can always be passed back
 # Largest context of any supported checkpoint (the -32k variants); the real limit
@@ -47,7 +47,7 @@ DEFAULT_CONCURRENCY = 8
 DEFAULT_DRAIN_SECONDS = 30
 MAX_DRAIN_SECONDS = 3600
 # Input sizes the schema refuses before a byte reaches predict() (Input max_length repeats them:
-# tests/test_static_schema.py checks that they agree). A prompt longer than MAX_PROMPT_CHARS cannot
+# tests/service/test_static_schema.py checks that they agree). A prompt longer than MAX_PROMPT_CHARS cannot
 # fit the largest context of any checkpoint (32768 tokens of at most 16 characters each); stop
 # strings are at most MAX_STOP_STRINGS of MAX_STOP_CHARS, with room for separators and spaces.
 MAX_PROMPT_CHARS = 1 << 20
