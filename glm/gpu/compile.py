@@ -132,13 +132,13 @@ def ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
     import subprocess
     import tempfile
 
-    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}", src,
+        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
                               "-o", os.path.join(tmp, "kernel.cubin")],
                              capture_output=True, text=True, check=True).stderr
     regs = re.search(r"Used (\d+) registers", out)
