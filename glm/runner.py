@@ -149,9 +149,10 @@ class ModelRunner:
         caches = [self._cache(s) for s in seqs]
         starts = [s.pos for s in seqs]
         rows = len(seqs)
-        graph = self.graphs is not None and self.graphs.get(self._bucket(rows)) is not None
+        bucket = bucket_for(rows)
+        graph = self.graphs is not None and self.graphs.get(bucket) is not None
         if graph:
-            rows = self._bucket(rows)
+            rows = bucket
         self.staging.begin()
         self._stage_rows([s.tokens[-1] for s in seqs], starts, caches, rows)
         self._stage_sampling(seqs)
@@ -159,10 +160,6 @@ class ModelRunner:
         if graph:
             return self.graphs.replay(rows)
         return self._eager(self.staging.inputs(rows), starts, caches)
-
-    @staticmethod
-    def _bucket(rows: int) -> int | None:
-        return bucket_for(rows)
 
     def _stage_rows(self, tokens: list[int], starts: list[int], caches, rows: int) -> None:
         """Each row's token, rotary positions and attention plan, padded to `rows` rows by repeating row 0."""
